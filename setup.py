@@ -1,0 +1,95 @@
+"""Build: setuptools drives CMake, which builds the pybind11 module unimlm_engine._C.
+
+`kernels/` and `export/` are installed as `unimlm_engine.kernels` and
+`unimlm_engine.export` (see DESIGN.md section 2).
+
+Environment knobs:
+  UNIMLM_CUDA=AUTO|ON|OFF   compile csrc/kernels CUDA sources (AUTO: when nvcc is found)
+  UNIMLM_BUILD_TYPE=Release|Debug|RelWithDebInfo
+  UNIMLM_SANITIZE=1         AddressSanitizer + UBSan build (for the C++ tests)
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cfg = os.environ.get("UNIMLM_BUILD_TYPE", "Release")
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DUNIMLM_CUDA={os.environ.get('UNIMLM_CUDA', 'AUTO')}",
+            f"-DUNIMLM_SANITIZE={'ON' if os.environ.get('UNIMLM_SANITIZE') == '1' else 'OFF'}",
+        ]
+        try:
+            import ninja  # noqa: F401
+
+            args += ["-G", "Ninja"]
+        except ImportError:
+            pass
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
+
+
+setup(
+    name="unimlm-engine",
+    version="0.1.0",
+    description="Serving engine for generalist multimodal LLMs with routed task decoders",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unimlm_engine", "unimlm_engine.*"])
+    + ["unimlm_engine.kernels", "unimlm_engine.export"],
+    package_dir={
+        "unimlm_engine": "unimlm_engine",
+        "unimlm_engine.kernels": "kernels",
+        "unimlm_engine.export": "export",
+    },
+    ext_modules=[CMakeExtension("unimlm_engine._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pillow",
+        "tokenizers",
+        "safetensors",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton"],
+        "decoders": ["diffusers"],
+        "export": ["onnx", "onnxruntime", "onnxscript"],
+        "bench": ["matplotlib"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "transformers",
+            "diffusers",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
+            "triton",
+            "matplotlib",
+        ],
+    },
+    entry_points={"console_scripts": ["unimlm=unimlm_engine.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Python package of unimlm-engine."""
