@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dispatch import pick
+
 
 def lora_moe_reference(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
                        lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _check(x, w0, w_router, lora_a, lora_b) -> None:
 def lora_moe_linear(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     _check(x, w0, w_router, lora_a, lora_b)
-    if x.is_cuda and _triton_impl is not None:
+    if pick(x, has_triton=_triton_impl is not None) == "triton":
         return _triton_impl(x, w0, w_router, lora_a, lora_b, scaling)
     return lora_moe_reference(x, w0, w_router, lora_a, lora_b, scaling)
 
