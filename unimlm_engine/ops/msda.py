@@ -1,0 +1,176 @@
+"""Multi-scale deformable attention forward: `unimlm::ms_deform_attn`.
+
+For each batch n, query q and head m (math in kernels/README_msda.md):
+
+    out[n, q, m, :] = sum_{l, p} a[n, q, m, l, p] * bilinear(V_l[n, :, m, :], loc[n, q, m, l, p])
+
+V_l is level l of `value` seen as an H_l x W_l image; bilinear sampling uses
+align_corners=False (pixel x = loc_x * W - 0.5) with zero padding outside the image.
+With `softmax_weights=True` the weights are logits, softmaxed over the L*P samples
+of each (n, q, m) in fp32 first (the softmax Deformable-DETR applies before the op).
+
+Shapes:
+    value:              [N, S, M, D]        S = sum_l H_l * W_l
+    spatial_shapes:     [L, 2] int64        (H_l, W_l)
+    level_start_index:  [L] int64           first row of level l in S
+    sampling_locations: [N, Lq, M, L, P, 2] (x, y) normalised to [0, 1], may fall outside
+    attention_weights:  [N, Lq, M, L, P]
+    returns             [N, Lq, M*D]        in value.dtype
+
+Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CUDA tensors take the CUDA kernel of
+unimlm_engine._C when the module was built with CUDA, else the Triton kernel; CPU tensors
+take the reference. On CUDA the kernels trust `spatial_shapes` / `level_start_index`
+(checking them against S would need a device-to-host copy each call).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import pick
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Mirrors the dtype enum of csrc/kernels/msda.cuh (MsdaDtype).
+_CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                             sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                             softmax_weights: bool = False) -> torch.Tensor:
+    """grid_sample formulation in fp32, output in value.dtype. Shapes as in the module doc."""
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    vf = value.float()
+    grids = 2.0 * sampling_locations.float() - 1.0  # [N, Lq, M, L, P, 2] in grid_sample's [-1, 1]
+    weights = attention_weights.float()
+    if softmax_weights:
+        weights = torch.softmax(weights.reshape(n, lq, m, n_levels * n_points), dim=-1)
+        weights = weights.view(n, lq, m, n_levels, n_points)
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    sampled = []
+    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
+        v_l = vf[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        g_l = grids[:, :, :, lvl].permute(0, 2, 1, 3, 4).reshape(n * m, lq, n_points, 2)
+        sampled.append(F.grid_sample(v_l, g_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    stacked = torch.stack(sampled, dim=-2)  # [N*M, D, Lq, L, P]
+    w = weights.permute(0, 2, 1, 3, 4).reshape(n * m, 1, lq, n_levels, n_points)
+    out = (stacked * w).sum(dim=(-2, -1))  # [N*M, D, Lq]
+    out = out.view(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
+    return out.to(value.dtype)
+
+
+def _check_dtypes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    if value.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"ms_deform_attn: value must be float32/float16/bfloat16, got {value.dtype}")
+    if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
+        raise ValueError(f"ms_deform_attn: spatial_shapes and level_start_index must be int64, got "
+                         f"{spatial_shapes.dtype} and {level_start_index.dtype}")
+    if sampling_locations.dtype != attention_weights.dtype:
+        raise ValueError(f"ms_deform_attn: sampling_locations ({sampling_locations.dtype}) and attention_weights "
+                         f"({attention_weights.dtype}) must share a dtype")
+    if sampling_locations.dtype not in (value.dtype, torch.float32):
+        raise ValueError(f"ms_deform_attn: sampling_locations must be float32 or value's dtype ({value.dtype}), "
+                         f"got {sampling_locations.dtype}")
+    devices = {t.device for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)}
+    if len(devices) != 1:
+        raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be [N, S, M, D], got {tuple(value.shape)}")
+    n, _, m, _ = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be [L, 2], got {tuple(spatial_shapes.shape)}")
+    n_levels = spatial_shapes.shape[0]
+    if n_levels == 0:
+        raise ValueError("ms_deform_attn: need at least one level")
+    if tuple(level_start_index.shape) != (n_levels,):
+        raise ValueError(f"ms_deform_attn: level_start_index must be [L={n_levels}], got "
+                         f"{tuple(level_start_index.shape)}")
+    loc = sampling_locations
+    if loc.dim() != 6 or loc.shape[0] != n or loc.shape[2] != m or loc.shape[3] != n_levels or loc.shape[5] != 2:
+        raise ValueError(f"ms_deform_attn: sampling_locations must be [N={n}, Lq, M={m}, L={n_levels}, P, 2], "
+                         f"got {tuple(loc.shape)}")
+    if tuple(attention_weights.shape) != tuple(loc.shape[:5]):
+        raise ValueError(f"ms_deform_attn: attention_weights must be {tuple(loc.shape[:5])} [N, Lq, M, L, P], "
+                         f"got {tuple(attention_weights.shape)}")
+    if loc.shape[4] == 0:
+        raise ValueError("ms_deform_attn: need at least one sampling point (P >= 1)")
+
+
+def _check_levels(value, spatial_shapes, level_start_index) -> None:
+    """Host-side check of the level table (CPU tensors only: on CUDA it would sync)."""
+    hw = spatial_shapes.prod(dim=1)
+    if bool((spatial_shapes <= 0).any()):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive, got {spatial_shapes.tolist()}")
+    if int(hw.sum()) != value.shape[1]:
+        raise ValueError(f"ms_deform_attn: value has S={value.shape[1]} rows but the levels "
+                         f"{spatial_shapes.tolist()} hold {int(hw.sum())}")
+    expected = torch.cumsum(hw, 0) - hw
+    if not torch.equal(expected, level_start_index):
+        raise ValueError(f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match the "
+                         f"cumulative level sizes {expected.tolist()}")
+
+
+def check_inputs(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
+    """Raise ValueError with a clear message for inputs the op cannot take."""
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_dtypes(*args)
+    _check_shapes(*args)
+    if not value.is_cuda:
+        _check_levels(value, spatial_shapes, level_start_index)
+
+
+def _cuda_module():
+    try:
+        from unimlm_engine import _C
+    except ImportError:
+        return None
+    return _C if getattr(_C, "with_cuda", False) and hasattr(_C, "msda_forward") else None
+
+
+def _triton_module():
+    try:
+        from unimlm_engine.kernels import msda as kmod
+    except ImportError:
+        return None
+    return kmod
+
+
+def _cuda_forward(mod, value, spatial_shapes, level_start_index, loc, attn, softmax_weights: bool) -> torch.Tensor:
+    n, s, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = loc.shape
+    out = torch.empty((n, lq, m * d), device=value.device, dtype=value.dtype)
+    if out.numel() == 0:
+        return out
+    stream = torch.cuda.current_stream(value.device).cuda_stream
+    mod.msda_forward(value.data_ptr(), spatial_shapes.data_ptr(), level_start_index.data_ptr(), loc.data_ptr(),
+                     attn.data_ptr(), out.data_ptr(), n, s, m, d, n_levels, lq, n_points,
+                     _CUDA_DTYPE_CODE[value.dtype], stream, softmax_weights, _CUDA_DTYPE_CODE[loc.dtype])
+    return out
+
+
+@torch.library.custom_op("unimlm::ms_deform_attn", mutates_args=())
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                   softmax_weights: bool = False) -> torch.Tensor:
+    """value: [N, S, M, D], sampling_locations: [N, Lq, M, L, P, 2] -> [N, Lq, M*D] (see module doc)."""
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    cuda_mod = _cuda_module()
+    triton_mod = _triton_module()
+    backend = pick(value, has_triton=triton_mod is not None, has_cuda=cuda_mod is not None)
+    if backend == "reference":
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights, softmax_weights)
+    args = [t.contiguous() for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)]
+    if backend == "cuda":
+        return _cuda_forward(cuda_mod, *args, softmax_weights)
+    return triton_mod.ms_deform_attn_triton(*args, softmax_weights=softmax_weights)
+
+
+@ms_deform_attn.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax_weights=False):
+    return value.new_empty((value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3]))
