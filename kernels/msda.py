@@ -90,8 +90,10 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
 
 def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                           sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                          softmax_weights: bool = False) -> torch.Tensor:
-    """value: [N, S, M, D], sampling_locations: [N, Lq, M, L, P, 2] -> [N, Lq, M*D] in value.dtype."""
+                          softmax_weights: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """value: [N, S, M, D], sampling_locations: [N, Lq, M, L, P, 2] -> [N, Lq, M*D] in value.dtype.
+
+    `out` ([N, Lq, M*D], contiguous, value.dtype) is written in place when given."""
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -100,7 +102,9 @@ def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, lev
     assert value.dtype in (torch.float32, torch.float16, torch.bfloat16)
     assert sampling_locations.dtype == attention_weights.dtype
     assert attention_weights.shape == (n, lq, m, n_levels, n_points)
-    out = torch.empty((n, lq, m * d), device=value.device, dtype=value.dtype)
+    if out is None:
+        out = torch.empty((n, lq, m * d), device=value.device, dtype=value.dtype)
+    assert out.shape == (n, lq, m * d) and out.dtype == value.dtype and out.is_contiguous()
     if out.numel() == 0:
         return out
     block_d = max(16, triton.next_power_of_2(d))

@@ -1,0 +1,186 @@
+"""unimlm::ms_deform_attn: reference vs an independent fp64 bilinear loop, Triton kernel
+(TRITON_INTERPRET=1 on CPU) vs reference, fake/opcheck, input validation, CUDA cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unimlm_engine.ops._dispatch import backend_override
+from unimlm_engine.ops.msda import ms_deform_attn, ms_deform_attn_reference
+
+HAS_CUDA = torch.cuda.is_available()
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+# name: (levels [(H, W)], N, M, D, Lq, P, location range (lo, hi))
+CASES = {
+    "odd-3lvl": ([(7, 9), (4, 5), (2, 3)], 2, 3, 13, 11, 3, (0.0, 1.0)),
+    "lq1": ([(5, 6), (3, 3)], 1, 2, 16, 1, 2, (0.0, 1.0)),
+    "1x1-levels": ([(1, 1), (1, 1), (3, 2)], 2, 2, 5, 7, 4, (-0.3, 1.3)),
+    "outside": ([(6, 5), (3, 4)], 1, 2, 7, 9, 4, (-1.5, 2.5)),
+    "gdino-like-L4P4": ([(9, 11), (5, 6), (3, 3), (1, 2)], 1, 4, 24, 13, 4, (-0.1, 1.1)),
+}
+
+
+def make_inputs(case: str, dtype=torch.float32, loc_dtype=None, device="cpu"):
+    levels, n, m, d, lq, p, (lo, hi) = CASES[case]
+    shapes = torch.tensor(levels, dtype=torch.int64, device=device)
+    hw = shapes.prod(dim=1)
+    starts = torch.cumsum(hw, 0) - hw
+    loc_dtype = loc_dtype or dtype
+    value = torch.randn(n, int(hw.sum()), m, d, device=device).to(dtype)
+    loc = (torch.rand(n, lq, m, len(levels), p, 2, device=device) * (hi - lo) + lo).to(loc_dtype)
+    attn = torch.rand(n, lq, m, len(levels), p, device=device)
+    attn = (attn / attn.sum(dim=(-2, -1), keepdim=True)).to(loc_dtype)
+    return value, shapes, starts, loc, attn
+
+
+def direct_bilinear_fp64(value, shapes, starts, loc, attn, softmax_weights=False):
+    """Independent fp64 formulation: explicit 4-corner gathers, align_corners=False, zeros outside."""
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = loc.shape
+    v = value.double().cpu()
+    locd, a = loc.double().cpu(), attn.double().cpu()
+    if softmax_weights:
+        a = torch.softmax(a.reshape(n, lq, m, -1), dim=-1).reshape(a.shape)
+    out = torch.zeros(n, lq, m, d, dtype=torch.float64)
+    bidx = torch.arange(n).view(n, 1, 1)
+    hidx = torch.arange(m).view(1, 1, m)
+    for lvl in range(n_levels):
+        h, w = (int(x) for x in shapes[lvl])
+        start = int(starts[lvl])
+        for pt in range(n_points):
+            x = locd[:, :, :, lvl, pt, 0] * w - 0.5  # [N, Lq, M]
+            y = locd[:, :, :, lvl, pt, 1] * h - 0.5
+            x0, y0 = torch.floor(x), torch.floor(y)
+            for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                xi, yi = x0 + dx, y0 + dy
+                cw = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                rows = start + (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()
+                corner = v[bidx, rows, hidx]  # [N, Lq, M, D]
+                out += (cw * inside * a[:, :, :, lvl, pt]).unsqueeze(-1) * corner
+    return out.reshape(n, lq, m * d)
+
+
+@pytest.mark.parametrize("softmax_weights", [False, True], ids=["weights", "fused-softmax"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_matches_fp64_loop(case, softmax_weights):
+    value, shapes, starts, loc, attn = make_inputs(case, torch.float64)
+    expected = direct_bilinear_fp64(value, shapes, starts, loc, attn, softmax_weights)
+    got = ms_deform_attn_reference(value.float(), shapes, starts, loc.float(), attn.float(), softmax_weights)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_reference_computes_in_fp32(dtype):
+    value, shapes, starts, loc, attn = make_inputs("odd-3lvl", dtype)
+    got = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    assert got.dtype == dtype
+    expected = direct_bilinear_fp64(value, shapes, starts, loc, attn).to(dtype)
+    torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def _run_triton_poisoned(value, shapes, starts, loc, attn, softmax_weights):
+    from unimlm_engine.kernels.msda import ms_deform_attn_triton
+
+    n, _, m, d = value.shape
+    out = torch.full((n, loc.shape[1], m * d), float("nan"), dtype=value.dtype, device=value.device)
+    ms_deform_attn_triton(value, shapes, starts, loc, attn, softmax_weights=softmax_weights, out=out)
+    return out
+
+
+TRITON_CASES = [
+    ("odd-3lvl", torch.float32, None, False),
+    ("odd-3lvl", torch.float32, None, True),
+    ("outside", torch.float32, None, False),
+    ("1x1-levels", torch.float16, None, False),
+    ("gdino-like-L4P4", torch.float16, None, True),
+    ("lq1", torch.float16, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("case,dtype,loc_dtype,softmax_weights", TRITON_CASES,
+                         ids=[f"{c}-{SHORT[d]}-loc-{SHORT[ld or d]}-{'softmax' if s else 'weights'}"
+                              for c, d, ld, s in TRITON_CASES])
+def test_triton_matches_reference(case, dtype, loc_dtype, softmax_weights):
+    device = "cuda" if HAS_CUDA else "cpu"
+    value, shapes, starts, loc, attn = make_inputs(case, dtype, loc_dtype, device)
+    got = _run_triton_poisoned(value, shapes, starts, loc, attn, softmax_weights)
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn, softmax_weights)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def test_op_triton_backend_on_noncontiguous_inputs():
+    value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_nc = loc.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not value_nc.is_contiguous() and not loc_nc.is_contiguous()
+    with backend_override("triton"):
+        got = ms_deform_attn(value_nc, shapes, starts, loc_nc, attn)
+    expected = direct_bilinear_fp64(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_op_on_cpu_takes_reference_by_default():
+    value, shapes, starts, loc, attn = make_inputs("lq1")
+    got = ms_deform_attn(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(got, ms_deform_attn_reference(value, shapes, starts, loc, attn), atol=0, rtol=0)
+    with backend_override("cuda"), pytest.raises(RuntimeError, match="CUDA"):
+        ms_deform_attn(value, shapes, starts, loc, attn)
+
+
+def test_opcheck_and_fake_tensor():
+    value, shapes, starts, loc, attn = make_inputs("lq1")
+    torch.library.opcheck(torch.ops.unimlm.ms_deform_attn.default, (value, shapes, starts, loc, attn, True))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (value, shapes, starts, loc, attn)]
+        out = torch.ops.unimlm.ms_deform_attn(*fakes)
+    assert tuple(out.shape) == (1, 1, 32) and out.dtype == value.dtype
+
+
+def _mutate(name):
+    value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
+    bad = {
+        "value-3d": (value[0], shapes, starts, loc, attn),
+        "value-int": (value.long(), shapes, starts, loc, attn),
+        "shapes-int32": (value, shapes.int(), starts, loc, attn),
+        "shapes-1d": (value, shapes.flatten(), starts, loc, attn),
+        "starts-len": (value, shapes, starts[:2], loc, attn),
+        "starts-wrong": (value, shapes, starts + 1, loc, attn),
+        "S-mismatch": (value[:, :-1], shapes, starts, loc, attn),
+        "loc-heads": (value, shapes, starts, loc[:, :, :2], attn[:, :, :2]),
+        "loc-last-dim": (value, shapes, starts, loc[..., :1], attn),
+        "attn-shape": (value, shapes, starts, loc, attn[..., :2]),
+        "attn-dtype": (value, shapes, starts, loc, attn.double()),
+        "loc-fp16-value-fp32": (value, shapes, starts, loc.half(), attn.half()),
+    }
+    return bad[name]
+
+
+BAD = ["value-3d", "value-int", "shapes-int32", "shapes-1d", "starts-len", "starts-wrong", "S-mismatch",
+       "loc-heads", "loc-last-dim", "attn-shape", "attn-dtype", "loc-fp16-value-fp32"]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_bad_inputs_raise_clear_errors(bad):
+    with pytest.raises(ValueError, match="ms_deform_attn"):
+        ms_deform_attn(*_mutate(bad))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("softmax_weights", [False, True], ids=["weights", "fused-softmax"])
+def test_cuda_backends_match_reference(dtype, softmax_weights):
+    from unimlm_engine.ops.msda import _cuda_module
+
+    value, shapes, starts, loc, attn = make_inputs("gdino-like-L4P4", dtype, torch.float32, "cuda")
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn, softmax_weights)
+    backends = ["triton"] + (["cuda"] if _cuda_module() is not None else [])
+    for backend in backends:
+        with backend_override(backend):
+            got = ms_deform_attn(value, shapes, starts, loc, attn, softmax_weights)
+        torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1], msg=backend)
