@@ -13,6 +13,8 @@ and columns i*r:(i+1)*r of B_cat):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dispatch import pick
@@ -62,8 +64,9 @@ def _check(x, w0, w_router, lora_a, lora_b) -> None:
 def lora_moe_linear(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     _check(x, w0, w_router, lora_a, lora_b)
-    if pick(x, has_triton=_triton_impl is not None) == "triton":
-        return _triton_impl(x, w0, w_router, lora_a, lora_b, scaling)
+    impl = _triton_impl()
+    if pick(x, has_triton=impl is not None) == "triton":
+        return impl(x, w0, w_router, lora_a, lora_b, scaling)
     return lora_moe_reference(x, w0, w_router, lora_a, lora_b, scaling)
 
 
@@ -72,5 +75,11 @@ def _(x, w0, w_router, lora_a, lora_b, scaling):
     return x.new_empty((x.shape[0], w0.shape[0]))
 
 
-# Set by the Triton kernel module when it imports (issue 4); None means reference only.
-_triton_impl = None
+@functools.cache
+def _triton_impl():
+    """The two-launch Triton kernel (kernels/lora_moe.py), or None when Triton cannot be imported."""
+    try:
+        from unimlm_engine.kernels.lora_moe import lora_moe_triton
+    except ImportError:
+        return None
+    return lora_moe_triton
