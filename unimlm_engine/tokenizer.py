@@ -1,0 +1,343 @@
+"""Tokenizers: the tiny preset's byte tokenizer, HF `tokenizer.json`, SentencePiece `tokenizer.model`.
+
+Every tokenizer maps each SPECIAL_TOKENS string found inside text to its own id (so
+"<image>" and "[DET]" in a prompt become one token each), exposes `special_ids`
+(string -> id, every SPECIAL_TOKENS entry) and `route_ids` (routing token id -> route
+name such as "[DET]"). `IncrementalDetokenizer` turns a growing id list into text deltas
+for streaming without splitting a multi-byte UTF-8 character.
+"""
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ROUTE_TOKENS, SPECIAL_TOKENS
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+
+
+class Tokenizer(ABC):
+    """Common interface. Subclasses set the id attributes below and implement the four hooks.
+
+    `bos_id` is None for a vocabulary without a BOS token (then `add_bos` is a no-op).
+    """
+
+    vocab_size: int
+    bos_id: Optional[int]
+    eos_id: int
+    pad_id: int
+    unk_id: Optional[int]
+    special_ids: dict[str, int]
+
+    @abstractmethod
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of text that contains no special token string."""
+
+    @abstractmethod
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        """Text of a run of ids none of which is a special or control id."""
+
+    @abstractmethod
+    def token_to_id(self, token: str) -> int:
+        """Id of one vocabulary entry; KeyError if it is not in the vocabulary."""
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str:
+        """Vocabulary entry of one id; IndexError if the id is out of range."""
+
+    @property
+    def route_ids(self) -> dict[int, str]:
+        return {self.special_ids[t]: t for t in ROUTE_TOKENS}
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that `decode(skip_special=True)` drops: SPECIAL_TOKENS plus <unk>/<s>/</s>/pad."""
+        extra = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
+        return frozenset(self.special_ids.values()) | extra
+
+    def _text_specials(self) -> dict[str, int]:
+        """Strings recognised inside text: SPECIAL_TOKENS plus the BOS/EOS strings."""
+        out = dict(self.special_ids)
+        for tid in (self.bos_id, self.eos_id):
+            if tid is not None:
+                out[self.id_to_token(tid)] = tid
+        return out
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        specials = self._text_specials()
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        for piece in _split_on(text, specials):
+            if piece in specials:
+                ids.append(specials[piece])
+            elif piece:
+                ids.extend(self._encode_plain(piece))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        control = self.control_ids
+        parts: list[str] = []
+        run: list[int] = []
+        for tid in ids:
+            tid = int(tid)
+            if tid not in control:
+                run.append(tid)
+                continue
+            if run:
+                parts.append(self._decode_plain(run))
+                run = []
+            if not skip_special:
+                parts.append(self.id_to_token(tid))
+        if run:
+            parts.append(self._decode_plain(run))
+        return "".join(parts)
+
+
+def _split_on(text: str, specials: dict[str, int]) -> list[str]:
+    """Split text around special strings (longest match first), keeping them as items."""
+    alternatives = sorted(specials, key=len, reverse=True)
+    pattern = "(" + "|".join(re.escape(s) for s in alternatives) + ")"
+    return re.split(pattern, text)
+
+
+class ByteTokenizer(Tokenizer):
+    """The tiny preset's tokenizer, built in code: <unk> <s> </s>, bytes at 3 + b, SPECIAL_TOKENS from 259."""
+
+    BYTE_OFFSET = 3
+
+    def __init__(self) -> None:
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 0
+        first = self.BYTE_OFFSET + 256
+        self.special_ids = {t: first + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self._id_to_special = {i: t for t, i in self.special_ids.items()}
+        self._id_to_special.update({0: UNK, 1: BOS, 2: EOS})
+        self.vocab_size = first + len(SPECIAL_TOKENS)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return [self.BYTE_OFFSET + b for b in text.encode("utf-8")]
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise IndexError(f"ByteTokenizer: id {i} out of range [0, {self.vocab_size})")
+        return bytes(i - self.BYTE_OFFSET for i in ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int:
+        if token in self.special_ids:
+            return self.special_ids[token]
+        fixed = {UNK: 0, BOS: 1, EOS: 2}
+        if token in fixed:
+            return fixed[token]
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+        if m is None:
+            raise KeyError(f"ByteTokenizer: no token {token!r} (bytes are spelled '<0xAB>')")
+        return self.BYTE_OFFSET + int(m.group(1), 16)
+
+    def id_to_token(self, token_id: int) -> str:
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"ByteTokenizer: id {token_id} out of range [0, {self.vocab_size})")
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id]
+        return f"<0x{token_id - self.BYTE_OFFSET:02X}>"
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _declared_added_tokens(directory: Path) -> dict[str, int]:
+    """Added tokens listed beside the model: added_tokens.json, then tokenizer_config.json."""
+    out: dict[str, int] = {}
+    if (directory / "added_tokens.json").is_file():
+        out.update({k: int(v) for k, v in _read_json(directory / "added_tokens.json").items()})
+    if (directory / "tokenizer_config.json").is_file():
+        decoder = _read_json(directory / "tokenizer_config.json").get("added_tokens_decoder", {})
+        for tid, entry in decoder.items():
+            content = entry["content"] if isinstance(entry, dict) else entry
+            out.setdefault(content, int(tid))
+    return out
+
+
+def _config_token(directory: Path, key: str, default: Optional[str]) -> Optional[str]:
+    """A token string named in tokenizer_config.json (a string or an AddedToken dict)."""
+    path = directory / "tokenizer_config.json"
+    value = _read_json(path).get(key, default) if path.is_file() else default
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if value is not None else default
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer.json; special tokens come from that file or the added-token lists beside it."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as _HF
+
+        directory = Path(directory)
+        self._tok = _HF.from_file(str(directory / "tokenizer.json"))
+        declared = _declared_added_tokens(directory)
+        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        for token in sorted(missing, key=lambda t: declared.get(t, -1)):
+            if token not in declared:
+                raise ValueError(f"tokenizer in {directory}: special token {token!r} is neither in tokenizer.json "
+                                 f"nor in added_tokens.json / tokenizer_config.json")
+            self._tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+            got = self._tok.token_to_id(token)
+            if got != declared[token]:
+                raise ValueError(f"tokenizer in {directory}: {token!r} is declared as id {declared[token]} "
+                                 f"but would get id {got} (added token ids must follow the vocabulary)")
+        self.special_ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._optional_id(directory, "bos_token", BOS)
+        self.unk_id = self._optional_id(directory, "unk_token", UNK)
+        eos = self._optional_id(directory, "eos_token", EOS)
+        if eos is None:
+            raise ValueError(f"tokenizer in {directory}: no EOS token (set eos_token in tokenizer_config.json)")
+        self.eos_id = eos
+        pad = self._optional_id(directory, "pad_token", None)
+        self.pad_id = next(i for i in (pad, self.unk_id, self.eos_id) if i is not None)
+
+    def _optional_id(self, directory: Path, key: str, default: Optional[str]) -> Optional[int]:
+        token = _config_token(directory, key, default)
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            control = self.control_ids
+            ids = [i for i in ids if i not in control]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise KeyError(f"HFTokenizer: no token {token!r}")
+        return tid
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            raise IndexError(f"HFTokenizer: id {token_id} out of range [0, {self.vocab_size})")
+        return token
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece tokenizer.model (LLaMA: <unk>=0, <s>=1, </s>=2) plus SPECIAL_TOKENS as added tokens.
+
+    Added-token ids come from added_tokens.json when present, else follow the sp vocabulary in
+    SPECIAL_TOKENS order. Text is split around special strings before sp encoding, so each chunk
+    gets sp's dummy prefix (the LLaMA slow-tokenizer behaviour).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        import sentencepiece as spm
+
+        directory = Path(directory)
+        self._sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+        n = self._sp.get_piece_size()
+        declared = {}
+        if (directory / "added_tokens.json").is_file():
+            declared = {k: int(v) for k, v in _read_json(directory / "added_tokens.json").items()}
+        if declared:
+            missing = [t for t in SPECIAL_TOKENS if t not in declared]
+            if missing:
+                raise ValueError(f"tokenizer in {directory}: added_tokens.json lacks special tokens {missing}")
+            self.special_ids = {t: declared[t] for t in SPECIAL_TOKENS}
+        else:
+            self.special_ids = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
+        clash = [t for t, i in self.special_ids.items() if i < n]
+        if clash or len(set(self.special_ids.values())) != len(SPECIAL_TOKENS):
+            raise ValueError(f"tokenizer in {directory}: added token ids must be distinct and >= {n}; bad: {clash}")
+        self._id_to_added = {i: t for t, i in self.special_ids.items()}
+        self.vocab_size = max(n, max(self.special_ids.values()) + 1)
+        self.unk_id = self._sp.unk_id()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"tokenizer in {directory}: the sentencepiece model has no EOS piece")
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.unk_id
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def token_to_id(self, token: str) -> int:
+        if token in self.special_ids:
+            return self.special_ids[token]
+        tid = self._sp.piece_to_id(token)
+        if tid == self.unk_id and token != self._sp.id_to_piece(self.unk_id):
+            raise KeyError(f"SentencePieceTokenizer: no token {token!r}")
+        return tid
+
+    def id_to_token(self, token_id: int) -> str:
+        if token_id in self._id_to_added:
+            return self._id_to_added[token_id]
+        if not 0 <= token_id < self._sp.get_piece_size():
+            raise IndexError(f"SentencePieceTokenizer: id {token_id} out of range [0, {self.vocab_size})")
+        return self._sp.id_to_piece(token_id)
+
+
+def load_tokenizer(checkpoint_dir: str | Path) -> Tokenizer:
+    """tokenizer.json (HF `tokenizers`) if present, else tokenizer.model (SentencePiece)."""
+    directory = Path(checkpoint_dir)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory)
+    if (directory / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(directory)
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in checkpoint directory {directory}")
+
+
+def detokenize_step(tokenizer: Tokenizer, ids: Sequence[int], prefix_offset: int, read_offset: int,
+                    skip_special: bool = True) -> tuple[str, int, int]:
+    """One streaming step: the text added by ids[read_offset:], and the new (prefix_offset, read_offset).
+
+    ids[prefix_offset:read_offset] is a window of already-emitted ids decoded again for context
+    (SentencePiece drops a leading space on the first piece; decoding from a window keeps deltas right).
+    Text ending in U+FFFD is an unfinished UTF-8 character: nothing is emitted until it completes.
+    """
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special=skip_special)
+    new_text = tokenizer.decode(ids[prefix_offset:], skip_special=skip_special)
+    if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        return new_text[len(prefix_text):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+class IncrementalDetokenizer:
+    """Stateful wrapper over `detokenize_step`: feed all ids so far, get the new text."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self._ids: list[int] = []
+
+    def step(self, ids: Sequence[int]) -> str:
+        """ids: every id generated so far (the previous call's ids plus new ones)."""
+        self._ids = [int(i) for i in ids]
+        delta, self.prefix_offset, self.read_offset = detokenize_step(
+            self.tokenizer, self._ids, self.prefix_offset, self.read_offset, self.skip_special)
+        return delta
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream (an unfinished character shows as U+FFFD)."""
+        prefix_text = self.tokenizer.decode(self._ids[self.prefix_offset:self.read_offset], self.skip_special)
+        full = self.tokenizer.decode(self._ids[self.prefix_offset:], self.skip_special)
+        self.prefix_offset = self.read_offset = len(self._ids)
+        return full[len(prefix_text):]
