@@ -1,0 +1,200 @@
+"""Paged attention ops (Triton under TRITON_INTERPRET=1, forced with backend_override)
+against fp64/fp32 gather-through-block-table references."""
+import math
+
+import pytest
+import torch
+
+from unimlm_engine.ops import paged_attention as pa
+from unimlm_engine.ops._dispatch import backend_override
+
+REF_DTYPE = {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Fresh float buffers (outputs, split-K partials) start as NaN so an unwritten element fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def _poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+
+
+def make_cache(lens, hkv, d, bs, dtype, spare=5):
+    """Random caches as views of one [NB, 2, BS, Hkv, D] buffer (non-contiguous), shuffled pages,
+    block tables padded with -1 past each sequence's pages."""
+    pages = [math.ceil(n / bs) for n in lens]
+    nb = sum(pages) + spare
+    kv = torch.randn(nb, 2, bs, hkv, d).to(dtype)
+    perm = torch.randperm(nb).tolist()
+    table = torch.full((len(lens), max(pages) + 1), -1, dtype=torch.int32)
+    i = 0
+    for b, p in enumerate(pages):
+        table[b, :p] = torch.tensor(perm[i:i + p], dtype=torch.int32)
+        i += p
+    return kv[:, 0], kv[:, 1], table, torch.tensor(lens, dtype=torch.int32)
+
+
+def rand_q(rows, h, d, dtype):
+    """[rows, H, D] as a non-contiguous view (every other head of a wider tensor)."""
+    return torch.randn(rows, 2 * h, d).to(dtype)[:, ::2]
+
+
+def assert_within_twice_torch(out, ref, same_precision, dtype):
+    assert not torch.isnan(out).any(), "kernel left NaN (unwritten) elements"
+    err = (out.double() - ref.double()).abs().max().item()
+    base = (same_precision.double() - ref.double()).abs().max().item()
+    assert err <= max(2 * base, FLOOR[dtype]), f"kernel err {err:.3g} > 2 x torch err {base:.3g}"
+
+
+DECODE_CASES = [
+    # (lens, H, Hkv, D, block_size, dtype)
+    ([1, 17, 63, 129, 500], 4, 4, 64, 16, torch.float32),
+    ([1, 17, 63, 129, 500], 8, 2, 128, 32, torch.float16),
+    ([5, 63, 111], 8, 1, 80, 16, torch.float16),
+    ([33, 2], 16, 2, 96, 32, torch.float32),
+    ([40, 1], 8, 8, 256, 16, torch.float16),
+]
+
+
+def _id(case):
+    lens, h, hkv, d, bs, dt = case
+    return f"lens{'-'.join(map(str, lens))}-gqa{h // hkv}-d{d}-bs{bs}-{str(dt).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_id)
+def test_decode_matches_reference(case, nan_empty):
+    lens, h, hkv, d, bs, dtype = case
+    kc, vc, table, ctx = make_cache(lens, hkv, d, bs, dtype)
+    q = rand_q(len(lens), h, d, dtype)
+    scale = d ** -0.5
+    with backend_override("triton"):
+        out = pa.paged_decode_attention(q, kc, vc, table, ctx, scale)
+    ref = pa.paged_decode_reference(q.to(REF_DTYPE[dtype]), kc.to(REF_DTYPE[dtype]), vc.to(REF_DTYPE[dtype]),
+                                    table, ctx, scale, dtype=REF_DTYPE[dtype])
+    same = pa.paged_decode_reference(q, kc, vc, table, ctx, scale, dtype=dtype)
+    assert_within_twice_torch(out, ref, same, dtype)
+
+
+PREFILL_CASES = [
+    # (q_lens, context_lens, H, Hkv, D, block_size, dtype); context > q_len = cached prefix
+    ([1, 17, 20, 33], [1, 17, 63, 129], 4, 1, 64, 16, torch.float32),
+    ([3, 30], [3, 70], 8, 2, 80, 32, torch.float16),
+    ([16, 1, 9], [16, 40, 9], 8, 8, 128, 16, torch.float16),
+]
+
+
+def _pid(case):
+    ql, cl, h, hkv, d, bs, dt = case
+    return f"q{'-'.join(map(str, ql))}-ctx{'-'.join(map(str, cl))}-gqa{h // hkv}-d{d}-bs{bs}-{str(dt).split('.')[-1]}"
+
+
+def _run_prefill(case):
+    q_lens, lens, h, hkv, d, bs, dtype = case
+    kc, vc, table, ctx = make_cache(lens, hkv, d, bs, dtype)
+    q = rand_q(sum(q_lens), h, d, dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    scale = d ** -0.5
+    with backend_override("triton"):
+        out = pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, scale)
+    r = REF_DTYPE[dtype]
+    ref = pa.paged_prefill_reference(q.to(r), kc.to(r), vc.to(r), table, cu, ctx, scale, dtype=r)
+    same = pa.paged_prefill_reference(q, kc, vc, table, cu, ctx, scale, dtype=dtype)
+    assert_within_twice_torch(out, ref, same, dtype)
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=_pid)
+def test_prefill_matches_reference(case, nan_empty):
+    _run_prefill(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [([48, 7, 64], [300, 7, 129], 8, 2, 64, 16, torch.float16)], ids=_pid)
+def test_prefill_long_context(case, nan_empty):
+    _run_prefill(case)
+
+
+def test_prefill_of_whole_sequence_equals_causal_sdpa():
+    """No cached prefix: the op equals plain causal attention on the contiguous K/V."""
+    n, h, d, bs = 37, 4, 64, 16
+    kc, vc, table, ctx = make_cache([n], h, d, bs, torch.float32)
+    q = torch.randn(n, h, d)
+    k = pa._gather_kv(kc, table[0], n)
+    v = pa._gather_kv(vc, table[0], n)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                            is_causal=True).transpose(0, 1)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    with backend_override("triton"):
+        out = pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, d ** -0.5)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is unreliable in the Triton interpreter: CUDA only")
+def test_decode_bf16_cuda():
+    lens, h, hkv, d, bs = [1, 17, 129, 500], 32, 8, 128, 16
+    kc, vc, table, ctx = (t.cuda() for t in make_cache(lens, hkv, d, bs, torch.bfloat16))
+    q = torch.randn(len(lens), h, d, device="cuda", dtype=torch.bfloat16)
+    with backend_override("triton"):
+        out = pa.paged_decode_attention(q, kc, vc, table, ctx, d ** -0.5)
+    ref = pa.paged_decode_reference(q.float(), kc.float(), vc.float(), table, ctx, d ** -0.5)
+    same = pa.paged_decode_reference(q, kc, vc, table, ctx, d ** -0.5, dtype=torch.bfloat16)
+    assert_within_twice_torch(out, ref, same, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bs", [16, 32], ids=["bs16", "bs32"])
+def test_write_kv_cache_matches_reference(bs):
+    t, hkv, d, nb = 23, 3, 80, 6
+    k, v = rand_q(t, hkv, d, torch.float16), rand_q(t, hkv, d, torch.float16)
+    slots = torch.randperm(nb * bs)[:t]
+    slots[[0, 5, 11]] = -1  # skipped tokens
+    kc = torch.randn(nb, bs, hkv, d).half()
+    vc = torch.randn(nb, bs, hkv, d).half()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    with backend_override("triton"):
+        pa.write_kv_cache(k, v, kc, vc, slots)
+    pa.write_kv_cache_reference(k, v, kc_ref, vc_ref, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def test_int64_addressing_past_2_pow_31():
+    """Block ids whose element offset block_id * BS * Hkv * D passes 2^31. The cache is a
+    4 GiB torch.empty: untouched pages are never materialised, so this costs a few MB."""
+    bs, hkv, d, h = 16, 1, 64, 4
+    nb = (1 << 31) // (bs * hkv * d) + 8
+    kc = torch.empty(nb, bs, hkv, d, dtype=torch.float16)
+    vc = torch.empty(nb, bs, hkv, d, dtype=torch.float16)
+    blocks = torch.tensor([nb - 1, 3, nb - 5], dtype=torch.int32)
+    assert int(blocks[0]) * bs * hkv * d > 2 ** 31
+    n = 40
+    slots = (blocks.long()[:, None] * bs + torch.arange(bs)).flatten()[:n]
+    k, v = torch.randn(n, hkv, d).half(), torch.randn(n, hkv, d).half()
+    table, ctx = blocks[None], torch.tensor([n], dtype=torch.int32)
+    q, qp = torch.randn(1, h, d).half(), torch.randn(n, h, d).half()
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    with backend_override("triton"):
+        pa.write_kv_cache(k, v, kc, vc, slots)
+        dec = pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125)
+        pre = pa.paged_prefill_attention(qp, kc, vc, table, cu, ctx, 0.125)
+    pos = torch.arange(n)
+    torch.testing.assert_close(dec.float(), pa.attention_reference(q, k, v, 0.125, pos[-1:]), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(pre.float(), pa.attention_reference(qp, k, v, 0.125, pos), atol=2e-3, rtol=2e-3)
+
+
+def test_cpu_default_backend_is_the_reference():
+    kc, vc, table, ctx = make_cache([5, 20], 2, 64, 16, torch.float32)
+    q = torch.randn(2, 4, 64)
+    out = pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125)
+    assert torch.equal(out, pa.paged_decode_reference(q, kc, vc, table, ctx, 0.125))
+
+
+def test_opcheck_fake_tensors():
+    kc, vc, table, ctx = make_cache([5, 20], 2, 64, 16, torch.float32)
+    q = torch.randn(2, 4, 64)
+    torch.library.opcheck(torch.ops.unimlm.paged_decode_attention.default, (q, kc, vc, table, ctx, 0.125))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qp = torch.randn(7, 4, 64)
+    torch.library.opcheck(torch.ops.unimlm.paged_prefill_attention.default, (qp, kc, vc, table, cu, ctx, 0.125))
