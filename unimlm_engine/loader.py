@@ -1,0 +1,248 @@
+"""Checkpoint directories in the official VisionLLM v2 layout -> modules, and back.
+
+Accepted layouts (first match wins):
+  model.safetensors.index.json + model-*.safetensors   |  model.safetensors
+  pytorch_model.bin.index.json + pytorch_model-*.bin   |  pytorch_model.bin
+Pickle shards are read with `torch.load(weights_only=True)` only. Parameters keep their
+official names; decoder weights (`gdino.` `unipose.` `sd.` `ip2p.`) load into
+`model.decoders` when the model has that decoder, and are reported as not loaded
+otherwise, as are keys of modules this engine does not serve (`region_encoder.`).
+Every problem raises `CheckpointError` naming the file and the keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from .config import ModelConfig
+
+DECODER_PREFIXES = ("gdino.", "unipose.", "sd.", "ip2p.")
+UNSERVED_PREFIXES = ("region_encoder.",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names files and keys."""
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    not_loaded: dict[str, int] = field(default_factory=dict)  # prefix -> number of keys skipped
+    files: list[str] = field(default_factory=list)
+
+
+def _fmt_keys(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def read_config(path: Path) -> ModelConfig:
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return ModelConfig.from_official_dict(json.loads(f.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{f}: {e}") from None
+
+
+def find_shards(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, checked against the index if there is one."""
+    for index_name, single, pattern in (("model.safetensors.index.json", "model.safetensors", "model*.safetensors"),
+                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid index file ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shard files listed in the index are missing: {', '.join(missing)}")
+            return [path / f for f in files]
+        if (path / single).is_file():
+            return [path / single]
+        found = sorted(path.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"{path}: no weights found (expected model*.safetensors or pytorch_model*.bin)")
+
+
+def read_shard(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(file))
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means a bad file; name it
+        raise CheckpointError(f"{file}: cannot read shard, truncated or corrupt? ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return sd
+
+
+def _target_key(key: str, model_keys: set[str]) -> Optional[str]:
+    if key.startswith(DECODER_PREFIXES):
+        k = "decoders." + key
+        return k if k in model_keys else None
+    return key
+
+
+def _skip_prefix(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadReport) -> None:
+    """Copy shard tensors into `model`; all problems raise CheckpointError."""
+    own = model.state_dict()
+    model_keys = set(own)
+    seen: set[str] = set()
+    unexpected: dict[str, str] = {}
+    for file in shards:
+        sd = read_shard(file)
+        report.files.append(file.name)
+        for key, tensor in sd.items():
+            if key.startswith(UNSERVED_PREFIXES) or (key.startswith(DECODER_PREFIXES)
+                                                      and not any(k.startswith("decoders." + _skip_prefix(key) + ".")
+                                                                  for k in model_keys)):
+                p = _skip_prefix(key)
+                report.not_loaded[p] = report.not_loaded.get(p, 0) + 1
+                continue
+            target = _target_key(key, model_keys)
+            if target is None or target not in model_keys:
+                unexpected[key] = file.name
+                continue
+            dst = own[target]
+            if tuple(tensor.shape) != tuple(dst.shape):
+                raise CheckpointError(f"{file}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model "
+                                      f"{tuple(dst.shape)} (config.json does not match the weights?)")
+            with torch.no_grad():
+                dst.copy_(tensor.to(dst.dtype))
+            seen.add(target)
+            report.loaded += 1
+    if unexpected:
+        files = sorted(set(unexpected.values()))
+        raise CheckpointError(f"unexpected keys in {', '.join(files)}: {_fmt_keys(unexpected)}")
+    tied = {"llm.lm_head.weight"} if model.cfg.llm.tie_word_embeddings else set()
+    missing = model_keys - seen - tied
+    if missing:
+        raise CheckpointError(f"keys missing from {', '.join(report.files)}: {_fmt_keys(missing)}")
+
+
+def load_checkpoint(path: str | os.PathLike, device: Optional[str | torch.device] = None,
+                    dtype: Optional[torch.dtype] = None, with_decoders: bool = True):
+    """-> (model, tokenizer, LoadReport). dtype defaults to bf16 on CUDA, fp32 on CPU."""
+    from .model import VisionLLM
+    from .tokenizer_files import load_checkpoint_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = read_config(path)
+    shards = find_shards(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device(device):
+        model = VisionLLM(cfg, with_decoders=with_decoders)
+    report = LoadReport()
+    load_state_into(model, shards, report)
+    model = model.to(dtype=dtype).eval()
+    tokenizer = load_checkpoint_tokenizer(path)
+    model.special_ids = dict(tokenizer.special_ids)
+    if tokenizer.vocab_size > cfg.llm.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the LLM vocabulary is "
+                              f"{cfg.llm.vocab_size}")
+    return model, tokenizer, report
+
+
+def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict under official key names (decoders. prefix removed)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k[len("decoders."):] if k.startswith("decoders.") else k] = v.detach().cpu().contiguous()
+    if model.cfg.llm.tie_word_embeddings:
+        out.pop("llm.lm_head.weight", None)
+    return out
+
+
+def _split(keys: list[str], num_shards: int) -> list[list[str]]:
+    size = max(1, -(-len(keys) // num_shards))
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, tokenizer=None, fmt: str = "bin",
+                    num_shards: int = 2) -> Path:
+    """Write `model` as an official-layout directory: config.json, shards + index, tokenizer files."""
+    from .tokenizer_files import save_checkpoint_tokenizer
+
+    if fmt not in ("bin", "safetensors"):
+        raise ValueError(f"fmt must be 'bin' or 'safetensors', got {fmt!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(model.cfg.to_official_dict(), indent=2))
+    sd = official_state_dict(model)
+    groups = _split(sorted(sd), num_shards)
+    weight_map = {}
+    for i, keys in enumerate(groups, 1):
+        if fmt == "bin":
+            name = f"pytorch_model-{i:05d}-of-{len(groups):05d}.bin"
+            torch.save({k: sd[k] for k in keys}, path / name)
+        else:
+            from safetensors.torch import save_file
+
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            save_file({k: sd[k] for k in keys}, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (path / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if tokenizer is not None:
+        save_checkpoint_tokenizer(tokenizer, path)
+    return path
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_shards: Optional[int] = None) -> Path:
+    """Rewrite any accepted checkpoint directory as safetensors shards (same keys, same config)."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    read_config(src)  # validates
+    shards = find_shards(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    n = num_shards or len(shards)
+    weight_map, total = {}, 0
+    if n == len(shards):
+        plan = [(i, read_shard(f)) for i, f in enumerate(shards, 1)]
+    else:
+        merged: dict[str, torch.Tensor] = {}
+        for f in shards:
+            merged.update(read_shard(f))
+        plan = [(i, {k: merged[k] for k in keys}) for i, keys in enumerate(_split(sorted(merged), n), 1)]
+    for i, sd in plan:
+        name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        sd = {k: v.contiguous().clone() for k, v in sd.items()}  # drop shared storage (tied weights)
+        save_file(sd, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+        total += sum(t.numel() * t.element_size() for t in sd.values())
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for name in ("config.json",) + TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst

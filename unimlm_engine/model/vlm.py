@@ -1,0 +1,95 @@
+"""The multimodal model: vision tower, `vl_bridge` projector, LLM, super-link query tables
+and (optionally) the task decoders. Parameter names are the official checkpoint's
+(`vis_encoder.*`, `vl_bridge.*`, `llm.*`, `emb_embeddings_*`); decoders live under
+`decoders.` here and under their official prefixes (`gdino.` ...) in checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ROUTE_TOKENS, ModelConfig
+from .llm import LLM
+from .superlink import build_query_tables, query_embeddings
+from .vision import VisionTower
+
+
+class VisionLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_decoders: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.vis_encoder = VisionTower(cfg.vision)
+        self.vl_bridge = nn.Sequential(nn.Linear(cfg.vision.hidden_size, cfg.llm.hidden_size), nn.GELU(),
+                                       nn.Linear(cfg.llm.hidden_size, cfg.llm.hidden_size))
+        self.llm = LLM(cfg.llm, cfg.lora_moe)
+        for name, table in build_query_tables(cfg).items():
+            self.add_module(name, table)
+        self.decoders: Optional[nn.Module] = None
+        if with_decoders and any(c is not None for c in (cfg.detector, cfg.pose, cfg.gen, cfg.edit)):
+            from .decoders import DecoderSet
+
+            self.decoders = DecoderSet(cfg)
+        # token string -> id for SPECIAL_TOKENS; set from the tokenizer by the loader
+        self.special_ids: dict[str, int] = {}
+
+    @property
+    def route_ids(self) -> dict[int, str]:
+        return {self.special_ids[r]: r for r in ROUTE_TOKENS if r in self.special_ids}
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: [N_tiles, 3, S, S] -> [N_tiles * tokens_per_tile, llm_hidden]"""
+        feats = self.vis_encoder(pixels.to(device=self.device, dtype=self.dtype))
+        return self.vl_bridge(feats).flatten(0, 1)
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids: [T]; image_features: [P, hidden] for the P `<im_patch>` positions -> [T, hidden]"""
+        embeds = self.llm.embed(input_ids)
+        patch_id = self.special_ids.get("<im_patch>")
+        n_slots = 0 if patch_id is None else int((input_ids == patch_id).sum())
+        n_feats = 0 if image_features is None else image_features.shape[0]
+        if n_slots != n_feats:
+            raise ValueError(f"prompt has {n_slots} <im_patch> positions but {n_feats} image feature rows were given")
+        if n_feats:
+            embeds = embeds.clone()
+            embeds[input_ids == patch_id] = image_features.to(embeds.dtype)
+        return embeds
+
+    def query_embeddings(self, route: str) -> torch.Tensor:
+        """-> [K, llm_hidden]"""
+        return query_embeddings(self, route)
+
+    def run_decoder(self, route: str, requests: list, **opts) -> list:
+        """Run one task decoder on a batch of requests (see `DecoderSet.run_decoder`)."""
+        if self.decoders is None:
+            raise RuntimeError(f"this model has no task decoders; cannot run {route}")
+        return self.decoders.run_decoder(route, requests, **opts)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, with_decoders: bool = True,
+                dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None) -> VisionLLM:
+    """A model with random weights drawn from `seed` (normal, std 0.02; norms at 1)."""
+    fork_devices = [] if device is None or str(device) == "cpu" else None
+    with torch.random.fork_rng(devices=fork_devices or []):
+        torch.manual_seed(seed)
+        model = VisionLLM(cfg, with_decoders=with_decoders)
+        for name, p in model.named_parameters():
+            if name.startswith("decoders."):
+                continue
+            if p.dim() == 1 and ("norm" in name or "layrnorm" in name or "layer_norm" in name):
+                if name.endswith("weight"):
+                    nn.init.ones_(p)
+                else:
+                    nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+    return model.to(device=device, dtype=dtype).eval()
