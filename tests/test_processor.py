@@ -260,3 +260,10 @@ def test_processor_no_chat(proc):
 def test_processor_rejects_mismatch(proc, prompt, n_images, match):
     with pytest.raises(ValueError, match=match):
         proc(prompt, images=[np.zeros((8, 8, 3), np.uint8)] * n_images)
+
+
+def test_processor_multi_turn_image_goes_to_first_user_turn(proc):
+    turns = [("user", "what is it?"), ("assistant", "a cat"), ("user", "box it")]
+    out = proc(turns, images=[IMAGES / "rocket.jpg"])
+    assert out.prompt == SYS + " USER: <image>\nwhat is it? ASSISTANT: a cat</s>USER: box it ASSISTANT:"
+    assert out.num_tiles == [5] and out.input_ids.tolist().count(proc.tokenizer.eos_id) == 1

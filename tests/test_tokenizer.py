@@ -251,3 +251,11 @@ def test_sp_added_tokens_json(tmp_path):
 def test_load_tokenizer_empty_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
+
+
+def test_hf_null_bos_in_config(tmp_path):
+    _train_bpe(["<unk>", "<s>", "</s>", *SPECIAL_TOKENS]).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id is None and tok.eos_id == 2
+    assert tok.encode("hi", add_bos=True) == tok.encode("hi")

@@ -63,7 +63,8 @@ def _decode_file(fp: Any, name: str) -> Image.Image:
 def load_image(src: ImageSource) -> Image.Image:
     """A path, encoded bytes, PIL image or numpy array -> RGB PIL image (InvalidImageError if unusable).
 
-    Huge images are accepted (tiling downsizes them) up to PIL's decompression-bomb guard.
+    Huge images are accepted (tiling downsizes them) up to PIL's decompression-bomb guard. EXIF
+    orientation is not applied, as in the official preprocessing.
     """
     if isinstance(src, Image.Image):
         name = f"PIL image {src.mode} {src.size}"

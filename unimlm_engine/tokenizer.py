@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,11 +49,11 @@ class Tokenizer(ABC):
     def id_to_token(self, token_id: int) -> str:
         """Vocabulary entry of one id; IndexError if the id is out of range."""
 
-    @property
+    @cached_property
     def route_ids(self) -> dict[int, str]:
         return {self.special_ids[t]: t for t in ROUTE_TOKENS}
 
-    @property
+    @cached_property
     def control_ids(self) -> frozenset[int]:
         """Ids that `decode(skip_special=True)` drops: SPECIAL_TOKENS plus <unk>/<s>/</s>/pad."""
         extra = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
@@ -162,12 +163,10 @@ def _declared_added_tokens(directory: Path) -> dict[str, int]:
 
 
 def _config_token(directory: Path, key: str, default: Optional[str]) -> Optional[str]:
-    """A token string named in tokenizer_config.json (a string or an AddedToken dict)."""
+    """A token string named in tokenizer_config.json (a string or an AddedToken dict; null means none)."""
     path = directory / "tokenizer_config.json"
     value = _read_json(path).get(key, default) if path.is_file() else default
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if value is not None else default
+    return value.get("content") if isinstance(value, dict) else value
 
 
 class HFTokenizer(Tokenizer):
