@@ -17,6 +17,35 @@ def _check_positive(owner: str, obj: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{owner}: {n} must be a positive int, got {v!r}")
 
 
+def _check_grounding(owner: str, c: Any) -> None:
+    """Checks shared by DetectorConfig and PoseConfig (same backbone / encoder / decoder structure)."""
+    _check_positive(owner, c, ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                               "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_feature_levels",
+                               "encoder_n_points", "decoder_n_points", "num_queries", "max_classes",
+                               "llm_hidden_size", "image_short", "image_long", "embed_dim", "window_size",
+                               "max_detections"))
+    if c.d_model % c.encoder_attention_heads or c.d_model % c.decoder_attention_heads:
+        raise ValueError(f"{owner}: d_model must divide by the attention head counts")
+    if c.d_model % 32:
+        raise ValueError(f"{owner}: d_model must be a multiple of 32 (GroupNorm(32, d_model)), got {c.d_model}")
+    fusion_heads = max(c.encoder_attention_heads // 2, 1)
+    if (c.encoder_ffn_dim // 2) % fusion_heads or c.encoder_ffn_dim < 2:
+        raise ValueError(f"{owner}: encoder_ffn_dim // 2 must divide by encoder_attention_heads // 2")
+    c.depths, c.num_heads = tuple(c.depths), tuple(c.num_heads)
+    if len(c.depths) != len(c.num_heads) or len(c.depths) < 2:
+        raise ValueError(f"{owner}: depths and num_heads must have the same length (>= 2)")
+    if any(not isinstance(v, int) or v <= 0 for v in c.depths + c.num_heads):
+        raise ValueError(f"{owner}: depths and num_heads must be positive ints")
+    if any((c.embed_dim * 2 ** i) % h for i, h in enumerate(c.num_heads)):
+        raise ValueError(f"{owner}: each Swin stage width embed_dim * 2**i must divide by its num_heads")
+    if c.num_feature_levels < len(c.depths) - 1:
+        raise ValueError(f"{owner}: num_feature_levels must be >= len(depths) - 1 (backbone levels)")
+    if c.image_short > c.image_long:
+        raise ValueError(f"{owner}: image_short ({c.image_short}) must be <= image_long ({c.image_long})")
+    if not 0.0 <= c.score_threshold < 1.0:
+        raise ValueError(f"{owner}: score_threshold must be in [0, 1), got {c.score_threshold}")
+
+
 class _DictMixin:
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -53,34 +82,45 @@ class DetectorConfig(_DictMixin):
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: int = 7
 
-    def __post_init__(self) -> None:
-        _check_positive("DetectorConfig", self, ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-                                                 "decoder_attention_heads", "num_feature_levels", "encoder_n_points",
-                                                 "decoder_n_points", "num_queries", "max_classes", "llm_hidden_size"))
-        if self.d_model % self.encoder_attention_heads or self.d_model % self.decoder_attention_heads:
-            raise ValueError("DetectorConfig: d_model must divide by the attention head counts")
-        self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
-        if len(self.depths) != len(self.num_heads):
-            raise ValueError("DetectorConfig: depths and num_heads must have the same length")
+    score_threshold: float = 0.3  # keep detections whose best class probability exceeds this
+    max_detections: int = 100  # top-k queries considered per image before the threshold
 
+    def __post_init__(self) -> None:
+        _check_positive("DetectorConfig", self, ("mask_dim",))
+        _check_grounding("DetectorConfig", self)
 
 @dataclass(slots=True)
 class PoseConfig(_DictMixin):
     """UniPose-style keypoint decoder for [POSE]."""
 
     d_model: int = 256
+    encoder_layers: int = 6
     decoder_layers: int = 6
+    encoder_attention_heads: int = 8
     decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
     decoder_ffn_dim: int = 2048
     num_feature_levels: int = 4
+    encoder_n_points: int = 4
     decoder_n_points: int = 4
     num_queries: int = 900
     num_keypoints: int = 17
+    keypoint_decoder_layers: int = 2  # deformable layers refining the keypoints of the selected instances
+    max_classes: int = 256
     llm_hidden_size: int = 4096
+    image_short: int = 800
+    image_long: int = 1333
+    # Swin backbone
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    score_threshold: float = 0.3
+    max_detections: int = 100  # instances (top-k by score) that get keypoints
 
     def __post_init__(self) -> None:
-        _check_positive("PoseConfig", self, ("d_model", "decoder_layers", "decoder_attention_heads", "num_feature_levels",
-                                             "decoder_n_points", "num_queries", "num_keypoints", "llm_hidden_size"))
+        _check_positive("PoseConfig", self, ("num_keypoints", "keypoint_decoder_layers"))
+        _check_grounding("PoseConfig", self)
 
 
 @dataclass(slots=True)
