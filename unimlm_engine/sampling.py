@@ -21,8 +21,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # token id -> additive bias on its logit (e.g. force or forbid a routing token)
+    # token id -> additive bias on its logit (e.g. forbid a routing token)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # the first generated tokens are these, whatever the model says (e.g. force a route);
+    # they are fed and routed exactly like sampled tokens
+    forced_prefix: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -35,6 +38,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: top_k must be >= 0, got {self.top_k}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.forced_prefix = tuple(int(t) for t in self.forced_prefix)
+        if len(self.forced_prefix) > self.max_tokens:
+            raise ValueError(f"SamplingParams: forced_prefix has {len(self.forced_prefix)} tokens, more than "
+                             f"max_tokens={self.max_tokens}")
 
     def make_generator(self) -> Optional[torch.Generator]:
         if self.temperature == 0:
@@ -53,8 +60,11 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tens
     return logits
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """logits: [V] -> one token id."""
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+                 step: int = 0) -> int:
+    """logits: [V] -> one token id; `step` = index of the token among the generated ones."""
+    if step < len(params.forced_prefix):
+        return params.forced_prefix[step]
     logits = apply_logit_bias(logits.float(), params.logit_bias)
     if params.temperature == 0:
         return int(torch.argmax(logits))

@@ -60,7 +60,7 @@ def reference_generate(model, input_ids: Sequence[int] | torch.Tensor,
     while True:
         if logits_processor is not None:
             logits = logits_processor(len(out.token_ids), logits)
-        tok = sample_token(logits, params, gen)
+        tok = sample_token(logits, params, gen, step=len(out.token_ids))
         out.token_ids.append(tok)
         if (tok == eos and not params.ignore_eos) or tok in params.stop_token_ids:
             out.finish_reason = "stop"

@@ -1,0 +1,37 @@
+# Set-up and the two main jobs. Each target creates its own virtual environment.
+#   make run    install everything, then run the main job on the embedded `tiny` preset
+#   make test   install everything, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+IMAGE ?= examples/images/chelsea.png
+PROMPT ?= Where is the cat? Describe it and find it.
+
+.PHONY: install run test test-fast sanitize bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml CMakeLists.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q setuptools wheel pybind11 cmake ninja
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+run: install
+	$(VENV)/bin/unimlm generate --model tiny --image $(IMAGE) --prompt "$(PROMPT)" \
+		--route DET,SEG,POSE,GEN,EDIT --save-dir out/run
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+sanitize: install
+	bash scripts/sanitize.sh
+
+clean:
+	rm -rf build $(VENV) *.egg-info out
