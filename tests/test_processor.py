@@ -267,3 +267,9 @@ def test_processor_multi_turn_image_goes_to_first_user_turn(proc):
     out = proc(turns, images=[IMAGES / "rocket.jpg"])
     assert out.prompt == SYS + " USER: <image>\nwhat is it? ASSISTANT: a cat</s>USER: box it ASSISTANT:"
     assert out.num_tiles == [5] and out.input_ids.tolist().count(proc.tokenizer.eos_id) == 1
+
+
+def test_processor_real_shapes_2880_tokens():
+    out = Processor(VisionConfig(), ByteTokenizer())("describe", images=[IMAGES / "astronaut.png"])
+    assert out.num_tiles == [5] and out.num_image_tokens == 5 * 576 == 2880
+    assert out.pixel_values[0].shape == (5, 3, 336, 336)

@@ -259,3 +259,11 @@ def test_hf_null_bos_in_config(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.bos_id is None and tok.eos_id == 2
     assert tok.encode("hi", add_bos=True) == tok.encode("hi")
+
+
+def test_hf_side_file_disagrees_with_tokenizer_json(tmp_path):
+    tok = _train_bpe(["<unk>", "<s>", "</s>", *SPECIAL_TOKENS])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[DET]": tok.token_to_id("[DET]") + 1}))
+    with pytest.raises(ValueError, match="disagree"):
+        load_tokenizer(tmp_path)

@@ -59,18 +59,20 @@ class Tokenizer(ABC):
         extra = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
         return frozenset(self.special_ids.values()) | extra
 
-    def _text_specials(self) -> dict[str, int]:
-        """Strings recognised inside text: SPECIAL_TOKENS plus the BOS/EOS strings."""
-        out = dict(self.special_ids)
+    @cached_property
+    def _text_specials(self) -> tuple[dict[str, int], re.Pattern]:
+        """Strings recognised inside text (SPECIAL_TOKENS, BOS/EOS) and a splitter, longest match first."""
+        table = dict(self.special_ids)
         for tid in (self.bos_id, self.eos_id):
             if tid is not None:
-                out[self.id_to_token(tid)] = tid
-        return out
+                table[self.id_to_token(tid)] = tid
+        alternatives = sorted(table, key=len, reverse=True)
+        return table, re.compile("(" + "|".join(re.escape(s) for s in alternatives) + ")")
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        specials = self._text_specials()
+        specials, splitter = self._text_specials
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
-        for piece in _split_on(text, specials):
+        for piece in splitter.split(text):
             if piece in specials:
                 ids.append(specials[piece])
             elif piece:
@@ -94,13 +96,6 @@ class Tokenizer(ABC):
         if run:
             parts.append(self._decode_plain(run))
         return "".join(parts)
-
-
-def _split_on(text: str, specials: dict[str, int]) -> list[str]:
-    """Split text around special strings (longest match first), keeping them as items."""
-    alternatives = sorted(specials, key=len, reverse=True)
-    pattern = "(" + "|".join(re.escape(s) for s in alternatives) + ")"
-    return re.split(pattern, text)
 
 
 class ByteTokenizer(Tokenizer):
@@ -190,6 +185,10 @@ class HFTokenizer(Tokenizer):
                 raise ValueError(f"tokenizer in {directory}: {token!r} is declared as id {declared[token]} "
                                  f"but would get id {got} (added token ids must follow the vocabulary)")
         self.special_ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        wrong = {t: (i, declared[t]) for t, i in self.special_ids.items() if declared.get(t, i) != i}
+        if wrong:
+            raise ValueError(f"tokenizer in {directory}: tokenizer.json and the added-token lists disagree "
+                             f"(token: (tokenizer.json id, declared id)): {wrong}")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._optional_id(directory, "bos_token", BOS)
         self.unk_id = self._optional_id(directory, "unk_token", UNK)
