@@ -169,14 +169,14 @@ def _quiet_diffusers():
     """Silence diffusers' per-component notes ("text_encoder=None cannot be saved") and load bars."""
     from diffusers.utils import logging as dlog
 
-    old, bars_off = dlog.get_verbosity(), dlog.are_progress_bars_disabled()
+    old, bars_on = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     try:
         yield
     finally:
         dlog.set_verbosity(old)
-        if not bars_off:
+        if bars_on:
             dlog.enable_progress_bar()
 
 
