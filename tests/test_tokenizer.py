@@ -131,7 +131,7 @@ def hf_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(TEXTS), ids=list(TEXTS))
 def test_hf_roundtrip(hf_dir, name):
     tok = load_tokenizer(hf_dir)
-    assert isinstance(tok, HFTokenizer)
+    assert isinstance(tok, HFTokenizer) and tok.directory == hf_dir
     text = TEXTS[name]
     ids = tok.encode(text, add_bos=True)
     assert ids[0] == tok.bos_id == 1 and tok.eos_id == 2
@@ -210,7 +210,7 @@ def sp_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(TEXTS), ids=list(TEXTS))
 def test_sp_roundtrip(sp_dir, name):
     tok = load_tokenizer(sp_dir)
-    assert isinstance(tok, SentencePieceTokenizer)
+    assert isinstance(tok, SentencePieceTokenizer) and tok.directory == sp_dir
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
     text = TEXTS[name]
     ids = tok.encode(text, add_bos=True)

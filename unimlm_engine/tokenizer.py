@@ -23,7 +23,8 @@ UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 class Tokenizer(ABC):
     """Common interface. Subclasses set the id attributes below and implement the four hooks.
 
-    `bos_id` is None for a vocabulary without a BOS token (then `add_bos` is a no-op).
+    `bos_id` is None for a vocabulary without a BOS token (then `add_bos` is a no-op). Tokenizers
+    loaded from files keep their source folder in `directory`.
     """
 
     vocab_size: int
@@ -171,7 +172,7 @@ class HFTokenizer(Tokenizer):
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HF
 
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         self._tok = _HF.from_file(str(directory / "tokenizer.json"))
         declared = _declared_added_tokens(directory)
         missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
@@ -244,7 +245,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, directory: str | Path) -> None:
         import sentencepiece as spm
 
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         self._sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
         n = self._sp.get_piece_size()
         declared = {}
