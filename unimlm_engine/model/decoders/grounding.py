@@ -184,14 +184,18 @@ class GroundingCore(nn.Module):
         return target, coords.sigmoid()
 
     def decode(self, enc: dict, target: torch.Tensor, ref: torch.Tensor):
-        """target: [B, Q, D], ref: [B, Q, 4] -> (normed hidden [B, Q, D], boxes [B, Q, 4] cxcywh in the valid region)."""
+        """target: [B, Q, D], ref: [B, Q, 4] -> (normed hidden [B, Q, D], boxes [B, Q, 4] cxcywh in the valid region).
+
+        The query position embedding encodes `ref` relative to the image's valid region; transformers encodes
+        it relative to the padded canvas (level 0). Identical for an unpadded image (what the official code
+        runs), and it keeps a request's result independent of the batch it is padded into."""
         hidden, d = target, self.cfg.d_model
         ratios4 = torch.cat([enc["ratios"], enc["ratios"]], -1)[:, None]
         tbias = key_bias(enc["text_valid"], hidden.dtype)
         prev = ref
         for i, layer in enumerate(self.decoder.layers):
             ref_in = ref[:, :, None] * ratios4
-            qpos = self.decoder.reference_points_head(sine_embed_coords(ref_in[:, :, 0, :], d // 2))
+            qpos = self.decoder.reference_points_head(sine_embed_coords(ref, d // 2))
             hidden = layer(hidden, qpos, ref_in, enc["shapes"], enc["start"], enc["memory"], enc["valid"],
                            enc["text"], tbias)
             prev, ref = ref, (self.bbox_embed[i](hidden) + torch.special.logit(ref, eps=1e-5)).sigmoid()

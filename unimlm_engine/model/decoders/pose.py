@@ -65,7 +65,7 @@ class PoseDecoder(GroundingCore):
         kbias = key_bias(torch.ones(b, nk, dtype=torch.bool, device=q.device), q.dtype)
         for layer in self.keypoint_decoder:
             ref_in = xy[:, :, None] * enc["ratios"][:, None]
-            pos = self.keypoint_pos_head(sine_embed_coords(ref_in[:, :, 0], d // 2))
+            pos = self.keypoint_pos_head(sine_embed_coords(xy, d // 2))
             q = layer(q, pos, ref_in, enc["shapes"], enc["start"], enc["memory"], enc["valid"], kpt, kbias, bias)
             xy = (self.keypoint_embed(q) + torch.special.logit(xy, eps=1e-5)).sigmoid()
         vis = self.keypoint_visibility(q).sigmoid()
