@@ -100,11 +100,11 @@ class PoseDecoder(GroundingCore):
                              f"{len(class_payloads)} class and {len(keypoint_payloads)} keypoint payloads")
         cfg = self.cfg
         check_payloads(class_payloads, cfg.llm_hidden_size, cfg.max_classes, "class_payloads")
-        check_payloads(keypoint_payloads, cfg.llm_hidden_size, cfg.max_classes, "keypoint_payloads")
         for i, kp in enumerate(keypoint_payloads):
-            if kp.shape[0] != cfg.num_keypoints:
+            if isinstance(kp, torch.Tensor) and kp.dim() == 3 and kp.shape[0] != cfg.num_keypoints:
                 raise ValueError(f"keypoint_payloads[{i}] has {kp.shape[0]} groups, expected num_keypoints="
                                  f"{cfg.num_keypoints}")
+        check_payloads(keypoint_payloads, cfg.llm_hidden_size, cfg.num_keypoints, "keypoint_payloads")
         p = next(self.parameters())
         batch = prepare_images(images, cfg.image_short, cfg.image_long, self.pad_multiple, p.device, p.dtype)
         cls, valid = pad_payloads(class_payloads, p.device, p.dtype)
