@@ -3,15 +3,15 @@
 `DecoderSet` owns every configured decoder under the official checkpoint prefixes:
 
   gdino    DetectorDecoder     [DET] [GRD] [SEG]   (decoders/detector.py)
-  unipose  PoseDecoder         [POSE]              (decoders/detector.py)
+  unipose  PoseDecoder         [POSE]              (decoders/pose.py)
   sd       GenerationDecoder   [GEN]               (decoders/generation.py)
   ip2p     GenerationDecoder   [EDIT]              (decoders/generation.py)
 
-so `DecoderSet(cfg).state_dict()` keys start with those prefixes. The detector module is
-imported only when a detector or pose config is present.
+so `DecoderSet(cfg).state_dict()` keys start with those prefixes. The detector and pose
+modules are imported only when their config is present.
 
-Result types: `GenerationResult` (results.py), `DetectionResult` and `PoseResult`
-(detector.py) are all importable from here.
+Result types: `GenerationResult` (results.py), `DetectionResult` (detector.py) and
+`PoseResult` (pose.py) are all importable from here.
 """
 from __future__ import annotations
 
@@ -36,10 +36,15 @@ __all__ = ["DecoderSet", "GenerationDecoder", "GenerationResult", "DetectionResu
 
 
 def __getattr__(name: str):
-    if name in ("DetectionResult", "PoseResult", "DetectorDecoder", "PoseDecoder"):
+    """Detector / pose names load on first use: they pull in the Swin + deformable stack."""
+    if name in ("DetectionResult", "DetectorDecoder"):
         from . import detector
 
         return getattr(detector, name)
+    if name in ("PoseResult", "PoseDecoder"):
+        from . import pose
+
+        return getattr(pose, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -58,18 +63,21 @@ class DecoderSet(nn.Module):
         self.unipose: Optional[nn.Module] = None
         self.sd: Optional[GenerationDecoder] = GenerationDecoder(cfg.gen) if cfg.gen is not None else None
         self.ip2p: Optional[GenerationDecoder] = GenerationDecoder(cfg.edit, edit=True) if cfg.edit is not None else None
-        if cfg.detector is not None or cfg.pose is not None:
-            from .detector import DetectorDecoder, PoseDecoder
+        if cfg.detector is not None:
+            from .detector import DetectorDecoder
 
-            self.gdino = DetectorDecoder(cfg.detector) if cfg.detector is not None else None
-            self.unipose = PoseDecoder(cfg.pose) if cfg.pose is not None else None
+            self.gdino = DetectorDecoder(cfg.detector)
+        if cfg.pose is not None:
+            from .pose import PoseDecoder
+
+            self.unipose = PoseDecoder(cfg.pose)
 
     def decoder_for(self, route: str) -> nn.Module:
         """The module serving `route`; ValueError for an unknown or unconfigured route."""
         if route not in _PREFIX:
             raise ValueError(f"unknown route {route!r}; known routes: {', '.join(ROUTE_TOKENS)}")
         mod = getattr(self, _PREFIX[route])
-        if mod is None or (route == "[POSE]" and self.gdino is None):
+        if mod is None:
             raise ValueError(f"route {route}: no {_PREFIX[route]} decoder configured in this model")
         return mod
 
@@ -84,13 +92,14 @@ class DecoderSet(nn.Module):
             (K = superlink.num_embs for DET/GRD/SEG/POSE, num_embs_gen for GEN/EDIT).
             DET/GRD/SEG: group c is class c of the request (at most max_classes = 256).
             POSE: groups are the [POSE] keypoint payloads; the request's class payloads
-            ([DET] groups, same format) come in opts["det_payloads"].
+            ([DET] groups, same format) come in opts["det_payloads"]; a request routes
+            exactly num_keypoints [POSE] groups (keypoint n = group n).
             GEN/EDIT: each group is one image to generate.
-        images: one entry per request: its input image (PIL.Image or uint8 ndarray
-            [H, W, 3]) or None. Required for DET/GRD/SEG/POSE/EDIT, ignored by GEN.
+        images: one entry per request: its input image (PIL.Image, uint8 ndarray or
+            uint8 tensor [H, W, 3]) or None. Required by all routes but GEN (ignored there).
         opts: GEN/EDIT: num_inference_steps, guidance_scale, image_guidance_scale, height,
             width, seeds (one int per request; group j gets seeds[r] + j; default r * 1000).
-            DET/GRD/SEG/POSE: forwarded to the detector (e.g. box_threshold).
+            POSE: det_payloads (required). DET/GRD/SEG: none (thresholds live in the config).
         Returns one result per request, in order: the detector's DetectionResult
         (with masks for [SEG]), a PoseResult, or a GenerationResult (one image per group).
         Raises ValueError for an unknown route, an empty batch, a request with zero groups,
@@ -114,7 +123,8 @@ class DecoderSet(nn.Module):
     # ---- validation ----------------------------------------------------------
     def _check_groups(self, route: str, payloads: PayloadBatch, label: str = "") -> None:
         k_want, hidden = self.cfg.superlink.num_queries(route), self.cfg.llm.hidden_size
-        max_groups = self.cfg.detector.max_classes if route in DET_ROUTES + ("[POSE]",) and self.cfg.detector else None
+        dcfg = self.cfg.detector if route in DET_ROUTES else self.cfg.pose if route == "[POSE]" else None
+        max_groups = dcfg.max_classes if dcfg is not None else None
         for r, groups in enumerate(payloads):
             if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
                 raise ValueError(f"route {route}{label}: request {r}: payloads must be a list of [K, hidden] tensors")
@@ -155,18 +165,26 @@ class DecoderSet(nn.Module):
         return results
 
     def _run_detector(self, route: str, payloads: PayloadBatch, images: Sequence[Any], opts: dict) -> list:
+        if opts:
+            raise ValueError(f"route {route}: unknown options {sorted(opts)}")
         class_payloads = [torch.stack(list(groups)) for groups in payloads]
-        return self.gdino(list(images), class_payloads, with_masks=(route == "[SEG]"), **opts)
+        return self.gdino(list(images), class_payloads, with_masks=(route == "[SEG]"))
 
     def _run_pose(self, payloads: PayloadBatch, images: Sequence[Any], opts: dict) -> list:
         opts = dict(opts)
         det = opts.pop("det_payloads", None)
+        if opts:
+            raise ValueError(f"route [POSE]: unknown options {sorted(opts)}")
         if det is None or len(det) != len(payloads):
             raise ValueError("route [POSE]: opts['det_payloads'] must give each request's [DET] class payloads")
-        self._check_groups("[DET]", det, label=" (det_payloads of [POSE])")
+        self._check_groups("[POSE]", det, label=" (det_payloads)")
+        nk = self.cfg.pose.num_keypoints
+        for r, groups in enumerate(payloads):
+            if len(groups) != nk:
+                raise ValueError(f"route [POSE]: request {r} has {len(groups)} keypoint groups, expected {nk}")
         class_payloads = [torch.stack(list(groups)) for groups in det]
         pose_payloads = [torch.stack(list(groups)) for groups in payloads]
-        return self.unipose(list(images), class_payloads, pose_payloads, detector=self.gdino, **opts)
+        return self.unipose(list(images), class_payloads, pose_payloads)
 
 
 def _check_image(route: str, r: int, img: Any, required: bool) -> Optional[Image.Image]:
@@ -175,15 +193,17 @@ def _check_image(route: str, r: int, img: Any, required: bool) -> Optional[Image
         if required:
             raise ValueError(f"route {route}: request {r} needs an input image")
         return None
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().numpy()
     if isinstance(img, np.ndarray):
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise ValueError(f"route {route}: request {r}: ndarray image must be uint8 [H, W, 3], got "
+            raise ValueError(f"route {route}: request {r}: array image must be uint8 [H, W, 3], got "
                              f"{img.dtype} {img.shape}")
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise ValueError(f"route {route}: request {r}: image has zero size {img.shape[:2]}")
         img = Image.fromarray(img)
     if not isinstance(img, Image.Image):
-        raise ValueError(f"route {route}: request {r}: image must be a PIL.Image or uint8 ndarray, "
+        raise ValueError(f"route {route}: request {r}: image must be a PIL.Image or uint8 [H, W, 3] array, "
                          f"got {type(img).__name__}")
     if img.width == 0 or img.height == 0:
         raise ValueError(f"route {route}: request {r}: image has zero size {img.size}")
