@@ -132,6 +132,49 @@ def test_position_embeddings_and_reference_points_match_transformers():
     torch.testing.assert_close(GroundingCore.encoder_reference_points(srcs, ratios), want, atol=1e-6, rtol=0)
 
 
+
+# transformers 5 renames Swin weights when loading (conversion_mapping "swin" / "SwinBackbone"); checkpoints on
+# disk, the official `gdino.*` ones included, keep the classic names our module uses. Undo the renaming here.
+_SWIN_RENAMES = [("attention.q_proj", "attention.self.query"), ("attention.k_proj", "attention.self.key"),
+                 ("attention.v_proj", "attention.self.value"),
+                 ("attention.relative_position_bias.relative_position_bias_table",
+                  "attention.self.relative_position_bias_table"),
+                 ("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
+                 ("mlp.fc2", "output.dense")]
+
+
+def classic_swin_names(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("swin.layernorm."):
+            continue
+        k = k.removeprefix("swin.")
+        for a, b in _SWIN_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def test_swin_backbone_matches_transformers():
+    """Where no padding is involved (maps are window multiples, no window shrink), our Swin equals
+    transformers' SwinBackbone loaded from the same state dict."""
+    from transformers import SwinBackbone, SwinConfig
+
+    from unimlm_engine.model.decoders.swin import SwinBackbone as OurSwin
+    hf = SwinBackbone(SwinConfig(image_size=64, embed_dim=16, depths=[2, 2, 2, 1], num_heads=[1, 2, 2, 4],
+                                 window_size=2, drop_path_rate=0.0,
+                                 out_features=["stage1", "stage2", "stage3", "stage4"])).eval()
+    randomize(hf)
+    ours = OurSwin(16, (2, 2, 2, 1), (1, 2, 2, 4), 2).eval()
+    ours.load_state_dict(classic_swin_names(hf.state_dict()), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = hf(x).feature_maps
+        got = ours(x, torch.ones(2, 64, 64, dtype=torch.bool))
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(1)
