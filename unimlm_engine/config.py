@@ -235,3 +235,34 @@ class ModelConfig:
             lm["target_modules"] = list(lm["target_modules"])
             d["lora_moe"] = lm
         return d
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Serving knobs (vLLM-like names where they mean the same thing)."""
+
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None  # overrides the memory-budget sizing
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 256 << 20  # KV pool budget when serving on the CPU
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue_size: int = 1024
+    max_model_len: Optional[int] = None  # default: llm.max_position_embeddings
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    enable_prefix_caching: bool = True
+    decoder_max_batch_size: int = 8
+    decoder_max_queue_delay_ms: float = 2.0
+    decoder_options: dict[str, Any] = field(default_factory=dict)  # forwarded to run_decoder
+    idle_wait_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        o = "EngineConfig"
+        _require(self.block_size in (16, 32), o, f"block_size must be 16 or 32, got {self.block_size}")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks > 0, o, "num_kv_blocks must be positive")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, o, "gpu_memory_utilization must be in (0, 1]")
+        for n in ("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "decoder_max_batch_size",
+                  "cpu_kv_cache_bytes"):
+            _require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
+        _require(self.policy in ("fcfs", "priority"), o, f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        _require(self.decoder_max_queue_delay_ms >= 0, o, "decoder_max_queue_delay_ms must be >= 0")

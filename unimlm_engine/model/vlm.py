@@ -68,11 +68,12 @@ class VisionLLM(nn.Module):
         """-> [K, llm_hidden]"""
         return query_embeddings(self, route)
 
-    def run_decoder(self, route: str, requests: list, **opts) -> list:
-        """Run one task decoder on a batch of requests (see `DecoderSet.run_decoder`)."""
+    def run_decoder(self, route: str, payloads: list, images: list, **opts) -> list:
+        """Run one task decoder on a batch of requests (see `DecoderSet.run_decoder`):
+        payloads[r] = request r's payload groups [K, llm_hidden] for `route`, images[r] its image."""
         if self.decoders is None:
             raise RuntimeError(f"this model has no task decoders; cannot run {route}")
-        return self.decoders.run_decoder(route, requests, **opts)
+        return self.decoders.run_decoder(route, payloads, images, **opts)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, with_decoders: bool = True,

@@ -1,0 +1,8 @@
+"""The serving engine: loop, scheduler bridge, paged KV cache, decoder routing."""
+from .engine import Engine
+from .handle import RequestHandle
+from .types import (DecoderError, EngineClosedError, EngineError, InvalidRequestError, PromptTooLongError,
+                    QueueFullError, Request, RequestOutput, StreamEvent, TaskResult)
+
+__all__ = ["Engine", "RequestHandle", "Request", "RequestOutput", "StreamEvent", "TaskResult", "EngineError",
+           "InvalidRequestError", "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]

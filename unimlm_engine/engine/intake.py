@@ -1,0 +1,84 @@
+"""Request intake on the caller's thread: validation, images, tokens -> a Sequence.
+
+Everything here can fail on a bad request; failures are typed (InvalidRequestError,
+PromptTooLongError, processor.InvalidImageError) and end only that request's handle.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import _C
+from ..config import EngineConfig
+from ..processor import Processor, load_image, pixel_values, tile_image
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+from .handle import RequestHandle
+from .sequence import Sequence
+from .types import InvalidRequestError, PromptTooLongError, Request
+
+
+class Intake:
+    def __init__(self, model, tokenizer, cfg: EngineConfig, max_model_len: int):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.max_model_len = max_model_len
+        self.processor = Processor(model.cfg.vision, tokenizer)
+        self.vocab = model.cfg.llm.vocab_size
+
+    def prepare(self, seq_id: int, req: Request, handle: RequestHandle) -> Sequence:
+        params = req.sampling
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(params).__name__}")
+        params.__post_init__()  # re-validate: fields may have been changed after construction
+        if (req.prompt is None) == (req.prompt_token_ids is None):
+            raise InvalidRequestError("give exactly one of prompt and prompt_token_ids")
+        if req.timeout_s is not None and not req.timeout_s > 0:
+            raise InvalidRequestError(f"timeout_s must be positive, got {req.timeout_s}")
+        images = [load_image(src) for src in (req.images or [])]
+        if req.prompt_token_ids is not None:
+            ids, spans, pixels, hashes = self._from_ids(req.prompt_token_ids, images)
+        else:
+            p = self.processor(req.prompt, images or None, chat=req.chat)
+            ids, spans, pixels, hashes = p.input_ids.tolist(), p.image_spans, p.pixel_values, p.image_hashes
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        seq = Sequence(seq_id=seq_id, request=req, handle=handle, tokens=list(ids), prompt_len=len(ids),
+                       pixel_values=pixels, images=images, generator=params.make_generator(),
+                       detok=IncrementalDetokenizer(self.tokenizer))
+        if spans:
+            idx = torch.full((len(ids),), -1, dtype=torch.long)
+            row = 0
+            for a, b in spans:
+                idx[a:b] = torch.arange(row, row + b - a)
+                row += b - a
+            seq.patch_index = idx
+        seq.image_spans = [(a, b, int(h[:15], 16)) for (a, b), h in zip(spans, hashes)]
+        if req.timeout_s is not None:
+            seq.deadline = time.monotonic() + req.timeout_s
+        return seq
+
+    def _from_ids(self, ids, images):
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids is empty")
+        bad = [i for i in ids if not 0 <= i < self.vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab}): {bad[:8]}")
+        special = self.tokenizer.special_ids
+        if special["<im_patch>"] in ids:
+            raise InvalidRequestError("<im_patch> is reserved for image features; put one <image> id per image")
+        n_img = ids.count(special["<image>"])
+        if n_img != len(images):
+            raise InvalidRequestError(f"prompt_token_ids has {n_img} <image> ids but {len(images)} images were given")
+        pixels = [pixel_values(tile_image(im, self.model.cfg.vision), self.model.cfg.vision) for im in images]
+        ids, spans = self.processor._expand(ids, [p.shape[0] for p in pixels])
+        from ..processor import image_hash
+
+        return ids, spans, pixels, [image_hash(im) for im in images]
+
+    def extra_keys(self, seq: Sequence) -> list[int]:
+        """Per-block prefix-hash keys so blocks of different images never share."""
+        if not seq.image_spans:
+            return []
+        return _C.block_extra_keys(seq.prompt_len, self.cfg.block_size, seq.image_spans)

@@ -1,0 +1,130 @@
+"""Public request / result types and the typed errors of the engine."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ..sampling import SamplingParams
+
+
+class EngineError(RuntimeError):
+    """Base class of errors the engine reports on a request."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is malformed (bad prompt ids, image, sampling values...)."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    pass
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at max_queue_size; the request was rejected."""
+
+
+class EngineClosedError(EngineError):
+    pass
+
+
+class DecoderError(EngineError):
+    """A task decoder failed on this request."""
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    """One generation request. Give `prompt` (text, the chat template is applied unless
+    chat=False) or `prompt_token_ids` (used as they are)."""
+
+    prompt: Optional[str] = None
+    prompt_token_ids: Optional[Sequence[int]] = None
+    images: Optional[Sequence[Any]] = None  # paths, bytes, PIL images or HxWx3 uint8 arrays
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0  # lower is more urgent (policy="priority")
+    timeout_s: Optional[float] = None
+    chat: bool = True
+    request_id: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.request_id is None:
+            self.request_id = f"req-{next(_ids)}"
+
+
+@dataclass
+class TaskResult:
+    """The output of one routed decoder call for a request.
+
+    route: "[DET]" ...; detections: boxes [n, 4] xyxy image pixels, scores [n], labels [n]
+    (index of the routed group = class), masks [n, H, W] for [SEG]; keypoints [n, K, 3]
+    for [POSE]; images (PIL) for [GEN]/[EDIT]; `raw` is the decoder's own result object.
+    """
+
+    route: str
+    num_groups: int
+    boxes: Any = None
+    scores: Any = None
+    labels: Any = None
+    masks: Any = None
+    keypoints: Any = None
+    images: Any = None
+    raw: Any = None
+    error: Optional[BaseException] = None
+
+    def to_json(self) -> dict[str, Any]:
+        def lst(x):
+            return None if x is None else x.tolist()
+
+        d: dict[str, Any] = {"route": self.route, "num_groups": self.num_groups}
+        for k in ("boxes", "scores", "labels", "keypoints"):
+            if getattr(self, k) is not None:
+                d[k] = lst(getattr(self, k))
+        if self.masks is not None:
+            d["masks_shape"] = list(self.masks.shape)
+        if self.images is not None:
+            d["images"] = [list(im.size) for im in self.images]
+        if self.error is not None:
+            d["error"] = f"{type(self.error).__name__}: {self.error}"
+        return d
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids, routing tokens in, queries out
+    tasks: list[TaskResult] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # stop | length | cancelled | timeout | error
+    prompt_len: int = 0
+    num_cached_tokens: int = 0
+    queue_time_s: float = 0.0
+    time_to_first_token_s: Optional[float] = None
+    time_per_output_token_s: Optional[float] = None
+    e2e_time_s: float = 0.0
+    error: Optional[BaseException] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finish_reason in ("stop", "length")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason, "tasks": [t.to_json() for t in self.tasks],
+                "prompt_len": self.prompt_len, "num_cached_tokens": self.num_cached_tokens,
+                "queue_time_s": self.queue_time_s, "time_to_first_token_s": self.time_to_first_token_s,
+                "time_per_output_token_s": self.time_per_output_token_s, "e2e_time_s": self.e2e_time_s,
+                "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}"}
+
+
+@dataclass
+class StreamEvent:
+    """One item of `handle.stream()`: new text, a task result, or the end."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    task: Optional[TaskResult] = None
+    finished: bool = False
+    output: Optional[RequestOutput] = None  # set on the final event
