@@ -13,11 +13,13 @@
 //
 // Mapping: a group of D / V threads owns one (n, q, m); each thread owns V consecutive
 // channels and reads them with one vector load per bilinear corner (16 bytes when D and
-// the pointers allow, else V = 1 with runtime (L, P) loops). L and P are template constants for (4, 4) and (4, 8) so the sample
-// loops unroll; other (L, P) take the runtime-loop instance (kL = kP = 0).
+// the pointers allow, else V = 1 with runtime (L, P) loops). L and P are template
+// constants for (4, 4) and (4, 8) so the sample loops unroll; other (L, P) take the
+// runtime-loop instance (kL = kP = 0).
 // Accumulation, sampling-location math and the optional softmax are fp32 for every T.
 //
-// Compiled here with nvcc (sm_80, sm_90a) but never run in this repo (no GPU).
+// Compiled with nvcc (sm_80, sm_90a) and the per-thread body (msda_thread) run on the CPU
+// by tests/test_msda_cuda_build.py; the kernel itself has not run on a GPU in this repo.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,18 +44,20 @@ struct MsdaArgs {
   bool fused_softmax;
 };
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ __forceinline__ float to_f32(float x) { return x; }
+__host__ __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
-__device__ __forceinline__ T from_f32(float x);
+__host__ __device__ __forceinline__ T from_f32(float x);
 template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+__host__ __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+__host__ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__host__ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // V elements in one aligned load/store (ld.global.v4 for 16 bytes).
 template <typename T, int V>
@@ -63,8 +67,8 @@ struct alignas(sizeof(T) * V) Vec {
 
 // acc += w * value[row, channels of this thread]; `base` already points at (n, m, c0).
 template <typename T, int V>
-__device__ __forceinline__ void add_corner(const T* __restrict__ base, int64_t row, int64_t row_stride, float w,
-                                           float (&acc)[V]) {
+__host__ __device__ __forceinline__ void add_corner(const T* __restrict__ base, int64_t row, int64_t row_stride,
+                                                    float w, float (&acc)[V]) {
   const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(base + row * row_stride);
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = fmaf(w, to_f32(x.v[i]), acc[i]);
@@ -72,8 +76,8 @@ __device__ __forceinline__ void add_corner(const T* __restrict__ base, int64_t r
 
 // One bilinear sample (align_corners=False, zero padding) of level (h, w, start), scaled by a.
 template <typename T, int V>
-__device__ __forceinline__ void add_sample(const T* __restrict__ base, int64_t row_stride, int64_t start, int h,
-                                           int w, float lx, float ly, float a, float (&acc)[V]) {
+__host__ __device__ __forceinline__ void add_sample(const T* __restrict__ base, int64_t row_stride, int64_t start,
+                                                    int h, int w, float lx, float ly, float a, float (&acc)[V]) {
   const float wf = static_cast<float>(w), hf = static_cast<float>(h);
   // Clamp far-outside points so the int cast is defined; clamped points stay fully outside.
   const float x = fminf(fmaxf(lx * wf - 0.5f, -2.0f), wf + 1.0f);
@@ -92,7 +96,8 @@ __device__ __forceinline__ void add_sample(const T* __restrict__ base, int64_t r
 
 // Softmax statistics over the L*P logits of one (n, q, m): max and 1 / sum(exp(x - max)).
 template <typename LocT>
-__device__ __forceinline__ void softmax_stats(const LocT* __restrict__ logits, int count, float& mx, float& inv_sum) {
+__host__ __device__ __forceinline__ void softmax_stats(const LocT* __restrict__ logits, int count, float& mx,
+                                                       float& inv_sum) {
   mx = -INFINITY;
   for (int i = 0; i < count; ++i) mx = fmaxf(mx, to_f32(logits[i]));
   float sum = 0.f;
@@ -100,44 +105,57 @@ __device__ __forceinline__ void softmax_stats(const LocT* __restrict__ logits, i
   inv_sum = 1.f / sum;
 }
 
+// The V output channels of thread `idx` (D / V threads per (n, q, m)). Host + device so
+// tests can run the exact per-thread code on a CPU (tests/test_msda_cuda_build.py).
+template <typename T, typename LocT, int V, int kL, int kP>
+__host__ __device__ __forceinline__ void msda_thread(int64_t idx, const T* __restrict__ value,
+                                                     const int64_t* __restrict__ shapes,
+                                                     const int64_t* __restrict__ starts, const LocT* __restrict__ loc,
+                                                     const LocT* __restrict__ attn, T* __restrict__ out, int64_t s,
+                                                     int64_t m_heads, int64_t d, int64_t lq, int levels_rt,
+                                                     int points_rt, bool fused_softmax) {
+  const int levels = kL > 0 ? kL : levels_rt;
+  const int points = kP > 0 ? kP : points_rt;
+  const int64_t groups = d / V;
+  const int64_t nqm = idx / groups;
+  const int64_t c0 = (idx - nqm * groups) * V;
+  const int64_t mh = nqm % m_heads;
+  const int64_t n = nqm / (lq * m_heads);
+  const LocT* a_ptr = attn + nqm * levels * points;
+  const LocT* l_ptr = loc + nqm * levels * points * 2;
+  const T* base = value + (n * s * m_heads + mh) * d + c0;
+  float mx = 0.f, inv_sum = 1.f;
+  if (fused_softmax) softmax_stats(a_ptr, levels * points, mx, inv_sum);
+  float acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int l = 0; l < levels; ++l) {
+    const int h = static_cast<int>(shapes[2 * l]), w = static_cast<int>(shapes[2 * l + 1]);
+    const int64_t start = starts[l];
+#pragma unroll
+    for (int p = 0; p < points; ++p) {
+      const int i = l * points + p;
+      float a = to_f32(a_ptr[i]);
+      if (fused_softmax) a = expf(a - mx) * inv_sum;
+      add_sample<T, V>(base, m_heads * d, start, h, w, to_f32(l_ptr[2 * i]), to_f32(l_ptr[2 * i + 1]), a, acc);
+    }
+  }
+  Vec<T, V> o;
+#pragma unroll
+  for (int i = 0; i < V; ++i) o.v[i] = from_f32<T>(acc[i]);
+  *reinterpret_cast<Vec<T, V>*>(out + nqm * d + c0) = o;
+}
+
 template <typename T, typename LocT, int V, int kL, int kP>
 __global__ void __launch_bounds__(256) msda_forward_kernel(
     const T* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const LocT* __restrict__ loc, const LocT* __restrict__ attn, T* __restrict__ out, int64_t s, int64_t m_heads,
     int64_t d, int64_t lq, int levels_rt, int points_rt, bool fused_softmax, int64_t total) {
-  const int levels = kL > 0 ? kL : levels_rt;
-  const int points = kP > 0 ? kP : points_rt;
-  const int64_t groups = d / V;  // threads per (n, q, m)
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t nqm = idx / groups;
-    const int64_t c0 = (idx - nqm * groups) * V;
-    const int64_t mh = nqm % m_heads;
-    const int64_t n = nqm / (lq * m_heads);
-    const LocT* a_ptr = attn + nqm * levels * points;
-    const LocT* l_ptr = loc + nqm * levels * points * 2;
-    const T* base = value + (n * s * m_heads + mh) * d + c0;
-    float mx = 0.f, inv_sum = 1.f;
-    if (fused_softmax) softmax_stats(a_ptr, levels * points, mx, inv_sum);
-    float acc[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int l = 0; l < (kL > 0 ? kL : levels); ++l) {
-      const int h = static_cast<int>(shapes[2 * l]), w = static_cast<int>(shapes[2 * l + 1]);
-      const int64_t start = starts[l];
-#pragma unroll
-      for (int p = 0; p < (kP > 0 ? kP : points); ++p) {
-        const int i = l * points + p;
-        float a = to_f32(a_ptr[i]);
-        if (fused_softmax) a = expf(a - mx) * inv_sum;
-        add_sample<T, V>(base, m_heads * d, start, h, w, to_f32(l_ptr[2 * i]), to_f32(l_ptr[2 * i + 1]), a, acc);
-      }
-    }
-    Vec<T, V> o;
-#pragma unroll
-    for (int i = 0; i < V; ++i) o.v[i] = from_f32<T>(acc[i]);
-    *reinterpret_cast<Vec<T, V>*>(out + nqm * d + c0) = o;
+    msda_thread<T, LocT, V, kL, kP>(idx, value, shapes, starts, loc, attn, out, s, m_heads, d, lq, levels_rt,
+                                    points_rt, fused_softmax);
   }
 }
 
@@ -182,23 +200,6 @@ inline bool valid_args(const MsdaArgs& a) {
   const bool pointers = a.value && a.spatial_shapes && a.level_start_index && a.sampling_locations &&
                         a.attention_weights && a.out;
   return positive && pointers && a.levels * a.points * 2 < (int64_t{1} << 30);
-}
-
-// value/out dtype `dtype`; locations/weights dtype `loc_dtype` (== dtype, or kFloat32).
-inline cudaError_t msda_forward(const MsdaArgs& a, MsdaDtype dtype, MsdaDtype loc_dtype, cudaStream_t stream) {
-  if (!valid_args(a)) return cudaErrorInvalidValue;
-  const bool same = loc_dtype == dtype;
-  switch (dtype) {
-    case kFloat32:
-      return same ? launch_typed<float, float>(a, stream) : cudaErrorInvalidValue;
-    case kFloat16:
-      if (same) return launch_typed<__half, __half>(a, stream);
-      return loc_dtype == kFloat32 ? launch_typed<__half, float>(a, stream) : cudaErrorInvalidValue;
-    case kBFloat16:
-      if (same) return launch_typed<__nv_bfloat16, __nv_bfloat16>(a, stream);
-      return loc_dtype == kFloat32 ? launch_typed<__nv_bfloat16, float>(a, stream) : cudaErrorInvalidValue;
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace msda
