@@ -107,11 +107,13 @@ def draw_keypoints(image: Image.Image, keypoints: Any, threshold: float = 0.0, r
     return out
 
 
-def draw_result(image: Image.Image, result: Any, threshold: float = 0.0) -> Image.Image:
+def draw_result(image: Image.Image, result: Any, class_names: Optional[Sequence[str]] = None,
+                threshold: float = 0.0) -> Image.Image:
     """Draw whatever a detector / pose result carries: masks, then boxes, then keypoints.
 
-    Reads the attributes `boxes`, `labels`, `scores`, `masks`, `keypoints` when present
-    and not None (DetectionResult / PoseResult of decoders/detector.py).
+    Reads the attributes `boxes`, `labels` (class indices: the request's n-th routed
+    group), `scores`, `masks`, `keypoints` when present and not None (DetectionResult of
+    decoders/detector.py, PoseResult of decoders/pose.py). class_names[i] names class i.
     """
     out = _rgb(image)
     masks = getattr(result, "masks", None)
@@ -120,7 +122,11 @@ def draw_result(image: Image.Image, result: Any, threshold: float = 0.0) -> Imag
     boxes = getattr(result, "boxes", None)
     if boxes is not None:
         labels = getattr(result, "labels", None)
-        labels = [str(x) for x in labels] if labels is not None else None
+        if labels is not None:
+            idx = [int(i) for i in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+            if class_names is not None and any(not 0 <= i < len(class_names) for i in idx):
+                raise ValueError(f"draw_result: labels {idx} out of range for {len(class_names)} class names")
+            labels = [class_names[i] if class_names is not None else str(i) for i in idx]
         out = draw_boxes(out, boxes, labels, getattr(result, "scores", None))
     kps = getattr(result, "keypoints", None)
     if kps is not None and len(kps):
@@ -141,7 +147,8 @@ def save_images(images: Sequence[Image.Image], save_dir: str, prefix: str) -> li
     return paths
 
 
-def save_result(result: Any, image: Optional[Image.Image], save_dir: str, prefix: str) -> list[str]:
+def save_result(result: Any, image: Optional[Image.Image], save_dir: str, prefix: str,
+                class_names: Optional[Sequence[str]] = None) -> list[str]:
     """CLI --save-dir: a GenerationResult saves its images; a detector / pose result saves
     the input image with the result drawn on it. -> paths written."""
     images = getattr(result, "images", None)
@@ -149,4 +156,4 @@ def save_result(result: Any, image: Optional[Image.Image], save_dir: str, prefix
         return save_images(images, save_dir, prefix)
     if image is None:
         raise ValueError("save_result: a detection / pose result needs the request's input image")
-    return save_images([draw_result(image, result)], save_dir, prefix)
+    return save_images([draw_result(image, result, class_names)], save_dir, prefix)
