@@ -68,6 +68,17 @@ def test_msda_module_matches_transformers(ref_dims):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def test_msda_module_bf16_close_to_fp32():
+    ours = dm.MultiscaleDeformableAttention(32, 3, 4, 3)
+    randomize(ours)
+    shapes, start, s, valid = levels(2)
+    args = (torch.randn(2, 13, 32), torch.randn(2, s, 32), valid, torch.randn(2, 13, 32), torch.rand(2, 13, 3, 4))
+    want = ours(*args, shapes, start)
+    low = ours.to(torch.bfloat16)(*[a.to(torch.bfloat16) if a.is_floating_point() else a for a in args], shapes, start)
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - want).abs().max().item()
+    assert err <= 0.05 * want.abs().max().item(), err
+
 def test_deformable_layer_matches_transformers():
     hf = gd.GroundingDinoDeformableLayer(hf_config()).eval()
     randomize(hf)

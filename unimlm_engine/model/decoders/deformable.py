@@ -88,8 +88,11 @@ class MultiscaleDeformableAttention(nn.Module):
         if value_valid is not None:
             value = value.masked_fill(~value_valid[..., None], 0.0)
         value = value.view(b, s, m, self.d_model // m)
-        offsets = self.sampling_offsets(hidden_states).view(b, q, m, lv, p, 2)
-        weights = F.softmax(self.attention_weights(hidden_states).view(b, q, m, lv * p), -1).view(b, q, m, lv, p)
+        # Sampling locations and weights stay fp32 whatever the model dtype (DESIGN.md section 4).
+        offsets = self.sampling_offsets(hidden_states).float().view(b, q, m, lv, p, 2)
+        weights = F.softmax(self.attention_weights(hidden_states).float().view(b, q, m, lv * p), -1)
+        weights = weights.view(b, q, m, lv, p)
+        reference_points = reference_points.float()
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
             loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
