@@ -1,5 +1,7 @@
-"""csrc/kernels/msda.cu: compiles with nvcc for sm_80 and sm_90a (when nvcc is on PATH), and,
-on a CUDA machine with a CUDA build of unimlm_engine._C, matches the reference op."""
+"""csrc/kernels/msda.cu: compiles with nvcc for sm_80 and sm_90a (when nvcc is on PATH); the
+kernel's per-thread body (msda_thread, host + device) run on the CPU through a small nvcc-built
+harness matches the reference; on a CUDA machine with a CUDA build of unimlm_engine._C, the
+kernel itself matches the reference op."""
 from __future__ import annotations
 
 import shutil
@@ -24,6 +26,123 @@ def test_msda_cu_compiles(arch, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
     assert obj.stat().st_size > 0
+
+
+HARNESS = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "kernels/msda.cuh"
+
+using namespace unimlm::msda;
+
+static void* read_all(const std::string& path, size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f || std::fread(p, 1, bytes, f) != bytes) std::exit(3);
+  std::fclose(f);
+  return p;
+}
+
+template <typename T, typename LocT, int V, int kL, int kP>
+static void run_all(const std::string& dir, const int64_t* a, int softmax) {
+  const int64_t n = a[0], s = a[1], m = a[2], d = a[3], levels = a[4], lq = a[5], points = a[6];
+  const size_t nloc = static_cast<size_t>(n * lq * m * levels * points);
+  auto* value = static_cast<T*>(read_all(dir + "/value.bin", n * s * m * d * sizeof(T)));
+  auto* shapes = static_cast<int64_t*>(read_all(dir + "/shapes.bin", levels * 2 * sizeof(int64_t)));
+  auto* starts = static_cast<int64_t*>(read_all(dir + "/starts.bin", levels * sizeof(int64_t)));
+  auto* loc = static_cast<LocT*>(read_all(dir + "/loc.bin", nloc * 2 * sizeof(LocT)));
+  auto* attn = static_cast<LocT*>(read_all(dir + "/attn.bin", nloc * sizeof(LocT)));
+  const size_t nout = static_cast<size_t>(n * lq * m * d);
+  auto* out = static_cast<T*>(std::aligned_alloc(64, (nout * sizeof(T) + 63) / 64 * 64));
+  for (int64_t idx = 0; idx < n * lq * m * (d / V); ++idx) {
+    msda_thread<T, LocT, V, kL, kP>(idx, value, shapes, starts, loc, attn, out, s, m, d, lq,
+                                    static_cast<int>(levels), static_cast<int>(points), softmax != 0);
+  }
+  FILE* f = std::fopen((dir + "/out.bin").c_str(), "wb");
+  std::fwrite(out, sizeof(T), nout, f);
+  std::fclose(f);
+  std::printf("V=%d kL=%d kP=%d\n", V, kL, kP);
+}
+
+// Same (V, L, P) choice as launch_typed / launch_levels_points.
+template <typename T, typename LocT>
+static void dispatch(const std::string& dir, const int64_t* a, int softmax) {
+  constexpr int kWide = 16 / sizeof(T);
+  if (a[3] % kWide != 0) return run_all<T, LocT, 1, 0, 0>(dir, a, softmax);
+  if (a[4] == 4 && a[6] == 4) return run_all<T, LocT, kWide, 4, 4>(dir, a, softmax);
+  if (a[4] == 4 && a[6] == 8) return run_all<T, LocT, kWide, 4, 8>(dir, a, softmax);
+  run_all<T, LocT, kWide, 0, 0>(dir, a, softmax);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 12) return 2;
+  int64_t a[7];
+  for (int i = 0; i < 7; ++i) a[i] = std::atoll(argv[2 + i]);
+  const int dtype = std::atoi(argv[9]), loc_dtype = std::atoi(argv[10]), softmax = std::atoi(argv[11]);
+  const std::string dir = argv[1];
+  if (dtype == kFloat32) dispatch<float, float>(dir, a, softmax);
+  else if (dtype == kFloat16 && loc_dtype == kFloat16) dispatch<__half, __half>(dir, a, softmax);
+  else if (dtype == kFloat16) dispatch<__half, float>(dir, a, softmax);
+  else if (loc_dtype == kBFloat16) dispatch<__nv_bfloat16, __nv_bfloat16>(dir, a, softmax);
+  else dispatch<__nv_bfloat16, float>(dir, a, softmax);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    work = tmp_path_factory.mktemp("msda_harness")
+    (work / "harness.cu").write_text(HARNESS)
+    exe = work / "harness"
+    cmd = [NVCC, "-std=c++17", "-O1", "-arch=sm_80", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
+           str(work / "harness.cu"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"nvcc failed on the host harness:\n{proc.stderr[-4000:]}"
+    return exe
+
+
+def _dump(t: torch.Tensor, path: Path) -> None:
+    t.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+
+
+# name: (levels [(H, W)], N, M, D, Lq, P, value dtype, location dtype, softmax, path the harness prints)
+HOST_CASES = {
+    "fp32-L4P4-D32-vec4": ([(6, 9), (3, 5), (2, 3), (1, 1)], 2, 3, 32, 7, 4, torch.float32, torch.float32, False,
+                           "V=4 kL=4 kP=4"),
+    "fp16-L4P8-D16-vec8-locfp32-softmax": ([(5, 7), (3, 4), (2, 2), (1, 2)], 1, 2, 16, 9, 8, torch.float16,
+                                           torch.float32, True, "V=8 kL=4 kP=8"),
+    "bf16-L3P3-D13-scalar": ([(7, 9), (4, 5), (1, 1)], 2, 3, 13, 5, 3, torch.bfloat16, torch.bfloat16, False,
+                             "V=1 kL=0 kP=0"),
+    "fp16-L2P3-D24-vec8-runtime-LP-softmax": ([(5, 6), (2, 3)], 1, 2, 24, 6, 3, torch.float16, torch.float16,
+                                              True, "V=8 kL=0 kP=0"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOST_CASES))
+def test_cuda_thread_body_on_host_matches_reference(case, host_harness, tmp_path):
+    levels, n, m, d, lq, p, dtype, loc_dtype, softmax_weights, path = HOST_CASES[case]
+    shapes = torch.tensor(levels, dtype=torch.int64)
+    hw = shapes.prod(dim=1)
+    starts = torch.cumsum(hw, 0) - hw
+    value = torch.randn(n, int(hw.sum()), m, d).to(dtype)
+    loc = (torch.rand(n, lq, m, len(levels), p, 2) * 1.6 - 0.3).to(loc_dtype)
+    attn = torch.randn(n, lq, m, len(levels), p).to(loc_dtype)
+    for name, t in (("value", value), ("shapes", shapes), ("starts", starts), ("loc", loc), ("attn", attn)):
+        _dump(t, tmp_path / f"{name}.bin")
+    (tmp_path / "out.bin").write_bytes(b"")
+    argv = [str(host_harness), str(tmp_path), *map(str, (n, int(hw.sum()), m, d, len(levels), lq, p)),
+            str(_CUDA_DTYPE_CODE[dtype]), str(_CUDA_DTYPE_CODE[loc_dtype]), str(int(softmax_weights))]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == path, proc.stdout + proc.stderr
+    raw = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.uint8)
+    got = raw.view(dtype).view(n, lq, m * d)
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn, softmax_weights)
+    torch.testing.assert_close(got, expected, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 CUDA_MOD = _cuda_module() if torch.cuda.is_available() else None
