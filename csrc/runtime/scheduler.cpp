@@ -128,6 +128,11 @@ bool Scheduler::schedule_running(Seq& s, int64_t n, StepOutput& out, bool& self_
 void Scheduler::admit_waiting(int64_t& budget, StepOutput& out) {
   while (!waiting_.empty() && static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs && budget > 0) {
     Seq& s = get(std::get<2>(*waiting_.begin()));
+    if (static_cast<int64_t>(s.tokens.size()) > capacity_tokens()) {  // grew while waiting
+      out.rejected.push_back(s.id);
+      remove(s);
+      continue;
+    }
     const int64_t cached = blocks_.match_prefix(s.id, s.tokens, s.extra_keys);
     const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) - cached, budget);
     if (!blocks_.allocate_slots(s.id, cached, cached + n, &out.cow)) {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the C++ runtime tests (ctest executables only, not the Python module) with
+# AddressSanitizer + UndefinedBehaviorSanitizer in a separate build dir and runs them.
+# Usage: scripts/sanitize.sh [build_dir]   (default: build/sanitize, git-ignored)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${1:-$ROOT/build/sanitize}"
+PYBIND11_DIR="$(python -m pybind11 --cmakedir 2>/dev/null || true)"
+GENERATOR=()
+command -v ninja >/dev/null 2>&1 && GENERATOR=(-G Ninja)
+
+cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DUNIMLM_SANITIZE=ON -DUNIMLM_CUDA=OFF -DUNIMLM_BUILD_TESTS=ON \
+  ${PYBIND11_DIR:+-Dpybind11_DIR="$PYBIND11_DIR"}
+
+TESTS=()
+for src in "$ROOT"/csrc/tests/*.cpp; do TESTS+=("$(basename "${src%.cpp}")"); done
+cmake --build "$BUILD" --target "${TESTS[@]}" -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_init_order=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+ctest --test-dir "$BUILD" --output-on-failure
