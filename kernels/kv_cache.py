@@ -12,26 +12,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, T,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cs, stride_ch,
                      stride_vcb, stride_vcs, stride_vch,
-                     HKV, D, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    h = tl.arange(0, BLOCK_H)[:, None]  # [BH, 1]
-    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BD]
-    mask = (h < HKV) & (d < D)
-    t64 = t.to(tl.int64)
-    k = tl.load(k_ptr + t64 * stride_kt + h * stride_kh + d, mask=mask)  # [BH, BD]
-    v = tl.load(v_ptr + t64 * stride_vt + h * stride_vh + d, mask=mask)
-    # int64: blk * stride_cb passes 2^31 for big caches
-    tl.store(kc_ptr + blk * stride_cb + off * stride_cs + h * stride_ch + d, k, mask=mask)
-    tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d, v, mask=mask)
+                     HKV, D, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BT] tokens
+    c = tl.arange(0, BLOCK_H * BLOCK_D)  # [BHD] (head, dim) flattened so one tile covers a token's row
+    h = c // BLOCK_D
+    d = c % BLOCK_D
+    slot = tl.load(slot_ptr + t, mask=t < T, other=-1)  # int64 slots: blk * stride_cb passes 2^31
+    keep = slot >= 0
+    blk = tl.where(keep, slot // BLOCK_SIZE, 0)
+    off = tl.where(keep, slot % BLOCK_SIZE, 0)
+    mask = keep[:, None] & ((h < HKV) & (d < D))[None, :]  # [BT, BHD]
+    k = tl.load(k_ptr + t[:, None] * stride_kt + (h * stride_kh + d)[None, :], mask=mask)
+    v = tl.load(v_ptr + t[:, None] * stride_vt + (h * stride_vh + d)[None, :], mask=mask)
+    tl.store(kc_ptr + blk[:, None] * stride_cb + off[:, None] * stride_cs + (h * stride_ch + d)[None, :], k, mask=mask)
+    tl.store(vc_ptr + blk[:, None] * stride_vcb + off[:, None] * stride_vcs + (h * stride_vch + d)[None, :], v,
+             mask=mask)
 
 
 def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -47,10 +47,11 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
     if t == 0:
         return
     slot_mapping = slot_mapping.contiguous()
-    _write_kv_kernel[(t,)](
-        k, v, k_cache, v_cache, slot_mapping,
+    block_h, block_d = triton.next_power_of_2(hkv), triton.next_power_of_2(d)
+    block_t = max(1, min(16, 4096 // (block_h * block_d)))  # bound the tile at 4096 elements
+    _write_kv_kernel[(triton.cdiv(t, block_t),)](
+        k, v, k_cache, v_cache, slot_mapping, t,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        hkv, d, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d))
+        hkv, d, BLOCK_SIZE=k_cache.shape[1], BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d)

@@ -18,9 +18,10 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_EXPERTS = 16
 MAX_RANK = 64
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): chosen by token count; small tiles under the interpreter
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by token count; under the interpreter big tiles are cheapest
+# (its cost is per program and per op, not per element)
 _GEMM_CONFIGS = {"small_t": (16, 128, 64, 4), "mid_t": (64, 128, 64, 4), "large_t": (128, 128, 64, 8),
-                 "interpret": (16, 32, 32, 1)}
+                 "interpret": (64, 128, 128, 1)}
 
 
 @triton.jit
@@ -101,7 +102,8 @@ def _base_expand_kernel(x_ptr, w0_ptr, mid_ptr, b_ptr, o_ptr, T, N, K, ER,
 
 def _config(t: int) -> tuple[int, int, int, int]:
     if _INTERPRET:
-        return _GEMM_CONFIGS["interpret"]
+        bm, bn, bk, warps = _GEMM_CONFIGS["interpret"]
+        return (16 if t <= 16 else bm), bn, bk, warps
     return _GEMM_CONFIGS["small_t" if t <= 32 else ("mid_t" if t <= 1024 else "large_t")]
 
 

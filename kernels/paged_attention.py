@@ -18,22 +18,23 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr,
-                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr, o_ptr,
+                         stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_btb,
                          scale, pages_per_split, NUM_SPLITS, H, GROUP, D,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                         F32: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_D: tl.constexpr, F32: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    n_pages = tl.cdiv(ctx, BLOCK_SIZE)
+    n_pages = (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE
     p_lo = s * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    tok = tl.arange(0, BLOCK_SIZE)
+    n = tl.arange(0, BLOCK_N)
+    page_in, off = n // BLOCK_SIZE, n % BLOCK_SIZE  # a tile spans BLOCK_N // BLOCK_SIZE pages
     heads = kvh * GROUP + g  # [BG] the query heads sharing this KV head
     gmask = g < GROUP
     dmask = d < D
@@ -45,33 +46,38 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    for p in range(p_lo, p_hi):
-        blk = tl.load(bt_row + p).to(tl.int64)  # int64: blk * stride_kb can pass 2^31
-        kvmask = dmask[None, :]
-        k = tl.load(kc_ptr + blk * stride_kb + tok[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=kvmask, other=0.0)  # [BS, BD]
-        v = tl.load(vc_ptr + blk * stride_vb + tok[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=kvmask, other=0.0)  # [BS, BD]
+    for p0 in range(p_lo, p_hi, BLOCK_N // BLOCK_SIZE):
+        pg = p0 + page_in  # [BN]
+        valid = (pg < p_hi) & (pg * BLOCK_SIZE + off < ctx)
+        blk = tl.load(bt_row + pg, mask=pg < p_hi, other=0).to(tl.int64)  # int64: blk * stride_kb passes 2^31
+        kvmask = valid[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                    mask=kvmask, other=0.0)  # [BN, BD]
+        v = tl.load(vc_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                    mask=kvmask, other=0.0)  # [BN, BD]
         if F32:
             sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             sc = tl.dot(q, tl.trans(k))
-        sc = sc * scale  # [BG, BS]
-        sc = tl.where((p * BLOCK_SIZE + tok)[None, :] < ctx, sc, float("-inf"))
+        sc = tl.where(valid[None, :], sc * scale, float("-inf"))  # [BG, BN]
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(sc - m_new[:, None])  # [BG, BS]
+        pr = tl.exp(sc - m_new[:, None])  # [BG, BN]
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         if F32:
             acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
         m_i = m_new
-    # partials: acc [B, H, S, D] fp32 (unnormalised), ml [B, H, S, 2] = (max, sum)
-    row = (b.to(tl.int64) * H + heads) * NUM_SPLITS + s  # [BG]
-    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
-    tl.store(ml_ptr + row * 2, m_i, mask=gmask)
-    tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
+    if SINGLE_SPLIT:  # the whole context in one program: normalise and write the output directly
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    else:  # partials: acc [B, H, S, D] fp32 (unnormalised), ml [B, H, S, 2] = (max, sum)
+        row = (b.to(tl.int64) * H + heads) * NUM_SPLITS + s  # [BG]
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+        tl.store(ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
 
 
 @triton.jit
@@ -100,7 +106,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, o_ptr,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_btb, stride_ot, stride_oh,
                     scale, GROUP, D,
-                    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    F32: tl.constexpr):
     b = tl.program_id(0)
     mb = tl.program_id(1)
     h = tl.program_id(2)
@@ -113,7 +120,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, o_ptr,
     i = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query index within the sequence
     pos = ctx - q_len + i  # absolute position: cached prefix tokens come first
     d = tl.arange(0, BLOCK_D)
-    tok = tl.arange(0, BLOCK_SIZE)
+    n = tl.arange(0, BLOCK_N)
+    page_in, off = n // BLOCK_SIZE, n % BLOCK_SIZE  # a tile spans BLOCK_N // BLOCK_SIZE pages
     dmask = d < D
     qrow = (q_start + i).to(tl.int64)
     qmask = (i < q_len)[:, None] & dmask[None, :]
@@ -124,21 +132,24 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, o_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_end = tl.minimum(ctx, ctx - q_len + (mb + 1) * BLOCK_M)  # last key any row of the tile sees, +1
+    n_pages = (kv_end + BLOCK_SIZE - 1) // BLOCK_SIZE
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    for p in range(0, tl.cdiv(kv_end, BLOCK_SIZE)):
-        blk = tl.load(bt_row + p).to(tl.int64)  # int64: blk * stride_kb can pass 2^31
-        k = tl.load(kc_ptr + blk * stride_kb + tok[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=dmask[None, :], other=0.0)  # [BS, BD]
-        v = tl.load(vc_ptr + blk * stride_vb + tok[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=dmask[None, :], other=0.0)
+    for p0 in range(0, n_pages, BLOCK_N // BLOCK_SIZE):
+        pg = p0 + page_in  # [BN]
+        kpos = pg * BLOCK_SIZE + off
+        blk = tl.load(bt_row + pg, mask=pg < n_pages, other=0).to(tl.int64)  # int64: blk * stride_kb passes 2^31
+        kvmask = (kpos < kv_end)[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                    mask=kvmask, other=0.0)  # [BN, BD]
+        v = tl.load(vc_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                    mask=kvmask, other=0.0)
         if F32:
             sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             sc = tl.dot(q, tl.trans(k))
-        kpos = p * BLOCK_SIZE + tok  # [BS]
         # key 0 is visible to every row (pos >= 0), so no row is ever fully masked
-        visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < ctx)
-        sc = tl.where(visible, sc * scale, float("-inf"))  # [BM, BS]
+        visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < kv_end)
+        sc = tl.where(visible, sc * scale, float("-inf"))  # [BM, BN]
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
         pr = tl.exp(sc - m_new[:, None])
@@ -169,12 +180,21 @@ def _use_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
 
 
-def _num_splits(batch: int, hkv: int, max_pages: int, device: torch.device) -> int:
+def _block_n(block_size: int, head_dim: int) -> int:
+    """Keys per tile: a whole number of pages (64 keys, 32 for head_dim 256 to bound registers)."""
+    return max(block_size, 32 if head_dim > 128 and not _INTERPRET else 64)
+
+
+def _pages_per_split(batch: int, hkv: int, max_pages: int, tile_pages: int, device: torch.device) -> int:
+    """Split the context so that about 2 programs per SM run; a split is a whole number of tiles.
+    The interpreter uses up to 4 splits so tests exercise the merge."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, batch * hkv)
-        return max(1, min(want, triton.cdiv(max_pages, 4), _MAX_SPLITS))
-    return max(1, min(4, max_pages))  # interpreter: small splits so the merge is exercised
+        splits = max(1, min(triton.cdiv(2 * sms, batch * hkv), _MAX_SPLITS))
+    else:
+        splits = 4
+    tiles = triton.cdiv(triton.cdiv(max_pages, tile_pages), splits)
+    return max(1, tiles) * tile_pages
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -188,19 +208,24 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if bsz == 0:
         return out
     max_pages = block_tables.shape[1]
-    splits = _num_splits(bsz, hkv, max_pages, q.device)
-    pps = triton.cdiv(max_pages, splits)
+    block_n = _block_n(bs, d)
+    pps = _pages_per_split(bsz, hkv, max_pages, block_n // bs, q.device)
     splits = triton.cdiv(max_pages, pps)
-    acc = torch.empty((bsz, h, splits, d), device=q.device, dtype=torch.float32)
-    ml = torch.empty((bsz, h, splits, 2), device=q.device, dtype=torch.float32)
+    single = splits == 1
+    acc = out if single else torch.empty((bsz, h, splits, d), device=q.device, dtype=torch.float32)
+    ml = out if single else torch.empty((bsz, h, splits, 2), device=q.device, dtype=torch.float32)
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     _decode_split_kernel[(bsz, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, acc, ml,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, acc, ml, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         scale, pps, splits, h, group, d,
-        BLOCK_SIZE=bs, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, F32=_use_f32(q.dtype))
+        BLOCK_SIZE=bs, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        F32=_use_f32(q.dtype), SINGLE_SPLIT=single)
+    if single:
+        return out
     _decode_merge_kernel[(bsz, h)](acc, ml, out, out.stride(0), out.stride(1), splits, h, d,
                                    BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
     return out
@@ -219,12 +244,12 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return out
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     block_d = triton.next_power_of_2(d)
-    block_m = 16 if _INTERPRET else (64 if block_d <= 128 else 32)
+    block_m = 32 if _INTERPRET else (64 if block_d <= 128 else 32)
     grid = (bsz, triton.cdiv(max_q, block_m), h)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), scale, h // k_cache.shape[2], d,
-        BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_D=block_d, F32=_use_f32(q.dtype))
+        BLOCK_M=block_m, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=_block_n(k_cache.shape[1], d), BLOCK_D=block_d, F32=_use_f32(q.dtype))
     return out
