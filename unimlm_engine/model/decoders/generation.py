@@ -232,11 +232,11 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
     """Write a random tiny diffusers pipeline to `path` and return it.
 
     UNet2DConditionModel (2 levels, 16/32 channels; 8 input channels when edit) and
-    AutoencoderKL (2 levels: latents are image_size / 2), DDIM scheduler for [GEN] and
-    Euler-ancestral for [EDIT] (InstructPix2Pix's default). No text encoder / tokenizer:
+    AutoencoderKL (2 levels: latents are image_size / 2), SD-1.5-style DDIM scheduler for
+    both (a deterministic sampler: the seed only draws the initial latents). No text encoder / tokenizer:
     the decoders always pass prompt_embeds. Weights depend only on `seed`.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     if image_size < 8 or image_size % 8:
         raise ValueError(f"build_tiny_pipeline: image_size must be a positive multiple of 8, got {image_size}")
@@ -252,9 +252,8 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
                             norm_num_groups=8, sample_size=image_size)
-    sched_cls = EulerAncestralDiscreteScheduler if edit else DDIMScheduler
-    extra = {} if edit else {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-    scheduler = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **extra)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
     pipe = _pipeline_class(edit)(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     os.makedirs(path, exist_ok=True)
