@@ -336,7 +336,7 @@ class Engine:
         tpot = (s.last_token - s.first_token) / (n - 1) if n > 1 and s.first_token else None
         return RequestOutput(
             request_id=s.request.request_id, text=s.text, token_ids=list(s.generated),
-            tasks=[t for t in s.tasks if t is not None], finish_reason=reason, prompt_len=s.prompt_len,
+            tasks=[t for t in s.tasks if t is not None], payloads=list(s.payloads), finish_reason=reason, prompt_len=s.prompt_len,
             num_cached_tokens=s.num_cached_tokens,
             queue_time_s=(s.first_scheduled - s.arrival) if s.first_scheduled else 0.0,
             time_to_first_token_s=(s.first_token - s.arrival) if s.first_token else None,

@@ -72,13 +72,18 @@ class DecoderRouter:
         routes = [r for r in ROUTE_ORDER if any(p.route == r for p in seq.payloads)]
         seq.tasks = [None] * len(routes)
         jobs = []
+        has_classes = any(p.route in ("[DET]", "[GRD]") for p in seq.payloads)
         for i, route in enumerate(routes):
-            if route in self.available:
+            error = None
+            if route not in self.available:
+                error = DecoderError(f"this model has no decoder for {route}")
+            elif route == "[POSE]" and not has_classes:
+                error = DecoderError("[POSE] needs the object classes: at least one [DET] group in the same request")
+            if error is None:
                 jobs.append((i, route))
             else:
-                n = sum(p.route == route for p in seq.payloads)
-                seq.tasks[i] = TaskResult(route=route, num_groups=n,
-                                          error=DecoderError(f"this model has no decoder for {route}"))
+                seq.tasks[i] = TaskResult(route=route, num_groups=sum(p.route == route for p in seq.payloads),
+                                          error=error)
         return jobs
 
     def submit(self, seq: Sequence, idx: int, route: str) -> None:
@@ -133,7 +138,7 @@ class DecoderRouter:
         images = [s.images[0] if s.images else None for s, _, _ in jobs]
         opts = dict(self.cfg.decoder_options.get(route, {}))
         if route == "[POSE]":
-            opts["det_payloads"] = [[p.payload for p in s.payloads if p.route in ("[DET]", "[GRD]")] or None
+            opts["det_payloads"] = [[p.payload for p in s.payloads if p.route in ("[DET]", "[GRD]")]
                                     for s, _, _ in jobs]
         if route in ("[GEN]", "[EDIT]"):
             opts.setdefault("seeds", [s.request.sampling.seed or 0 for s, _, _ in jobs])

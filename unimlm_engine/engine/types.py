@@ -97,6 +97,7 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # generated ids, routing tokens in, queries out
     tasks: list[TaskResult] = field(default_factory=list)
+    payloads: list[Any] = field(default_factory=list)  # RoutedPayload: super-link hidden states [K, hidden]
     finish_reason: Optional[str] = None  # stop | length | cancelled | timeout | error
     prompt_len: int = 0
     num_cached_tokens: int = 0
