@@ -1,4 +1,6 @@
 """[GEN] / [EDIT] decoder: payload mapper against an fp64 reference, tiny diffusers pipelines end to end."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,35 @@ def test_generate_argument_errors(pipeline_dirs):
         dec.generate(payload, seeds=[1])
     with pytest.raises(ValueError, match="num_inference_steps"):
         dec.generate(payload, seeds=[1, 2], num_inference_steps=0)
+
+
+def _tiny_text_encoder(tmp_path):
+    """A random CLIP text encoder (width = mapper_dim) and a character-level CLIP tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TINY.mapper_dim, intermediate_size=37,
+                                      num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=77))
+    return te.eval(), tok
+
+
+def test_negative_embeds_from_text_encoder(tmp_path):
+    pipe = build_tiny_pipeline(str(tmp_path / "pipe"), cross_attention_dim=TINY.mapper_dim, seed=2)
+    te, tok = _tiny_text_encoder(tmp_path)
+    pipe.register_modules(text_encoder=te, tokenizer=tok)
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    dec = GenerationDecoder(GenConfig(**{**TINY.to_dict(), "pipeline_dir": str(tmp_path / "pipe")})).eval()
+    assert dec.pipeline.text_encoder is not None  # loaded from the directory, not dropped
+    neg = dec.negative_prompt_embeds()
+    ids = tok("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = te(ids)[0]
+    assert neg.shape == (1, 77, TINY.mapper_dim) and neg.abs().sum() > 0
+    torch.testing.assert_close(neg, want)
+    payload = torch.randn(1, TINY.num_embs, TINY.llm_hidden_size)
+    assert dec.generate(payload, seeds=[0], num_inference_steps=2)[0].size == (32, 32)
