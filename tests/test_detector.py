@@ -128,6 +128,75 @@ def test_decoder_layer_matches_transformers():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def _stack_core() -> GroundingCore:
+    """Our core at the dims of hf_config(): 3 levels, 2 encoder and 2 decoder layers."""
+    return GroundingCore(small_cfg(num_feature_levels=3, encoder_layers=2, decoder_layers=2, num_queries=11))
+
+
+def _rect_valid(batch_sizes: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """Per level, top-left valid rectangles [B, H_l, W_l] (what padding produces)."""
+    out = []
+    for lvl, (h, w) in enumerate(SHAPES):
+        v = torch.zeros(len(batch_sizes), h, w, dtype=torch.bool)
+        for b, sizes in enumerate(batch_sizes):
+            v[b, :sizes[lvl][0], :sizes[lvl][1]] = True
+        out.append(v)
+    return out
+
+
+def test_encoder_stack_matches_transformers():
+    cfg = hf_config()
+    cfg.encoder_layers = 2
+    hf = gd.GroundingDinoEncoder(cfg).eval()
+    randomize(hf)
+    core = _stack_core().eval()
+    core.encoder.load_state_dict(hf.state_dict(), strict=True)
+    valids = _rect_valid([[(7, 9), (5, 3), (3, 2)], [(5, 6), (3, 2), (2, 1)]])
+    srcs = [torch.randn(2, 32, h, w) for h, w in SHAPES]
+    memory, pos, valid, shapes, start, ratios = core.flatten_levels(srcs, valids)
+    text, text_valid = torch.randn(2, 4, 32), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    enc = dict(valid=valid, shapes=shapes, start=start, ratios=ratios, text_valid=text_valid, level_sizes=SHAPES)
+    with torch.no_grad():
+        got_v, got_t = core.run_encoder(memory, pos, enc, text)
+        out = hf(vision_features=memory, vision_attention_mask=~valid, vision_position_embedding=pos,
+                 spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=start, valid_ratios=ratios,
+                 text_features=text, text_attention_mask=~text_valid,
+                 text_self_attention_masks=~torch.eye(4, dtype=torch.bool).expand(2, -1, -1),
+                 text_position_ids=torch.zeros(2, 4, dtype=torch.long), return_dict=True)
+    torch.testing.assert_close(got_v[valid], out.last_hidden_state_vision[valid], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_t[text_valid], out.last_hidden_state_text[text_valid], atol=ATOL, rtol=0)
+
+
+def test_decoder_stack_with_box_refinement_matches_transformers():
+    """Unpadded images (valid ratios 1), where canvas- and valid-relative query positions agree."""
+    cfg = hf_config()
+    cfg.decoder_layers = 2
+    hf = gd.GroundingDinoDecoder(cfg).eval()
+    shared = gd.GroundingDinoMLPPredictionHead(32, 32, 4, 3)
+    hf.bbox_embed = torch.nn.ModuleList([shared] * 2)
+    randomize(hf)
+    core = _stack_core().eval()
+    sd = hf.state_dict()
+    core.decoder.load_state_dict({k: v for k, v in sd.items() if not k.startswith("bbox_embed")}, strict=True)
+    core.bbox_embed.load_state_dict({k.removeprefix("bbox_embed."): v for k, v in sd.items()
+                                     if k.startswith("bbox_embed")}, strict=True)
+    shapes, start, s, valid = levels(2)
+    ratios = torch.ones(2, 3, 2)
+    text, text_valid = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    enc = dict(memory=torch.randn(2, s, 32), valid=valid, shapes=shapes, start=start, ratios=ratios, text=text,
+               text_valid=text_valid)
+    target, ref = torch.randn(2, 11, 32), torch.rand(2, 11, 4) * 0.8 + 0.1
+    with torch.no_grad():
+        got_h, got_boxes = core.decode(enc, target, ref)
+        out = hf(inputs_embeds=target, vision_encoder_hidden_states=enc["memory"], vision_encoder_attention_mask=valid,
+                 text_encoder_hidden_states=text, text_encoder_attention_mask=~text_valid, reference_points=ref,
+                 spatial_shapes=shapes, spatial_shapes_list=SHAPES, level_start_index=start, valid_ratios=ratios,
+                 return_dict=True)
+        last_ref = out.intermediate_reference_points[:, -2]
+        want_boxes = (shared(out.intermediate_hidden_states[:, -1]) + torch.special.logit(last_ref, eps=1e-5)).sigmoid()
+    torch.testing.assert_close(got_h, out.last_hidden_state, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_boxes, want_boxes, atol=ATOL, rtol=0)
+
 def test_position_embeddings_and_reference_points_match_transformers():
     cfg = hf_config()
     valid = torch.zeros(2, 9, 13, dtype=torch.bool)
@@ -137,10 +206,9 @@ def test_position_embeddings_and_reference_points_match_transformers():
     torch.testing.assert_close(dm.sine_position_map(valid, 32, 20.0), want, atol=ATOL, rtol=0)
     coords = torch.rand(3, 7, 4)
     torch.testing.assert_close(dm.sine_embed_coords(coords, 16), gd.encode_sinusoidal_position_embedding(coords, 16))
-    srcs = [torch.zeros(2, 32, h, w) for h, w in SHAPES]
     ratios = torch.rand(2, 3, 2) * 0.5 + 0.5
     want = gd.GroundingDinoEncoder.get_reference_points(SHAPES, ratios, device="cpu")
-    torch.testing.assert_close(GroundingCore.encoder_reference_points(srcs, ratios), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(GroundingCore.encoder_reference_points(SHAPES, ratios), want, atol=1e-6, rtol=0)
 
 
 

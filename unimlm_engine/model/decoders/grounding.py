@@ -123,11 +123,10 @@ class GroundingCore(nn.Module):
         return torch.cat(mem, 1), torch.cat(pos, 1), torch.cat(val, 1), shapes, start, torch.stack(ratios, 1)
 
     @staticmethod
-    def encoder_reference_points(srcs: list[torch.Tensor], ratios: torch.Tensor) -> torch.Tensor:
-        """ratios: [B, L, 2] -> [B, S, L, 2] (token centres in valid-region units, per level)."""
+    def encoder_reference_points(level_sizes: list[tuple[int, int]], ratios: torch.Tensor) -> torch.Tensor:
+        """level_sizes: (H_l, W_l) per level, ratios: [B, L, 2] -> [B, S, L, 2] (token centres, canvas units)."""
         refs = []
-        for i, src in enumerate(srcs):
-            h, w = src.shape[-2:]
+        for i, (h, w) in enumerate(level_sizes):
             ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=ratios.dtype, device=ratios.device),
                                     torch.linspace(0.5, w - 0.5, w, dtype=ratios.dtype, device=ratios.device),
                                     indexing="ij")
@@ -142,12 +141,20 @@ class GroundingCore(nn.Module):
         text_valid: [B, C] bool -> dict of encoder outputs (memory [B, S, D], text [B, C, D], ...)."""
         feats, srcs, valids = self.feature_levels(pixel_values, pixel_valid)
         memory, pos, valid, shapes, start, ratios = self.flatten_levels(srcs, valids)
-        refs = self.encoder_reference_points(srcs, ratios)
+        enc = dict(feats=feats, valid=valid, shapes=shapes, start=start, ratios=ratios, text_valid=text_valid,
+                   level_sizes=[tuple(s.shape[-2:]) for s in srcs])
+        enc["memory"], enc["text"] = self.run_encoder(memory, pos, enc, text)
+        return enc
+
+    def run_encoder(self, memory: torch.Tensor, pos: torch.Tensor, enc: dict, text: torch.Tensor):
+        """memory, pos: [B, S, D] flattened levels, text: [B, C, D]; enc holds valid, shapes, start, ratios,
+        text_valid, level_sizes -> (memory [B, S, D], text [B, C, D]) after the encoder layers."""
+        refs = self.encoder_reference_points(enc["level_sizes"], enc["ratios"])
         text_pos = sine_embed_coords(torch.zeros_like(text[..., :1]), self.cfg.d_model)
         for layer in self.encoder.layers:
-            memory, text = layer(memory, pos, valid, refs, shapes, start, text, text_valid, text_pos)
-        return dict(feats=feats, memory=memory, valid=valid, shapes=shapes, start=start, ratios=ratios,
-                    text=text, text_valid=text_valid, level_sizes=[tuple(s.shape[-2:]) for s in srcs])
+            memory, text = layer(memory, pos, enc["valid"], refs, enc["shapes"], enc["start"], text,
+                                 enc["text_valid"], text_pos)
+        return memory, text
 
     def proposals(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> object queries [B, S, D] and proposal logits [B, S, 4] (inverse-sigmoid cx, cy, w, h)."""
