@@ -197,6 +197,32 @@ def test_decoder_stack_with_box_refinement_matches_transformers():
     torch.testing.assert_close(got_h, out.last_hidden_state, atol=ATOL, rtol=0)
     torch.testing.assert_close(got_boxes, want_boxes, atol=ATOL, rtol=0)
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_two_stage_proposals_and_selection_match_transformers(padded):
+    import types
+    core = _stack_core().eval()
+    randomize(core)
+    sizes = [[(5, 6), (3, 2), (2, 1)], [(7, 9), (5, 3), (3, 2)]] if padded else [[s for s in SHAPES]] * 2
+    valids = _rect_valid(sizes)
+    memory, _, valid, shapes, start, ratios = core.flatten_levels([torch.randn(2, 32, h, w) for h, w in SHAPES], valids)
+    text, text_valid = torch.randn(2, 3, 32), torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    enc = dict(memory=memory, valid=valid, shapes=shapes, start=start, ratios=ratios, text=text,
+               text_valid=text_valid, level_sizes=SHAPES)
+    fake = types.SimpleNamespace(enc_output=core.enc_output, enc_output_norm=core.enc_output_norm)
+    with torch.no_grad():
+        want_q, want_p = gd.GroundingDinoModel.generate_encoder_output_proposals(fake, memory, ~valid, SHAPES)
+        got_q, got_p = core.proposals(enc)
+        torch.testing.assert_close(got_q, want_q, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got_p, want_p, atol=ATOL, rtol=0)
+        _, got_ref = core.select_queries(enc, 11)
+        score = (want_q @ text.transpose(1, 2)).masked_fill(~text_valid[:, None], float("-inf")).max(-1).values
+        if padded:  # ours never selects padded tokens; transformers may
+            score = score.masked_fill(~valid, float("-inf"))
+        idx = score.topk(11, dim=1).indices
+        coords = core.encoder_output_bbox_embed(want_q) + want_p
+        want_ref = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4)).sigmoid()
+    torch.testing.assert_close(got_ref, want_ref, atol=ATOL, rtol=0)
+
 def test_position_embeddings_and_reference_points_match_transformers():
     cfg = hf_config()
     valid = torch.zeros(2, 9, 13, dtype=torch.bool)
