@@ -1,0 +1,85 @@
+"""Fused LoRA-MoE linear (Triton, two launches) at the shipped shapes: d 4096 -> 11008, E=8,
+r=4 and r=16, bf16, tokens 1..4096. GPU only; not yet run in this repository.
+
+Baselines in the same run: the base GEMM alone (torch.matmul, the floor: target fused <=
+1.15x of it) and a per-expert loop in bf16 (router softmax in fp32, then expert by expert
+B_i (g_i * A_i x)). A case whose kernel output disagrees with the fp32 reference on the same
+inputs is reported as FAIL with no speedup.
+
+    python benchmarks/bench_lora_moe.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from common import device_info, matmul_tflops, print_table, require_cuda, time_cuda, write_json
+
+K_IN, N_OUT, EXPERTS, ALPHA = 4096, 11008, 8, 32.0
+TOKENS = (1, 16, 64, 256, 1024, 4096)
+RANKS = (4, 16)
+
+
+def make_inputs(t: int, r: int, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, device="cuda", generator=g) * std).to(dtype)
+
+    return (rnd(t, K_IN, std=1.0), rnd(N_OUT, K_IN, std=K_IN ** -0.5), rnd(EXPERTS, K_IN, std=K_IN ** -0.5),
+            rnd(EXPERTS * r, K_IN, std=K_IN ** -0.5), rnd(N_OUT, EXPERTS * r, std=(EXPERTS * r) ** -0.5))
+
+
+def per_expert_loop(x, w0, wg, a, b, scaling):
+    """Same-dtype LoRAMoE loop: one shrink and one expand GEMM per expert."""
+    r = a.shape[0] // wg.shape[0]
+    gate = torch.softmax((x @ wg.t()).float(), dim=-1).to(x.dtype)
+    out = x @ w0.t()
+    for i in range(wg.shape[0]):
+        mid = (x @ a[i * r:(i + 1) * r].t()) * (scaling * gate[:, i:i + 1])
+        out += mid @ b[:, i * r:(i + 1) * r].t()
+    return out
+
+
+def run_case(t, r, op, reference):
+    x, w0, wg, a, b = make_inputs(t, r)
+    scaling = ALPHA / r
+    out = op(x, w0, wg, a, b, scaling)
+    ref = reference(x, w0, wg, a, b, scaling).float()
+    err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    ok = err <= 2e-2
+    t_fused = time_cuda(lambda: op(x, w0, wg, a, b, scaling))
+    t_base = time_cuda(lambda: torch.matmul(x, w0.t()))
+    t_loop = time_cuda(lambda: per_expert_loop(x, w0, wg, a, b, scaling))
+    flops = 2 * t * K_IN * N_OUT + 2 * t * K_IN * EXPERTS * (r + 1) + 2 * t * EXPERTS * r * N_OUT
+    return {"tokens": t, "rank": r, "rel_err": err, "check": "ok" if ok else "FAIL", "fused_ms": t_fused,
+            "base_gemm_ms": t_base, "loop_ms": t_loop, "fused/base": t_fused / t_base if ok else None,
+            "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    args = parser.parse_args()
+    if not require_cuda("bench_lora_moe"):
+        return 0
+    from unimlm_engine.ops.lora_moe import lora_moe_linear, lora_moe_reference
+    from unimlm_engine.ops._dispatch import backend_override
+
+    peak = matmul_tflops()
+    print(f"measured bf16 matmul: {peak:.0f} TFLOP/s")
+    rows = []
+    with backend_override("triton"):
+        for r in RANKS:
+            for t in ((1, 256, 4096) if args.quick else TOKENS):
+                rows.append(run_case(t, r, lora_moe_linear, lora_moe_reference))
+    print_table(rows)
+    write_json("lora_moe", {"device": device_info(), "bf16_matmul_tflops": peak, "K": K_IN, "N": N_OUT,
+                            "experts": EXPERTS, "alpha": ALPHA, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
