@@ -20,7 +20,7 @@ MAX_EXPERTS = 16
 MAX_RANK = 64
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by token count; under the interpreter big tiles are cheapest
 # (its cost is per program and per op, not per element)
-_GEMM_CONFIGS = {"small_t": (16, 128, 64, 4), "mid_t": (64, 128, 64, 4), "large_t": (128, 128, 64, 8),
+_GEMM_CONFIGS = {"small_t": (16, 64, 64, 4), "mid_t": (64, 128, 64, 4), "large_t": (128, 128, 64, 8),
                  "interpret": (64, 128, 128, 1)}
 
 
