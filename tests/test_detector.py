@@ -341,6 +341,8 @@ def test_forward_tensors_outputs_and_padding(detector):
     assert ((boxes > 0) & (boxes < 1)).all()
     no_masks = detector.forward_tensors(batch.pixel_values, batch.pixel_valid, payloads, valid, False)
     assert no_masks[2] is None
+    with pytest.raises(ValueError, match="multiples of 64"):
+        detector.forward_tensors(batch.pixel_values[..., :96], batch.pixel_valid[..., :96], payloads, valid)
 
 
 def test_state_dict_round_trip_with_gdino_prefix(detector, tmp_path):

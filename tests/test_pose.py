@@ -82,7 +82,8 @@ def test_threshold_filters(pose):
 
 def test_state_dict_round_trip_with_unipose_prefix(pose, tmp_path):
     sd = {f"unipose.{k}": v for k, v in pose.state_dict().items()}
-    assert "unipose.patch2kpt.layers.0.weight" in sd and "unipose.keypoint_decoder.1.encoder_attn.value_proj.weight" in sd
+    assert "unipose.patch2kpt.layers.0.weight" in sd
+    assert "unipose.keypoint_decoder.1.encoder_attn.value_proj.weight" in sd
     torch.save(sd, tmp_path / "unipose.pt")
     loaded = torch.load(tmp_path / "unipose.pt", weights_only=True)
     fresh = PoseDecoder(small_cfg()).eval()

@@ -89,6 +89,7 @@ class DetectorConfig(_DictMixin):
         _check_positive("DetectorConfig", self, ("mask_dim",))
         _check_grounding("DetectorConfig", self)
 
+
 @dataclass(slots=True)
 class PoseConfig(_DictMixin):
     """UniPose-style keypoint decoder for [POSE]."""

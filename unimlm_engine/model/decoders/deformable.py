@@ -154,7 +154,8 @@ class BiMultiHeadAttention(nn.Module):
                 text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """vision: [B, S, D], text: [B, C, D], *_valid: bool -> (delta_vision [B, S, D], delta_text [B, C, D])."""
         b, s, _ = vision.shape
-        scores = self._heads(self.vision_proj(vision) * self.scale) @ self._heads(self.text_proj(text)).transpose(-1, -2)
+        q = self._heads(self.vision_proj(vision) * self.scale)
+        scores = q @ self._heads(self.text_proj(text)).transpose(-1, -2)
         scores = scores.clamp(min=-50000, max=50000)
         neg = torch.finfo(scores.dtype).min
         v2t = scores.masked_fill(~text_valid[:, None, None, :], neg).softmax(-1)

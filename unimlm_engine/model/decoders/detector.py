@@ -123,7 +123,8 @@ class DetectorDecoder(GroundingCore):
         return logits, boxes, masks
 
     @torch.no_grad()
-    def forward(self, images: list, class_payloads: list[torch.Tensor], with_masks: bool = False) -> list[DetectionResult]:
+    def forward(self, images: list, class_payloads: list[torch.Tensor],
+                with_masks: bool = False) -> list[DetectionResult]:
         """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden]."""
         if len(images) == 0 or len(images) != len(class_payloads):
             raise ValueError(f"need one class payload per image and at least one image, got {len(images)} images "

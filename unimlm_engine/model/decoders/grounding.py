@@ -107,7 +107,8 @@ class GroundingCore(nn.Module):
         return feats, srcs, valids
 
     def flatten_levels(self, srcs: list[torch.Tensor], valids: list[torch.Tensor]):
-        """-> memory [B, S, D], pos [B, S, D], valid [B, S], spatial_shapes [L, 2], level_start [L], ratios [B, L, 2]."""
+        """-> memory [B, S, D], pos [B, S, D], valid [B, S], spatial_shapes [L, 2], level_start [L],
+        valid ratios [B, L, 2] (w, h)."""
         d = self.cfg.d_model
         mem, pos, val, ratios = [], [], [], []
         for i, (src, valid) in enumerate(zip(srcs, valids)):
@@ -139,6 +140,10 @@ class GroundingCore(nn.Module):
                text_valid: torch.Tensor) -> dict:
         """pixel_values: [B, 3, H, W], pixel_valid: [B, H, W] bool, text: [B, C, D] class embeddings,
         text_valid: [B, C] bool -> dict of encoder outputs (memory [B, S, D], text [B, C, D], ...)."""
+        h, w = pixel_values.shape[-2:]
+        if h % self.pad_multiple or w % self.pad_multiple or pixel_valid.shape != (pixel_values.shape[0], h, w):
+            raise ValueError(f"pixel_values [B, 3, H, W] needs H, W multiples of {self.pad_multiple} and pixel_valid "
+                             f"[B, H, W]; got {tuple(pixel_values.shape)} and {tuple(pixel_valid.shape)}")
         feats, srcs, valids = self.feature_levels(pixel_values, pixel_valid)
         memory, pos, valid, shapes, start, ratios = self.flatten_levels(srcs, valids)
         enc = dict(feats=feats, valid=valid, shapes=shapes, start=start, ratios=ratios, text_valid=text_valid,

@@ -86,8 +86,9 @@ class SwinBlock(nn.Module):
         key = _windows((~valid)[..., None].to(dtype), w)[..., 0] * torch.finfo(dtype).min
         bias = key[:, None, None, :]
         if s > 0:
-            hr = (torch.arange(hp, device=valid.device) >= hp - w).long() + (torch.arange(hp, device=valid.device) >= hp - s).long()
-            wr = (torch.arange(wp, device=valid.device) >= wp - w).long() + (torch.arange(wp, device=valid.device) >= wp - s).long()
+            ih, iw = torch.arange(hp, device=valid.device), torch.arange(wp, device=valid.device)
+            hr = (ih >= hp - w).long() + (ih >= hp - s).long()
+            wr = (iw >= wp - w).long() + (iw >= wp - s).long()
             region = _windows((hr[:, None] * 3 + wr[None, :]).to(dtype)[None, :, :, None], w)[..., 0]
             shift_bias = (region[:, None, :] != region[:, :, None]).to(dtype) * -100.0
             bias = bias + shift_bias.repeat(b, 1, 1)[:, None]
