@@ -141,6 +141,18 @@ def test_gen_end_to_end_deterministic(pipeline_dirs):
     assert sized.size == (16, 48)
 
 
+def test_fp64_mapper_feeds_fp32_pipeline(pipeline_dirs):
+    dec = _decoder(pipeline_dirs)
+    payload = torch.randn(1, TINY.num_embs, TINY.llm_hidden_size)
+    want = dec.generate(payload, seeds=[4], num_inference_steps=2)[0]
+    dec64 = _decoder(pipeline_dirs)
+    dec64.load_state_dict(dec.state_dict())
+    dec64.double()
+    assert dec64.pipeline.unet.dtype == torch.float32  # CPU pipelines load in fp32 whatever the mapper dtype
+    got = dec64.generate(payload.double(), seeds=[4], num_inference_steps=2)[0]
+    assert np.abs(_arr(got) - _arr(want)).max() <= 1
+
+
 def test_negative_embeds_zero_without_text_encoder(pipeline_dirs):
     dec = _decoder(pipeline_dirs)
     neg = dec.negative_prompt_embeds()

@@ -100,11 +100,14 @@ class GenerationDecoder(nn.Module):
             self.load_pipeline()
         return self._pipeline
 
-    def load_pipeline(self, path: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None):
-        """Load the pipeline from a local diffusers directory (path, else cfg.pipeline_dir)."""
-        path = path or self.cfg.pipeline_dir
-        self._pipeline = load_local_pipeline(path, edit=self.edit, torch_dtype=torch_dtype)
-        self._negative = None
+    def load_pipeline(self, path: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+        """Load the pipeline from a local diffusers directory (path, else cfg.pipeline_dir) onto the
+        mapper's device; dtype: `dtype`, else the mapper's dtype on CUDA and float32 elsewhere."""
+        w = self.emb_proj[0].weight
+        if dtype is None:
+            dtype = w.dtype if w.device.type == "cuda" else torch.float32
+        pipe = load_local_pipeline(path or self.cfg.pipeline_dir, edit=self.edit, dtype=dtype)
+        self.set_pipeline(pipe.to(w.device))
         return self._pipeline
 
     def set_pipeline(self, pipeline) -> None:
@@ -203,7 +206,7 @@ def _check_pipeline(pipe, edit: bool, mapper_dim: int) -> None:
                          f"!= mapper_dim {mapper_dim}")
 
 
-def load_local_pipeline(path: str, edit: bool = False, torch_dtype: Optional[torch.dtype] = None):
+def load_local_pipeline(path: str, edit: bool = False, dtype: Optional[torch.dtype] = None):
     """Load a StableDiffusion(InstructPix2Pix)Pipeline from a local diffusers directory; never downloads.
 
     Components the directory lists as null (text encoder, tokenizer, ...) are passed as
@@ -219,7 +222,7 @@ def load_local_pipeline(path: str, edit: bool = False, torch_dtype: Optional[tor
     skip = {n: None for n in _NULL_COMPONENTS
             if n == "safety_checker" or not isinstance(entries.get(n), list) or entries[n][0] is None
             or not os.path.isdir(os.path.join(path, n))}
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     with _quiet_diffusers():
         pipe = _pipeline_class(edit).from_pretrained(path, local_files_only=True, requires_safety_checker=False,
                                                      **skip, **kwargs)
