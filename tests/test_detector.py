@@ -128,6 +128,19 @@ def test_decoder_layer_matches_transformers():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def test_masked_group_norm_equals_group_norm_on_the_valid_region():
+    from unimlm_engine.model.decoders.grounding import masked_group_norm
+    norm = torch.nn.GroupNorm(32, 64)
+    randomize(norm)
+    x = torch.randn(2, 64, 9, 11).to(memory_format=torch.channels_last)  # non-contiguous, as conv outputs can be
+    valid = torch.zeros(2, 9, 11, dtype=torch.bool)
+    valid[0] = True
+    valid[1, :5, :7] = True
+    got = masked_group_norm(x, valid, norm)
+    torch.testing.assert_close(got[0], norm(x[:1])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, :, :5, :7], norm(x[1:, :, :5, :7])[0], atol=1e-5, rtol=0)
+    assert (got[1, :, 5:] == 0).all() and (got[1, :, :, 7:] == 0).all()
+
 def _stack_core() -> GroundingCore:
     """Our core at the dims of hf_config(): 3 levels, 2 encoder and 2 decoder layers."""
     return GroundingCore(small_cfg(num_feature_levels=3, encoder_layers=2, decoder_layers=2, num_queries=11))

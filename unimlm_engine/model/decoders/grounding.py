@@ -25,11 +25,11 @@ def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) 
     b, c, h, w = x.shape
     g = norm.num_groups
     m = valid[:, None].to(x.dtype)
-    xg, mg = (x * m).view(b, g, -1), m.expand(b, c, h, w).reshape(b, g, -1)
+    xg, mg = (x * m).reshape(b, g, -1), m.expand(b, c, h, w).reshape(b, g, -1)
     count = mg.sum(-1, keepdim=True).clamp(min=1.0)
     mean = xg.sum(-1, keepdim=True) / count
     var = (((xg - mean) * mg) ** 2).sum(-1, keepdim=True) / count
-    y = ((xg - mean) / torch.sqrt(var + norm.eps)).view(b, c, h, w)
+    y = ((xg - mean) / torch.sqrt(var + norm.eps)).reshape(b, c, h, w)
     return (y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]) * m
 
 
