@@ -174,6 +174,8 @@ def test_edit_uses_input_image(pipeline_dirs):
     assert np.abs(_arr(again) - _arr(out[0])).max() <= 1
     with pytest.raises(ValueError, match="one input image per payload"):
         dec.generate(payload[:1], seeds=[1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="non-empty PIL"):
+        dec.generate(payload[:1], seeds=[1], images=[np.asarray(img)], num_inference_steps=2)
 
 
 def test_pipeline_loading_errors(pipeline_dirs, tmp_path):

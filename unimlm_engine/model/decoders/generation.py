@@ -158,6 +158,8 @@ class GenerationDecoder(nn.Module):
                          **common).images
         if images is None or len(images) != b:
             raise ValueError(f"[EDIT]: needs one input image per payload, got {0 if images is None else len(images)}")
+        if not all(isinstance(im, Image.Image) and im.width > 0 and im.height > 0 for im in images):
+            raise ValueError("[EDIT]: input images must be non-empty PIL images")
         out: list[Optional[Image.Image]] = [None] * b
         for idx in _group_by_size(images):
             res = pipe(prompt_embeds=prompt[idx], negative_prompt_embeds=neg[idx], image=[images[i] for i in idx],
