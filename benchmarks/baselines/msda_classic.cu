@@ -1,18 +1,37 @@
 // Baseline for benchmarks/bench_msda.py: the classical multi-scale deformable attention
 // forward, one thread per output element (n, q, m, d), every thread walking all L*P samples
 // with scalar loads. Locations and weights share value's dtype; math and accumulation are
-// fp32 so that the correctness gate compares like with like. Built by msda_classic.py with
-// torch.utils.cpp_extension.load; it needs a CUDA machine and has not run in this repo.
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <torch/extension.h>
+// fp32 so that the correctness gate compares like with like. No torch headers: pointers and
+// the stream come in as integers. Built by msda_classic.py with torch.utils.cpp_extension.load;
+// compiled with nvcc here but never run (no GPU in this repo).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME unimlm_msda_classic
+#endif
 
 namespace {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Explicit conversions: torch's extension build defines __CUDA_NO_HALF_CONVERSIONS__.
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
 template <typename scalar_t>
 __device__ float corner(const scalar_t* v, int64_t start, int h, int w, int y, int x, int64_t row_stride) {
   if (y < 0 || y >= h || x < 0 || x >= w) return 0.f;
-  return static_cast<float>(v[(start + static_cast<int64_t>(y) * w + x) * row_stride]);
+  return to_float(v[(start + static_cast<int64_t>(y) * w + x) * row_stride]);
 }
 
 template <typename scalar_t>
@@ -34,8 +53,8 @@ __global__ void msda_classic_kernel(const scalar_t* value, const int64_t* shapes
       const int64_t start = starts[l];
       for (int p = 0; p < points; ++p) {
         const int i = l * points + p;
-        const float x = static_cast<float>(xy[2 * i]) * w - 0.5f;
-        const float y = static_cast<float>(xy[2 * i + 1]) * h - 0.5f;
+        const float x = to_float(xy[2 * i]) * w - 0.5f;
+        const float y = to_float(xy[2 * i + 1]) * h - 0.5f;
         if (!(x > -1.f && y > -1.f && x < w && y < h)) continue;
         const int x0 = static_cast<int>(floorf(x)), y0 = static_cast<int>(floorf(y));
         const float fx = x - x0, fy = y - y0;
@@ -43,40 +62,45 @@ __global__ void msda_classic_kernel(const scalar_t* value, const int64_t* shapes
                                         fx * corner(v, start, h, w, y0, x0 + 1, m * d)) +
                           fy * ((1.f - fx) * corner(v, start, h, w, y0 + 1, x0, m * d) +
                                 fx * corner(v, start, h, w, y0 + 1, x0 + 1, m * d));
-        acc += static_cast<float>(a[i]) * val;
+        acc += to_float(a[i]) * val;
       }
     }
-    out[idx] = static_cast<scalar_t>(acc);
+    store(out + idx, acc);
   }
 }
 
-// value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L], sampling_locations
-// [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P] -> [N, Lq, M*D]
-torch::Tensor msda_classic_forward(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts,
-                                   torch::Tensor loc, torch::Tensor attn) {
-  TORCH_CHECK(value.is_cuda() && value.is_contiguous() && loc.is_contiguous() && attn.is_contiguous(),
-              "msda_classic: contiguous CUDA tensors expected");
-  TORCH_CHECK(loc.scalar_type() == value.scalar_type() && attn.scalar_type() == value.scalar_type(),
-              "msda_classic: locations and weights must share value's dtype");
-  const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
-  const int64_t lq = loc.size(1), levels = loc.size(3), points = loc.size(4);
-  auto out = torch::empty({n, lq, m * d}, value.options());
-  const int64_t total = out.numel();
+template <typename scalar_t>
+void launch(uint64_t value, uint64_t shapes, uint64_t starts, uint64_t loc, uint64_t attn, uint64_t out, int64_t n,
+            int64_t s, int64_t m, int64_t d, int64_t levels, int64_t lq, int64_t points, cudaStream_t stream) {
+  const int64_t total = n * lq * m * d;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 30);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_classic", [&] {
-    msda_classic_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-        loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s, m, d, lq,
-        static_cast<int>(levels), static_cast<int>(points), total);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  msda_classic_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      reinterpret_cast<const scalar_t*>(value), reinterpret_cast<const int64_t*>(shapes),
+      reinterpret_cast<const int64_t*>(starts), reinterpret_cast<const scalar_t*>(loc),
+      reinterpret_cast<const scalar_t*>(attn), reinterpret_cast<scalar_t*>(out), s, m, d, lq,
+      static_cast<int>(levels), static_cast<int>(points), total);
+}
+
+// Pointers and stream as integers (data_ptr(), cuda_stream); dtype 0 fp32, 1 fp16, 2 bf16;
+// locations and weights in the same dtype as value. Writes out [N, Lq, M*D].
+void classic_forward(uint64_t value, uint64_t shapes, uint64_t starts, uint64_t loc, uint64_t attn, uint64_t out,
+                     int64_t n, int64_t s, int64_t m, int64_t d, int64_t levels, int64_t lq, int64_t points,
+                     int dtype, uint64_t stream_ptr) {
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  if (dtype == 0) launch<float>(value, shapes, starts, loc, attn, out, n, s, m, d, levels, lq, points, stream);
+  else if (dtype == 1) launch<__half>(value, shapes, starts, loc, attn, out, n, s, m, d, levels, lq, points, stream);
+  else if (dtype == 2) {
+    launch<__nv_bfloat16>(value, shapes, starts, loc, attn, out, n, s, m, d, levels, lq, points, stream);
+  } else {
+    throw std::invalid_argument("msda_classic: dtype must be 0, 1 or 2");
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("msda_classic: ") + cudaGetErrorString(err));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("forward", &msda_classic_forward, "classic one-thread-per-output MSDA forward");
+  mod.def("forward", &classic_forward, "classic one-thread-per-output MSDA forward (raw pointers)");
 }
