@@ -49,7 +49,7 @@ py::array_t<int32_t> padded_block_tables(const StepOutput& o, int32_t pad) {
   return arr;
 }
 
-void bind_blocks(py::module_& m) {
+void bind_allocator(py::module_& m) {
   py::class_<BlockAllocator>(m, "BlockAllocator")
       .def(py::init<int32_t>(), py::arg("num_blocks"))
       .def("allocate", &BlockAllocator::allocate)
@@ -63,7 +63,9 @@ void bind_blocks(py::module_& m) {
       .def_property_readonly("num_free", &BlockAllocator::num_free)
       .def_property_readonly("num_cached", &BlockAllocator::num_cached)
       .def_property_readonly("num_used", &BlockAllocator::num_used);
+}
 
+void bind_block_manager(py::module_& m) {
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init<int32_t, int32_t, bool>(), py::arg("num_blocks"), py::arg("block_size") = 16,
            py::arg("enable_prefix_caching") = true)
@@ -97,7 +99,9 @@ void bind_blocks(py::module_& m) {
       .def_property_readonly("num_evictions", &BlockManager::num_evictions)
       .def_property_readonly("prefix_query_tokens", &BlockManager::prefix_query_tokens)
       .def_property_readonly("prefix_hit_tokens", &BlockManager::prefix_hit_tokens);
+}
 
+void bind_sizing(py::module_& m) {
   m.def(
       "num_kv_blocks",
       [](int64_t total_memory, int32_t num_layers, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
@@ -139,7 +143,7 @@ void bind_blocks(py::module_& m) {
       "Per-block prefix-hash keys: spans = [(start, end, key)], e.g. image token ranges and image hashes.");
 }
 
-void bind_scheduler(py::module_& m) {
+void bind_scheduler_config(py::module_& m) {
   py::enum_<SchedulingPolicy>(m, "SchedulingPolicy")
       .value("FCFS", SchedulingPolicy::kFcfs)
       .value("PRIORITY", SchedulingPolicy::kPriority);
@@ -164,7 +168,9 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("max_queue_size", &SchedulerConfig::max_queue_size)
       .def_readonly("max_model_len", &SchedulerConfig::max_model_len)
       .def_readonly("policy", &SchedulerConfig::policy);
+}
 
+void bind_step_output(py::module_& m) {
   py::class_<StepOutput>(m, "StepOutput")
       .def("__len__", &StepOutput::size)
       .def_property_readonly("seq_ids", [](const StepOutput& o) { return to_numpy(o.seq_ids); })
@@ -189,7 +195,9 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("preempted", &StepOutput::preempted)
       .def_readonly("rejected", &StepOutput::rejected)
       .def_readonly("num_batched_tokens", &StepOutput::num_batched_tokens);
+}
 
+void bind_scheduler(py::module_& m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
       .def("add_request", &Scheduler::add_request, release_gil(), py::arg("seq_id"), py::arg("prompt"),
@@ -215,7 +223,7 @@ void bind_scheduler(py::module_& m) {
       .def_property_readonly("config", &Scheduler::config);
 }
 
-void bind_batcher(py::module_& m) {
+void bind_batch_types(py::module_& m) {
   py::class_<DecoderPolicy>(m, "DecoderPolicy")
       .def(py::init([](int32_t max_batch_size, int64_t max_queue_delay_us, int64_t max_queue_size) {
              return DecoderPolicy{max_batch_size, max_queue_delay_us, max_queue_size};
@@ -251,7 +259,9 @@ void bind_batcher(py::module_& m) {
       .def_readonly("cancelled", &Batch::cancelled)
       .def_readonly("closed", &Batch::closed)
       .def("empty", &Batch::empty);
+}
 
+void bind_batcher(py::module_& m) {
   py::class_<DecoderBatcher>(m, "DecoderBatcher")
       .def(py::init<>())
       .def_static("now_us", &DecoderBatcher::now_us)
@@ -309,8 +319,13 @@ void bind_queue(py::module_& m) {
 
 void bind_runtime(py::module_& m) {
   py::register_exception<QueueFullError>(m, "QueueFullError", PyExc_RuntimeError);
-  bind_blocks(m);
+  bind_allocator(m);
+  bind_block_manager(m);
+  bind_sizing(m);
+  bind_scheduler_config(m);
+  bind_step_output(m);
   bind_scheduler(m);
+  bind_batch_types(m);
   bind_batcher(m);
   bind_queue(m);
 }

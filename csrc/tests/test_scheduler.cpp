@@ -189,6 +189,28 @@ static void check_kv(const StepOutput& o, const std::map<int64_t, Ref>& ref, std
   }
 }
 
+// The engine's half of a step: sample, finish some, append a super-link to others.
+template <typename Uni>
+static void sample_and_update(Scheduler& s, const StepOutput& o, std::map<int64_t, Ref>& ref, Uni& uni) {
+  for (size_t i = 0; i < o.size(); ++i) {
+    const int64_t id = o.seq_ids[i];
+    if (!o.do_sample[i]) {
+      s.update(id, {});
+      continue;
+    }
+    const int fate = uni(0, 19);
+    std::vector<int32_t> app{static_cast<int32_t>(uni(0, 3))};
+    if (fate == 0 || ref[id].tokens.size() > 60) {
+      s.finish(id);
+      ref.erase(id);
+      continue;
+    }
+    if (fate == 1) app.insert(app.end(), {90, 91, 92, 93});  // super-link
+    ref[id].tokens.insert(ref[id].tokens.end(), app.begin(), app.end());
+    s.update(id, app);
+  }
+}
+
 // Returns (preemptions, steps that scheduled a prefix-cache hit).
 static std::pair<int64_t, int64_t> test_randomized(uint32_t seed, SchedulingPolicy pol) {
   std::mt19937 rng(seed);
@@ -218,23 +240,7 @@ static std::pair<int64_t, int64_t> test_randomized(uint32_t seed, SchedulingPoli
     preemptions += static_cast<int64_t>(o.preempted.size());
     check_kv(o, ref, kv, bs);
     for (size_t i = 0; i < o.size(); ++i) hits += o.is_prefill[i] && o.num_computed[i] > 0 && s.num_cached_tokens(o.seq_ids[i]) > 0;
-    for (size_t i = 0; i < o.size(); ++i) {
-      const int64_t id = o.seq_ids[i];
-      if (!o.do_sample[i]) {
-        s.update(id, {});
-        continue;
-      }
-      const int fate = uni(0, 19);
-      std::vector<int32_t> app{static_cast<int32_t>(uni(0, 3))};
-      if (fate == 0 || ref[id].tokens.size() > 60) {
-        s.finish(id);
-        ref.erase(id);
-        continue;
-      }
-      if (fate == 1) app.insert(app.end(), {90, 91, 92, 93});  // super-link
-      ref[id].tokens.insert(ref[id].tokens.end(), app.begin(), app.end());
-      s.update(id, app);
-    }
+    sample_and_update(s, o, ref, uni);
     if (uni(0, 30) == 0 && !ref.empty()) {
       auto it = ref.begin();
       std::advance(it, uni(0, static_cast<int>(ref.size()) - 1));
