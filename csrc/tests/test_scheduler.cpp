@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <map>
 #include <random>
+#include <atomic>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "check.h"
@@ -256,6 +258,40 @@ static std::pair<int64_t, int64_t> test_randomized(uint32_t seed, SchedulingPoli
   return {preemptions, hits};
 }
 
+// Submitters and an aborter on other threads while this thread runs the engine loop.
+static void test_concurrent_submit_abort() {
+  SchedulerConfig c = cfg(64, 4, 32, 8);
+  c.max_queue_size = 1000;
+  Scheduler s(c);
+  constexpr int kThreads = 3, kPer = 100;
+  std::atomic<int> submitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPer; ++i) {
+        s.add_request(t * kPer + i, toks(1 + i % 9, t), i % 3);
+        ++submitted;
+      }
+    });
+  threads.emplace_back([&] {
+    for (int i = 0; i < kThreads * kPer; i += 7) s.abort(i);
+  });
+  std::map<int64_t, int> decoded;
+  for (int step = 0; step < 100000; ++step) {
+    StepOutput o = s.step();
+    for (size_t i = 0; i < o.size(); ++i) {
+      const int64_t id = o.seq_ids[i];
+      if (o.do_sample[i] && ++decoded[id] == 3) s.abort(id);  // may race the aborter: fine
+      else s.update(id, o.do_sample[i] ? std::vector<int32_t>{1} : std::vector<int32_t>{});
+    }
+    if (submitted == kThreads * kPer && s.num_running() == 0 && s.num_waiting() == 0) break;
+  }
+  for (auto& th : threads) th.join();
+  for (int i = 0; i < kThreads * kPer; ++i) s.abort(i);
+  s.check_invariants();
+  CHECK(s.num_free_blocks() == 64 && s.num_running() == 0 && s.num_waiting() == 0);
+}
+
 int main() {
   test_chunked_prefill_and_decode();
   test_budget_shared_decode_first();
@@ -263,6 +299,7 @@ int main() {
   test_preemption_recompute();
   test_priority();
   test_abort_limits_and_errors();
+  test_concurrent_submit_abort();
   int64_t preemptions = 0, hits = 0;
   for (uint32_t seed = 0; seed < 6; ++seed) {
     auto r = test_randomized(seed, seed % 2 ? SchedulingPolicy::kPriority : SchedulingPolicy::kFcfs);
