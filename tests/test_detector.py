@@ -354,6 +354,12 @@ def test_forward_tensors_outputs_and_padding(detector):
     assert ((boxes > 0) & (boxes < 1)).all()
     no_masks = detector.forward_tensors(batch.pixel_values, batch.pixel_valid, payloads, valid, False)
     assert no_masks[2] is None
+    embeds = detector.class_embeddings(payloads)
+    assert embeds.shape == (2, 4, detector.cfg.d_model)
+    with torch.no_grad():
+        via_embeds = detector.forward_embeddings(batch.pixel_values, batch.pixel_valid, embeds, valid, True)
+    for a, b in zip(via_embeds, (logits, boxes, masks)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="multiples of 64"):
         detector.forward_tensors(batch.pixel_values[..., :96], batch.pixel_valid[..., :96], payloads, valid)
 

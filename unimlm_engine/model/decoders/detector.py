@@ -8,8 +8,9 @@ any device but has only been run on the CPU.
 
 Two entry points:
 - `forward(images, class_payloads, with_masks)` -> list[DetectionResult] (boxes in original pixels).
-- `forward_tensors(pixel_values, pixel_valid, class_payloads, class_valid, with_masks)`: tensors in,
-  tensors out, no data-dependent Python control flow (the export graph).
+- `forward_tensors(pixel_values, pixel_valid, class_payloads, class_valid, with_masks)` and
+  `forward_embeddings(...)` (class embeddings after patch2query instead of payloads): tensors in, tensors
+  out, no data-dependent Python control flow (the export graphs; `torch.export` traces it with static shapes).
 
 SEG mask head (not in transformers' GroundingDino; names `adapter_1`, `layer_1`, `mask_features`,
 `mask_embed`): per-pixel features at stride 4 = adapter_1(Swin stage-1 map) + 2x nearest upsample of the
@@ -109,11 +110,16 @@ class DetectorDecoder(GroundingCore):
     def forward_tensors(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor, class_payloads: torch.Tensor,
                         class_valid: torch.Tensor, with_masks: bool = False):
         """pixel_values: [B, 3, H, W] (H, W multiples of self.pad_multiple), pixel_valid: [B, H, W] bool,
-        class_payloads: [B, C, K, llm_hidden], class_valid: [B, C] bool ->
+        class_payloads: [B, C, K, llm_hidden], class_valid: [B, C] bool -> see forward_embeddings."""
+        return self.forward_embeddings(pixel_values, pixel_valid, self.class_embeddings(class_payloads), class_valid,
+                                       with_masks)
+
+    def forward_embeddings(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor, class_embeds: torch.Tensor,
+                           class_valid: torch.Tensor, with_masks: bool = False):
+        """class_embeds: [B, C, d_model] (after patch2query), other inputs as in forward_tensors ->
         (logits [B, Q, C] (-inf at padded classes), boxes [B, Q, 4] cxcywh normalised to each image's valid
         region, mask_logits [B, Q, H/4, W/4] or None)."""
-        text = self.class_embeddings(class_payloads)
-        enc = self.encode(pixel_values, pixel_valid, text, class_valid)
+        enc = self.encode(pixel_values, pixel_valid, class_embeds, class_valid)
         target, ref = self.select_queries(enc, self.cfg.num_queries)
         hidden, boxes = self.decode(enc, target, ref)
         logits = self.class_logits(hidden, enc["text"], class_valid)
