@@ -113,6 +113,17 @@ def test_priority_and_preemption_victim():
     assert s.state(1) == _C.SeqState.WAITING and s.num_computed_tokens(1) == 0
 
 
+def test_urgent_arrival_preempts_less_urgent_running():
+    s = make(num_blocks=4, block_size=4, budget=64, policy=_C.SchedulingPolicy.PRIORITY)
+    s.add_request(1, list(range(15)), priority=5)
+    s.step()
+    s.update(1, [])
+    s.add_request(2, [1, 2, 3], priority=0)
+    out = s.step()
+    assert out.preempted == [1] and out.seq_ids.tolist() == [2]
+    s.check_invariants()
+
+
 def test_queue_full_never_fits_and_abort():
     s = make(num_blocks=4, block_size=4, max_queue_size=2)
     s.add_request(1, [1, 2, 3])

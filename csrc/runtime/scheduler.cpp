@@ -152,6 +152,19 @@ void Scheduler::admit_waiting(int64_t& budget, StepOutput& out) {
   }
 }
 
+void Scheduler::preempt_for_priority(StepOutput& out) {
+  while (!waiting_.empty() && !running_.empty()) {
+    const Seq& head = get(std::get<2>(*waiting_.begin()));
+    Seq& victim = *running_.back();
+    if (head.priority >= victim.priority) return;  // strictly more urgent only
+    const int64_t chunk = std::min<int64_t>(static_cast<int64_t>(head.tokens.size()), cfg_.max_num_batched_tokens);
+    const bool seat = static_cast<int32_t>(running_.size()) < cfg_.max_num_seqs;
+    const bool room = blocks_.num_free() >= (chunk + cfg_.block_size - 1) / cfg_.block_size;
+    if (seat && room) return;
+    preempt(victim, out);
+  }
+}
+
 StepOutput Scheduler::step() {
   std::lock_guard<std::mutex> lock(mu_);
   StepOutput out;
@@ -159,6 +172,8 @@ StepOutput Scheduler::step() {
   out.block_table_start.push_back(0);
   int64_t budget = cfg_.max_num_batched_tokens;
   const int64_t cap = capacity_tokens();
+  if (cfg_.policy == SchedulingPolicy::kPriority) preempt_for_priority(out);
+  const size_t priority_preempted = out.preempted.size();
   size_t i = 0;
   while (i < running_.size() && budget > 0) {
     Seq& s = *running_[i];
@@ -179,7 +194,7 @@ StepOutput Scheduler::step() {
     budget -= n;
     ++i;
   }
-  if (out.preempted.empty()) admit_waiting(budget, out);
+  if (out.preempted.size() == priority_preempted) admit_waiting(budget, out);
   return out;
 }
 

@@ -26,7 +26,11 @@
 // policy order (lowest priority, then latest arrival) loses all its blocks and goes
 // back to the front of the waiting queue with all its tokens to recompute (its hashed
 // blocks stay in the prefix cache, so the recompute is often mostly a cache hit).
-// No sequence is admitted in a step that preempted.
+// No sequence is admitted in a step whose running sequences preempted one another.
+// Priority policy only: at the start of a step, while the head of the waiting queue
+// is strictly more urgent (lower number) than the last running sequence and lacks a
+// seat (max_num_seqs) or the blocks for its first chunk, that running sequence is
+// preempted the same way, and the head is admitted in this step.
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -137,6 +141,7 @@ class Scheduler {
   void preempt(Seq& s, StepOutput& out);
   bool schedule_running(Seq& s, int64_t budget, StepOutput& out, bool& self_preempted);
   void admit_waiting(int64_t& budget, StepOutput& out);
+  void preempt_for_priority(StepOutput& out);
   void emit(Seq& s, int64_t n, bool prefill, StepOutput& out);
   bool update_locked(Seq& s, const int32_t* appended, size_t n);
 

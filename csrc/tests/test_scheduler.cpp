@@ -143,6 +143,28 @@ static void test_priority() {
   o = p.step();
   CHECK(o.preempted.size() == 1 && o.preempted[0] == 1 && find(o, 2) == 0);
   p.check_invariants();
+  // A more urgent arrival preempts a less urgent running sequence (pool or seats full).
+  for (int max_seqs : {1, 4}) {
+    Scheduler q(cfg(4, 4, 64, max_seqs, SchedulingPolicy::kPriority));
+    q.add_request(1, toks(15), 5);
+    q.step();
+    q.update(1, {1});
+    q.add_request(2, toks(4, 50), 5);  // same priority: waits
+    o = q.step();
+    CHECK(o.preempted.empty() && o.size() == 1 && o.seq_ids[0] == 1);
+    q.update(1, {});
+    q.add_request(3, toks(4, 70), 0);
+    o = q.step();
+    CHECK(o.preempted.size() == 1 && o.preempted[0] == 1 && o.size() == 1 && o.seq_ids[0] == 3);
+    CHECK(q.state(1) == SeqState::kWaiting);
+    q.check_invariants();
+  }
+  Scheduler f(cfg(4, 4, 64, 1, SchedulingPolicy::kFcfs));  // FCFS never does this
+  f.add_request(1, toks(15), 5);
+  f.step();
+  f.add_request(3, toks(4, 70), 0);
+  o = f.step();
+  CHECK(o.preempted.empty() && f.state(3) == SeqState::kWaiting);
 }
 
 static void test_abort_limits_and_errors() {
