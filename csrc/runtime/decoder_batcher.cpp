@@ -12,6 +12,7 @@ namespace unimlm {
 namespace {
 
 constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMaxDelayUs = 86'400'000'000LL;  // keeps enqueue + delay far from overflow
 
 inline int64_t deadline_or_never(const BatchItem& it) { return it.deadline_us > 0 ? it.deadline_us : kNever; }
 
@@ -30,7 +31,8 @@ int64_t DecoderBatcher::now_us() {
 
 void DecoderBatcher::add_decoder(const std::string& name, const DecoderPolicy& policy) {
   if (policy.max_batch_size <= 0) throw std::invalid_argument("DecoderPolicy.max_batch_size must be positive");
-  if (policy.max_queue_delay_us < 0) throw std::invalid_argument("DecoderPolicy.max_queue_delay_us must be >= 0");
+  if (policy.max_queue_delay_us < 0 || policy.max_queue_delay_us > kMaxDelayUs)
+    throw std::invalid_argument("DecoderPolicy.max_queue_delay_us must be in [0, 1 day]");
   if (policy.max_queue_size <= 0) throw std::invalid_argument("DecoderPolicy.max_queue_size must be positive");
   std::lock_guard<std::mutex> lock(mu_);
   if (queues_.count(name)) throw std::invalid_argument("decoder '" + name + "' already added");
