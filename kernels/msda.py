@@ -19,18 +19,18 @@ _CONFIGS = {16: (64, 4), 32: (32, 4), 64: (16, 4), 128: (8, 4)}
 
 
 @triton.jit
-def _corner(value_ptr, row0, h, w, yi, xi, cw, d_off, d_mask, M, D):
+def _corner(value_ptr, row0, h, w, yi, xi, cw, d_off, d_mask, stride_s):
     """Weighted gather of one bilinear corner: [BQ, BD] fp32 (0 outside the level)."""
     inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
     s = row0 + yi.to(tl.int64) * w + xi.to(tl.int64)  # [BQ] int64 row in S
-    ptrs = value_ptr + (s * M * D)[:, None] + d_off[None, :]
+    ptrs = value_ptr + (s * stride_s)[:, None] + d_off[None, :]
     v = tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     return v * tl.where(inside, cw, 0.0)[:, None]
 
 
 @triton.jit
 def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-                     S, M, Lq, D,
+                     S, M, Lq, D, stride_s,
                      L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                      SOFTMAX: tl.constexpr):
     pid_q = tl.program_id(0)
@@ -43,7 +43,8 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
     d_mask = d_off < D
     nqm = (n * Lq + q.to(tl.int64)) * M + m  # [BQ] int64 index of (n, q, m)
     attn_base = nqm * (L * P)
-    value_base = value_ptr + (n * S * M + m) * D
+    # stride_s = M*D is its own argument so the JIT sees its divisibility (vector loads).
+    value_base = value_ptr + n * S * stride_s + m * D
 
     if SOFTMAX:
         # Online max / sum over the L*P logits of each query (fp32).
@@ -78,10 +79,10 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
             fy = y - y0f
             x0 = x0f.to(tl.int32)
             y0 = y0f.to(tl.int32)
-            sample = _corner(value_base, row0, h, w, y0, x0, (1.0 - fy) * (1.0 - fx), d_off, d_mask, M, D)
-            sample += _corner(value_base, row0, h, w, y0, x0 + 1, (1.0 - fy) * fx, d_off, d_mask, M, D)
-            sample += _corner(value_base, row0, h, w, y0 + 1, x0, fy * (1.0 - fx), d_off, d_mask, M, D)
-            sample += _corner(value_base, row0, h, w, y0 + 1, x0 + 1, fy * fx, d_off, d_mask, M, D)
+            sample = _corner(value_base, row0, h, w, y0, x0, (1.0 - fy) * (1.0 - fx), d_off, d_mask, stride_s)
+            sample += _corner(value_base, row0, h, w, y0, x0 + 1, (1.0 - fy) * fx, d_off, d_mask, stride_s)
+            sample += _corner(value_base, row0, h, w, y0 + 1, x0, fy * (1.0 - fx), d_off, d_mask, stride_s)
+            sample += _corner(value_base, row0, h, w, y0 + 1, x0 + 1, fy * fx, d_off, d_mask, stride_s)
             acc += sample * a[:, None]
 
     out_ptrs = out_ptr + (nqm * D)[:, None] + d_off[None, :]
@@ -111,6 +112,6 @@ def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, lev
     block_q, num_warps = _CONFIGS.get(block_d, (4, 4))
     grid = (triton.cdiv(lq, block_q), n * m)
     _msda_fwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-                           s, m, lq, d, L=n_levels, P=n_points, BLOCK_Q=block_q, BLOCK_D=block_d,
+                           s, m, lq, d, m * d, L=n_levels, P=n_points, BLOCK_Q=block_q, BLOCK_D=block_d,
                            SOFTMAX=softmax_weights, num_warps=num_warps)
     return out
