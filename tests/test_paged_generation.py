@@ -1,6 +1,7 @@
 """Greedy generation of the tiny model through PagedAttention (Triton paged ops and the
 Triton LoRA-MoE op forced, TRITON_INTERPRET=1) equals the contiguous-cache reference
-generation token for token, for several prompts batched together with chunked prefill."""
+generation token for token (and super-link payloads), for several prompts batched together,
+with chunked prefill and a mixed step carrying 1 + K super-link positions."""
 import random
 
 import pytest
@@ -18,56 +19,84 @@ def model():
     return build_model(get_preset("tiny"), seed=0, with_decoders=False)
 
 
-class _Seq:
-    def __init__(self, prompt: list[int]):
-        self.prompt, self.fed, self.out, self.table = prompt, 0, [], []
+ROUTE_TOK = 7  # a byte token standing in for [DET] (the tiny model built in code has no special ids)
+ROUTES = {ROUTE_TOK: "[DET]"}
 
-    def next_inputs(self, chunk: int) -> list[int]:
+
+def force_route_at(step_to_force):
+    """logits_processor that makes ROUTE_TOK the greedy choice at one generation step."""
+    def proc(step, logits):
+        if step == step_to_force:
+            logits = logits.clone()
+            logits[ROUTE_TOK] = logits.max() + 10.0
+        return logits
+    return proc
+
+
+class _Seq:
+    def __init__(self, prompt: list[int], processor):
+        self.prompt, self.fed, self.out, self.table, self.payloads = prompt, 0, [], [], []
+        self.processor = processor
+
+    def next_embeds(self, model, chunk: int) -> torch.Tensor:
+        """The prompt's next chunk, or the last token (plus its K query embeddings after a routing token)."""
         if self.fed < len(self.prompt):
-            return self.prompt[self.fed:self.fed + chunk]
-        return self.out[-1:]
+            return model.llm.embed(torch.tensor(self.prompt[self.fed:self.fed + chunk]))
+        step = model.llm.embed(torch.tensor(self.out[-1:]))
+        if self.out[-1] in ROUTES:
+            step = torch.cat([step, model.query_embeddings(ROUTES[self.out[-1]]).to(step.dtype)])
+        return step
 
 
 @torch.inference_mode()
-def paged_generate(model, prompts, max_new: int, block_size: int, chunk: int, num_blocks: int = 64):
+def paged_generate(model, prompts, processors, max_new: int, block_size: int, chunk: int, num_blocks: int = 64):
     """Batched greedy loop: every step feeds each unfinished sequence its next prompt chunk or
-    its last token; blocks come from a shuffled free list (non-contiguous tables)."""
+    its last token (1 + K positions after a routing token); blocks come from a shuffled free
+    list (non-contiguous tables)."""
     llm = model.cfg.llm
     cache = PagedKVCache(llm.num_hidden_layers, num_blocks, block_size, llm.num_key_value_heads,
                          llm.hidden_size // llm.num_attention_heads, torch.float32)
     attn, free = PagedAttention(cache), random.Random(0).sample(range(num_blocks), num_blocks)
-    seqs, params = [_Seq(p) for p in prompts], SamplingParams(max_tokens=max_new, ignore_eos=True)
+    seqs, params = [_Seq(p, f) for p, f in zip(prompts, processors)], SamplingParams(max_tokens=max_new,
+                                                                                      ignore_eos=True)
     while running := [s for s in seqs if len(s.out) < max_new]:
-        inputs = [s.next_inputs(chunk) for s in running]
+        embeds = [s.next_embeds(model, chunk) for s in running]
         ctx = []
-        for s, ids in zip(running, inputs):
-            s.fed += len(ids)
+        for s, e in zip(running, embeds):
+            s.fed += e.shape[0]
             while len(s.table) * block_size < s.fed:
                 s.table.append(free.pop())
             ctx.append(s.fed)
-        attn.set_metadata(PagedAttentionMetadata.build([len(i) for i in inputs], ctx, [s.table for s in running],
-                                                       block_size))
-        pos = torch.cat([torch.arange(n - len(i), n) for i, n in zip(inputs, ctx)])
-        hidden = model.llm.forward(model.llm.embed(torch.tensor(sum(inputs, []))), pos, attn)
-        last = torch.tensor([len(i) for i in inputs]).cumsum(0) - 1
-        logits = model.llm.logits(hidden[last])
-        for s, row in zip(running, logits):
+        q_lens = [e.shape[0] for e in embeds]
+        attn.set_metadata(PagedAttentionMetadata.build(q_lens, ctx, [s.table for s in running], block_size))
+        pos = torch.cat([torch.arange(n - q, n) for q, n in zip(q_lens, ctx)])
+        hidden = model.llm.forward(torch.cat(embeds), pos, attn)
+        ends = torch.tensor(q_lens).cumsum(0)
+        for s, q, end in zip(running, q_lens, ends.tolist()):
+            if s.out and s.out[-1] in ROUTES and q > 1:
+                s.payloads.append(hidden[end - q + 1:end])
             if s.fed >= len(s.prompt):
-                s.out.append(sample_token(row, params, None))
-    return [s.out for s in seqs]
+                logits = s.processor(len(s.out), model.llm.logits(hidden[end - 1]))
+                s.out.append(sample_token(logits, params, None))
+    return seqs
 
 
 @pytest.mark.parametrize("block_size,chunk", [(16, 64), (32, 7)], ids=["bs16-whole-prompt", "bs32-chunked-prefill"])
 def test_paged_triton_generation_matches_reference(model, block_size, chunk):
+    """Three prompts batched; sequence 1 emits a routing token at step 1, so the next step mixes
+    its 1 + K super-link positions with the others' single decode tokens."""
     gen = torch.Generator().manual_seed(1)
     vocab = model.cfg.llm.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 19, 33)]
-    max_new = 6
+    processors = [force_route_at(-1), force_route_at(1), force_route_at(-1)]
+    max_new = 5
     want = [reference_generate(model, p, params=SamplingParams(max_tokens=max_new, ignore_eos=True),
-                               route_ids={}).token_ids for p in prompts]
+                               route_ids=ROUTES, logits_processor=f) for p, f in zip(prompts, processors)]
     with backend_override("triton"):
-        got = paged_generate(model, prompts, max_new, block_size, chunk)
-    assert got == want
+        got = paged_generate(model, prompts, processors, max_new, block_size, chunk)
+    assert [s.out for s in got] == [w.token_ids for w in want]
+    assert ROUTE_TOK in got[1].out and len(got[1].payloads) == len(want[1].payloads) == 1
+    torch.testing.assert_close(got[1].payloads[0], want[1].payloads[0].payload, atol=1e-4, rtol=1e-4)
 
 
 def test_metadata_slots_and_flags():
