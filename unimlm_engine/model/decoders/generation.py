@@ -237,7 +237,8 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
     """Write a random tiny diffusers pipeline to `path` and return it.
 
     UNet2DConditionModel (2 levels, 16/32 channels; 8 input channels when edit) and
-    AutoencoderKL (2 levels: latents are image_size / 2), SD-1.5-style DDIM scheduler for
+    AutoencoderKL (4 levels: latents are image / 8 as in SD, so the UNet's attention stays
+    small for big [EDIT] inputs), SD-1.5-style DDIM scheduler for
     both (a deterministic sampler: the seed only draws the initial latents). No text encoder / tokenizer:
     the decoders always pass prompt_embeds. Weights depend only on `seed`.
     """
@@ -250,13 +251,13 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=image_size // 2, in_channels=8 if edit else 4, out_channels=4, layers_per_block=1,
+            sample_size=image_size // 8, in_channels=8 if edit else 4, out_channels=4, layers_per_block=1,
             block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
             attention_head_dim=4, norm_num_groups=8)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                            norm_num_groups=8, sample_size=image_size)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=image_size)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = _pipeline_class(edit)(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
