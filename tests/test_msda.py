@@ -2,6 +2,8 @@
 (TRITON_INTERPRET=1 on CPU) vs reference, fake/opcheck, input validation, CUDA cases."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +187,20 @@ def test_cuda_backends_match_reference(dtype, softmax_weights):
         with backend_override(backend):
             got = ms_deform_attn(value, shapes, starts, loc, attn, softmax_weights)
         torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1], msg=backend)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path of the benchmark (the GPU path is too long for a test)")
+def test_benchmark_cpu_path_runs(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_msda.py"
+    spec = importlib.util.spec_from_file_location("bench_msda", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_msda", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench_msda.json"
+    bench.main(["--iters", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference"] and rows[0]["ms"] > 0
