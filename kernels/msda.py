@@ -47,14 +47,16 @@ def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_p
     value_base = value_ptr + n * S * stride_s + m * D
 
     if SOFTMAX:
-        # Online max / sum over the L*P logits of each query (fp32).
+        # Max then sum over the L*P logits of each query (fp32); two passes keep a -inf
+        # (masked) logit harmless as long as one logit is finite.
         run_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        for i in tl.static_range(L * P):
+            logit = tl.load(attn_ptr + attn_base + i, mask=q_mask, other=0.0).to(tl.float32)
+            run_max = tl.maximum(run_max, logit)
         run_sum = tl.zeros([BLOCK_Q], tl.float32)
         for i in tl.static_range(L * P):
             logit = tl.load(attn_ptr + attn_base + i, mask=q_mask, other=0.0).to(tl.float32)
-            new_max = tl.maximum(run_max, logit)
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(logit - new_max)
-            run_max = new_max
+            run_sum += tl.exp(logit - run_max)
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for lvl in tl.static_range(L):

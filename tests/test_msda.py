@@ -114,6 +114,15 @@ def test_triton_matches_reference(case, dtype, loc_dtype, softmax_weights):
     torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
+def test_triton_fused_softmax_with_a_masked_logit():
+    value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
+    attn = torch.randn_like(attn)
+    attn[:, ::2, :, 0, 0] = float("-inf")
+    got = _run_triton_poisoned(value, shapes, starts, loc, attn, True)
+    expected = direct_bilinear_fp64(value, shapes, starts, loc, attn, softmax_weights=True)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
 def test_op_triton_backend_on_noncontiguous_inputs():
     value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
     value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)

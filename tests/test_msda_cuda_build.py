@@ -133,6 +133,8 @@ def test_cuda_thread_body_on_host_matches_reference(case, host_harness, tmp_path
     value = torch.randn(n, int(hw.sum()), m, d).to(dtype)
     loc = (torch.rand(n, lq, m, len(levels), p, 2) * 1.6 - 0.3).to(loc_dtype)
     attn = torch.randn(n, lq, m, len(levels), p).to(loc_dtype)
+    if softmax_weights:
+        attn[:, ::2, :, 0, 0] = float("-inf")  # a masked logit must not poison the softmax
     for name, t in (("value", value), ("shapes", shapes), ("starts", starts), ("loc", loc), ("attn", attn)):
         _dump(t, tmp_path / f"{name}.bin")
     (tmp_path / "out.bin").write_bytes(b"")
