@@ -84,7 +84,8 @@ def test_keypoints_dots_and_coco_skeleton():
     for a, b in COCO_SKELETON:  # everything changed lies on a limb or a dot
         if a and b:
             p, q = kp[0, a, :2], kp[0, b, :2]
-            t = np.clip(((xs - p[0]) * (q[0] - p[0]) + (ys - p[1]) * (q[1] - p[1])) / max(np.sum((q - p) ** 2), 1e-9), 0, 1)
+            t = ((xs - p[0]) * (q[0] - p[0]) + (ys - p[1]) * (q[1] - p[1])) / max(np.sum((q - p) ** 2), 1e-9)
+            t = np.clip(t, 0, 1)  # projection of each pixel onto the limb segment
             near |= np.hypot(xs - (p[0] + t * (q[0] - p[0])), ys - (p[1] + t * (q[1] - p[1]))) <= 3
     assert not diff[~near].any()
     for k in range(1, 17):

@@ -62,7 +62,8 @@ class DecoderSet(nn.Module):
         self.gdino: Optional[nn.Module] = None
         self.unipose: Optional[nn.Module] = None
         self.sd: Optional[GenerationDecoder] = GenerationDecoder(cfg.gen) if cfg.gen is not None else None
-        self.ip2p: Optional[GenerationDecoder] = GenerationDecoder(cfg.edit, edit=True) if cfg.edit is not None else None
+        self.ip2p: Optional[GenerationDecoder] = (GenerationDecoder(cfg.edit, edit=True) if cfg.edit is not None
+                                                  else None)
         if cfg.detector is not None:
             from .detector import DetectorDecoder
 
@@ -134,7 +135,8 @@ class DecoderSet(nn.Module):
                 raise ValueError(f"route {route}{label}: request {r} has {len(groups)} classes, at most {max_groups}")
             for g in groups:
                 if not isinstance(g, torch.Tensor) or g.dim() != 2 or not g.is_floating_point():
-                    raise ValueError(f"route {route}{label}: request {r}: each group must be a float [K, hidden] tensor")
+                    raise ValueError(f"route {route}{label}: request {r}: each group must be a float [K, hidden] "
+                                     "tensor")
                 if tuple(g.shape) != (k_want, hidden):
                     raise ValueError(f"route {route}{label}: request {r}: payload shape {tuple(g.shape)}, "
                                      f"expected [K={k_want}, hidden={hidden}]")
