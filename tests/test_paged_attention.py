@@ -198,3 +198,6 @@ def test_opcheck_fake_tensors():
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     qp = torch.randn(7, 4, 64)
     torch.library.opcheck(torch.ops.unimlm.paged_prefill_attention.default, (qp, kc, vc, table, cu, ctx, 0.125))
+    k = torch.randn(3, 2, 64)
+    torch.library.opcheck(torch.ops.unimlm.write_kv_cache.default,
+                          (k, k.clone(), kc.contiguous(), vc.contiguous(), torch.tensor([0, -1, 17])))
