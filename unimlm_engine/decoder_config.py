@@ -131,7 +131,7 @@ class GenConfig(_DictMixin):
     llm_hidden_size: int = 4096
     num_embs: int = 64
     mapper_dim: int = 768
-    mapper_layers: int = 4
+    mapper_layers: int = 1  # the official mapper: 1 encoder + 1 decoder layer
     mapper_heads: int = 8
     num_prompt_tokens: int = 77
     pipeline_dir: str = ""  # local diffusers-format directory (no download)

@@ -7,6 +7,8 @@ Pickle shards are read with `torch.load(weights_only=True)` only. Parameters kee
 official names; decoder weights (`gdino.` `unipose.` `sd.` `ip2p.`) load into
 `model.decoders` when the model has that decoder, and are reported as not loaded
 otherwise, as are keys of modules this engine does not serve (`region_encoder.`).
+The diffusers pipelines stored in the official checkpoint (`sd.sd_unet.*` ...) are skipped
+and reported too: generation decoders load their pipeline from a local diffusers directory.
 Every problem raises `CheckpointError` naming the file and the keys.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .config import ModelConfig
 
 DECODER_PREFIXES = ("gdino.", "unipose.", "sd.", "ip2p.")
 UNSERVED_PREFIXES = ("region_encoder.",)
+# the official checkpoint also stores the diffusers pipelines; they come from pipeline_dir instead
+PIPELINE_PREFIXES = tuple(f"{p}.sd_{c}." for p in ("sd", "ip2p") for c in ("unet", "vae", "text_encoder"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -116,7 +120,7 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
         sd = read_shard(file)
         report.files.append(file.name)
         for key, tensor in sd.items():
-            if key.startswith(UNSERVED_PREFIXES) or (key.startswith(DECODER_PREFIXES)
+            if key.startswith(UNSERVED_PREFIXES + PIPELINE_PREFIXES) or (key.startswith(DECODER_PREFIXES)
                                                       and not any(k.startswith("decoders." + _skip_prefix(key) + ".")
                                                                   for k in model_keys)):
                 p = _skip_prefix(key)

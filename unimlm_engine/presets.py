@@ -32,7 +32,7 @@ def tiny() -> ModelConfig:
         pose=PoseConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
                         num_keypoints=17, llm_hidden_size=256, image_short=64, image_long=96, embed_dim=16,
-                        depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
+                        depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4, max_detections=3),
         gen=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,
                       num_prompt_tokens=77),
         edit=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,

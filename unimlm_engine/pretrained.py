@@ -34,7 +34,7 @@ def _attach_tiny_pipelines(model: VisionLLM) -> None:
         dec = getattr(d, name, None)
         if dec is None:
             continue
-        path = cache_dir() / f"tiny-{name}-pipeline-v1"
+        path = cache_dir() / f"tiny-{name}-pipeline-v2"
         if (path / "model_index.json").is_file():
             pipe = load_local_pipeline(str(path), edit=edit)
         else:
