@@ -51,3 +51,24 @@ def test_concurrent_requests_equal_reference(cfg):
         assert any(o.num_cached_tokens > 0 for o in outs) or stats["kv_blocks_cached"] > 0
     finally:
         engine.close()
+
+
+def test_prefix_sharing_reuses_image_and_system_prompt_blocks():
+    model, tok = tiny_model()
+    engine = ue.Engine(model, tok, ue.EngineConfig(num_kv_blocks=128))
+    try:
+        sp = ue.SamplingParams(max_tokens=6)
+        first = engine.generate("What is this?", images=[IMAGES[1]], sampling=sp)
+        same = engine.generate("What is this?", images=[IMAGES[1]], sampling=sp)
+        other_image = engine.generate("What is this?", images=[IMAGES[2]], sampling=sp)
+        assert first.num_cached_tokens == 0
+        # everything but the last prompt token can come from the cache
+        assert same.num_cached_tokens >= (same.prompt_len - 1) // 16 * 16 - 16 and same.num_cached_tokens > 0
+        assert same.token_ids == first.token_ids
+        # a different image shares only the system prompt before the image tokens
+        p = engine.intake.processor("What is this?", [IMAGES[2]])
+        assert 0 < other_image.num_cached_tokens <= p.image_spans[0][0]
+        req = ue.Request(prompt="What is this?", images=[IMAGES[2]], sampling=sp)
+        assert_same_as_reference(other_image, reference_for(engine, req))
+    finally:
+        engine.close()

@@ -207,7 +207,9 @@ class Engine:
         seqs = [self._seqs[i] for i in out.seq_ids.tolist()]
         now = time.monotonic()
         for s in seqs:
-            s.first_scheduled = s.first_scheduled or now
+            if s.first_scheduled is None:
+                s.first_scheduled = now
+                s.num_cached_tokens = self.scheduler.num_cached_tokens(s.seq_id)
         if out.cow:
             self.runner.copy_blocks(out.cow)
         hidden, last_rows = self.runner.execute(out, seqs)
