@@ -18,6 +18,25 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
+def _softmax_tile(q, k, v, keep, scale, m_i, l_i, acc, F32: tl.constexpr):
+    """One online-softmax step: q [M, BD], k/v [BN, BD], keep [M, BN] -> updated (m, l, acc), fp32."""
+    if F32:
+        sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))
+    sc = tl.where(keep, sc * scale, float("-inf"))  # [M, BN]
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    pr = tl.exp(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    if F32:
+        acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)  # P rounded to the value dtype, as in flash attn
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr, o_ptr,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_btb,
@@ -55,20 +74,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr
                     mask=kvmask, other=0.0)  # [BN, BD]
         v = tl.load(vc_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
                     mask=kvmask, other=0.0)  # [BN, BD]
-        if F32:
-            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
-        sc = tl.where(valid[None, :], sc * scale, float("-inf"))  # [BG, BN]
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(sc - m_new[:, None])  # [BG, BN]
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        if F32:
-            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_tile(q, k, v, valid[None, :], scale, m_i, l_i, acc, F32)
     if SINGLE_SPLIT:  # the whole context in one program: normalise and write the output directly
         out = acc / l_i[:, None]
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -143,22 +149,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, o_ptr,
                     mask=kvmask, other=0.0)  # [BN, BD]
         v = tl.load(vc_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
                     mask=kvmask, other=0.0)
-        if F32:
-            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
         # key 0 is visible to every row (pos >= 0), so no row is ever fully masked
-        visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < kv_end)
-        sc = tl.where(visible, sc * scale, float("-inf"))  # [BM, BN]
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        if F32:
-            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
+        visible = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < kv_end)  # [BM, BN]
+        m_i, l_i, acc = _softmax_tile(q, k, v, visible, scale, m_i, l_i, acc, F32)
     out = acc / l_i[:, None]
     tl.store(o_ptr + qrow[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=qmask)
