@@ -4,7 +4,7 @@
 Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, Hkv, D].
 block_tables: [B, max_blocks] int32 (entries past a sequence's pages are padding, e.g. -1).
 slot_mapping: [T] int64, slot = block_id * block_size + offset, -1 = skip.
-Query head h reads KV head h // (H // Hkv). The references gather through the block table
+Query head h reads KV head h // (H // Hkv); every context length must be >= 1. The references gather through the block table
 and compute in fp32; they are the CPU path (tensors on CPU never launch Triton unless
 UNIMLM_KERNEL_BACKEND=triton forces it).
 """
