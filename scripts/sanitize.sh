@@ -5,14 +5,25 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-$ROOT/build/sanitize}"
-PYBIND11_DIR="$(python -m pybind11 --cmakedir 2>/dev/null || true)"
+# The project venv (make install) provides cmake, ninja and pybind11.
+if [ -d "$ROOT/.venv/bin" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+# CMake needs pybind11 even for the tests: take it from the project venv when there is one.
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in "$ROOT/.venv/bin/python" python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -m pybind11 --cmakedir >/dev/null 2>&1; then PY="$cand"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "sanitize.sh: no Python with pybind11 found (set PYTHON=...)" >&2; exit 1; }
+PYBIND11_DIR="$("$PY" -m pybind11 --cmakedir)"
+PY="$(command -v "$PY")"
 GENERATOR=()
 command -v ninja >/dev/null 2>&1 && GENERATOR=(-G Ninja)
 
 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DUNIMLM_SANITIZE=ON -DUNIMLM_CUDA=OFF -DUNIMLM_BUILD_TESTS=ON \
-  ${PYBIND11_DIR:+-Dpybind11_DIR="$PYBIND11_DIR"}
+  -Dpybind11_DIR="$PYBIND11_DIR" -DPython_EXECUTABLE="$PY"
 
 TESTS=()
 for src in "$ROOT"/csrc/tests/*.cpp; do TESTS+=("$(basename "${src%.cpp}")"); done
