@@ -163,7 +163,9 @@ def test_multithreaded_submit_while_stepping():
         th.start()
     finished = set()
     lengths = {}
-    while len(finished) < n_threads * per:
+    for _ in range(100_000):  # bounded: a scheduling bug fails below instead of hanging
+        if len(finished) == n_threads * per:
+            break
         out = s.step()
         for i, sid in enumerate(out.seq_ids.tolist()):
             if not out.do_sample[i]:
