@@ -18,7 +18,7 @@ are compared with the baseline (tokens equal, payloads within tolerance). If any
 benchmark says so and reports no speedup.
 
 Prints a table, writes benchmarks/results/bench_e2e.json and two PNG plots beside it.
-Usage: python benchmarks/bench_e2e.py [--workload mix] [--requests 48] [--concurrency 1,4,16,64]
+Usage: python benchmarks/bench_e2e.py [--workload mix] [--requests 64] [--concurrency 1,4,16,64]
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def _ms(s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=WORKLOADS, default="mix")
-    p.add_argument("--requests", type=int, default=48, help="requests per run (each side, each concurrency)")
+    p.add_argument("--requests", type=int, default=64, help="requests per run (each side, each concurrency)")
     p.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (ignore_eos)")
     p.add_argument("--concurrency", default="1,4,16,64", help="engine closed-loop client counts")
     p.add_argument("--check", type=int, default=3, help="first requests compared with the baseline in every run")
@@ -274,8 +274,9 @@ def run(args) -> dict:
         entry = engine_entry(res, stats, c, check)
         entry["token_identical_requests"] = sum(e.token_ids == b.token_ids for e, b in zip(res.outputs, base_outs))
         result["engine"].append(entry)
-        print(f"engine c={c}: {entry['summary']['req_per_s']:.2f} req/s, check "
-              f"{'ok' if not entry['check_failures'] else entry['check_failures']}", flush=True)
+        print(f"engine c={c}: {entry['summary']['req_per_s']:.2f} req/s, check of the first {args.check} "
+              f"{'ok' if not entry['check_failures'] else entry['check_failures']}; "
+              f"{entry['token_identical_requests']}/{len(reqs)} requests token-identical", flush=True)
     failures = [f for r in result["engine"] for f in r["check_failures"]]
     result["verdict"] = {"correct": not failures, "failures": failures}
     tmp.cleanup()
