@@ -255,9 +255,18 @@ class EngineConfig:
     decoder_max_queue_delay_ms: float = 2.0
     decoder_options: dict[str, Any] = field(default_factory=dict)  # forwarded to run_decoder
     idle_wait_s: float = 0.005
+    cuda_graphs: bool = True  # all-decode steps replay a captured CUDA graph per batch-size bucket (CUDA only)
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    cuda_graph_max_context: int = 8192  # longer sequences take the eager path
 
     def __post_init__(self) -> None:
         o = "EngineConfig"
+        self.cuda_graph_batch_sizes = tuple(self.cuda_graph_batch_sizes)
+        _require(len(self.cuda_graph_batch_sizes) > 0 and all(
+            isinstance(b, int) and b > 0 for b in self.cuda_graph_batch_sizes), o,
+            f"cuda_graph_batch_sizes must be non-empty positive ints, got {self.cuda_graph_batch_sizes}")
+        _require(self.cuda_graph_max_context > 0, o,
+                 f"cuda_graph_max_context must be positive, got {self.cuda_graph_max_context}")
         _require(self.block_size in (16, 32), o, f"block_size must be 16 or 32, got {self.block_size}")
         _require(self.num_kv_blocks is None or self.num_kv_blocks > 0, o, "num_kv_blocks must be positive")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, o, "gpu_memory_utilization must be in (0, 1]")

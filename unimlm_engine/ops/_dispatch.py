@@ -7,6 +7,11 @@
 - reference: force the PyTorch reference everywhere.
 - cuda: force the CUDA C++ kernel (error if the module was built without CUDA).
 `backend_override(name)` sets it for a block of code (thread-local), for tests.
+
+`triton_launch_guard()` wraps every Triton launch: the Triton interpreter
+(TRITON_INTERPRET=1) is not thread-safe (two threads launching kernels at once fail with
+"Did you forget @triton.jit"), so under the interpreter launches take `interpreter_lock`;
+compiled (GPU) launches take no lock.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 _VALID = ("auto", "reference", "triton", "cuda")
 _local = threading.local()
+interpreter_lock = threading.Lock()
 
 
 def requested_backend() -> str:
@@ -37,6 +43,16 @@ def backend_override(name: str):
         yield
     finally:
         _local.override = prev
+
+
+@contextlib.contextmanager
+def triton_launch_guard():
+    """Hold `interpreter_lock` for the block when TRITON_INTERPRET=1 (read at call time), else nothing."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    with interpreter_lock:
+        yield
 
 
 def pick(t: torch.Tensor, *, has_triton: bool, has_cuda: bool = False) -> str:

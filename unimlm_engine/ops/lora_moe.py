@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ._dispatch import pick
+from ._dispatch import pick, triton_launch_guard
 
 
 def lora_moe_reference(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
@@ -66,7 +66,8 @@ def lora_moe_linear(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, l
     _check(x, w0, w_router, lora_a, lora_b)
     impl = _triton_impl()
     if pick(x, has_triton=impl is not None) == "triton":
-        return impl(x, w0, w_router, lora_a, lora_b, scaling)
+        with triton_launch_guard():
+            return impl(x, w0, w_router, lora_a, lora_b, scaling)
     return lora_moe_reference(x, w0, w_router, lora_a, lora_b, scaling)
 
 

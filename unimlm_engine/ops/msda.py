@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import pick
+from ._dispatch import pick, triton_launch_guard
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Mirrors the dtype enum of csrc/kernels/msda.cuh (MsdaDtype).
@@ -168,7 +168,8 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     args = [t.contiguous() for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)]
     if backend == "cuda":
         return _cuda_forward(cuda_mod, *args, softmax_weights)
-    return triton_mod.ms_deform_attn_triton(*args, softmax_weights=softmax_weights)
+    with triton_launch_guard():
+        return triton_mod.ms_deform_attn_triton(*args, softmax_weights=softmax_weights)
 
 
 @ms_deform_attn.register_fake

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from ._dispatch import pick
+from ._dispatch import pick, triton_launch_guard
 
 
 @functools.cache
@@ -89,7 +89,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     """k, v: [T, Hkv, D]; k_cache, v_cache: [NB, BS, Hkv, D] (mutated); slot_mapping: [T] int64."""
     mods = _kernels()
     if pick(k, has_triton=mods is not None) == "triton":
-        mods[0].write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+        with triton_launch_guard():
+            mods[0].write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
 
@@ -105,7 +106,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q: [B, H, D], block_tables: [B, max_blocks] int32, context_lens: [B] int32 -> [B, H, D]."""
     mods = _kernels()
     if pick(q, has_triton=mods is not None) == "triton":
-        return mods[1].paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+        with triton_launch_guard():
+            return mods[1].paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
@@ -121,7 +123,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """q: [T, H, D] packed, cu_seqlens_q: [B+1] int32, context_lens: [B] int32 (incl. new) -> [T, H, D]."""
     mods = _kernels()
     if pick(q, has_triton=mods is not None) == "triton":
-        return mods[1].paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+        with triton_launch_guard():
+            return mods[1].paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                                scale)
     return paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
 
 
