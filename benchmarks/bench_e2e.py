@@ -242,41 +242,69 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="1,4,16,64", help="engine closed-loop client counts")
     p.add_argument("--check", type=int, default=3, help="first requests compared with the baseline in every run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds (baseline, then every concurrency); the median round by req/s is reported")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads on the CPU, both sides (1: steadier on a shared machine; 0: torch default)")
+                   help="torch intra-op threads, both sides (1: steadier on a shared CPU; 0: torch's default)")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench_e2e.json"))
     return p.parse_args(argv)
+
+
+def baseline_entry(baseline, reqs: list[Request], device: str) -> tuple[dict, list[BaselineOutput]]:
+    peak_memory_reset(device)
+    outs, wall = run_baseline(baseline, reqs)
+    mem = peak_memory(device) if device == "cuda" else param_bytes(baseline.model, baseline.hf)
+    entry = {"summary": baseline_summary(outs, wall), "e2e_s": [o.e2e_time_s for o in outs], "memory_bytes": mem,
+             "has_det": any(o.tasks for o in outs)}
+    print(f"HF serial: {entry['summary']['req_per_s']:.2f} req/s", flush=True)
+    return entry, outs
+
+
+def engine_round(model, tok, reqs: list[Request], c: int, base_outs: list[BaselineOutput], args, device: str) -> dict:
+    """One engine run at concurrency c, its outputs checked against the baseline's."""
+    res, stats = run_engine(model, tok, reqs, c, device)
+    atol = PAYLOAD_ATOL.get(model.dtype, 1e-3)
+    check = [compare(e, b, atol) for e, b in zip(res.outputs[:args.check], base_outs[:args.check])]
+    entry = engine_entry(res, stats, c, check)
+    entry["token_identical_requests"] = sum(e.token_ids == b.token_ids for e, b in zip(res.outputs, base_outs))
+    print(f"engine c={c}: {entry['summary']['req_per_s']:.2f} req/s, check of the first {args.check} "
+          f"{'ok' if not entry['check_failures'] else entry['check_failures']}; "
+          f"{entry['token_identical_requests']}/{len(reqs)} requests token-identical", flush=True)
+    return entry
+
+
+def median_round(entries: list[dict]) -> dict:
+    """The round with the median req/s (lower median for an even count); all rounds' req/s
+    and every round's check failures kept."""
+    ranked = sorted(entries, key=lambda e: e["summary"]["req_per_s"])
+    pick = dict(ranked[(len(ranked) - 1) // 2])
+    pick["req_per_s_rounds"] = [e["summary"]["req_per_s"] for e in entries]
+    if "check_failures" in pick:
+        pick["check_failures"] = [f for e in entries for f in e["check_failures"]]
+    return pick
 
 
 def run(args) -> dict:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     tmp = tempfile.TemporaryDirectory(prefix="bench_e2e_")
     baseline, model, tok, preset = setup_cpu(Path(tmp.name)) if device == "cpu" else setup_cuda()
-    reqs = make_workload(args.workload, args.requests, tok.special_ids, model.cfg.vision.image_size, args.max_tokens,
-                         args.seed)
-    warm_up(baseline, model, tok, make_workload(args.workload, 3, tok.special_ids, model.cfg.vision.image_size, 4,
-                                                args.seed + 1))
-    peak_memory_reset(device)
-    base_outs, base_wall = run_baseline(baseline, reqs)
-    base_mem = peak_memory(device) if device == "cuda" else param_bytes(baseline.model, baseline.hf)
+    size = model.cfg.vision.image_size
+    reqs = make_workload(args.workload, args.requests, tok.special_ids, size, args.max_tokens, args.seed)
+    warm_up(baseline, model, tok, make_workload(args.workload, 3, tok.special_ids, size, 4, args.seed + 1))
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+    base_rounds, engine_rounds = [], {c: [] for c in levels}
+    for _ in range(args.repeats):  # rounds interleave the two sides so load changes hit both
+        entry, base_outs = baseline_entry(baseline, reqs, device)
+        base_rounds.append(entry)
+        for c in levels:
+            engine_rounds[c].append(engine_round(model, tok, reqs, c, base_outs, args, device))
     result = {"setup": {"preset": preset, "device": device, "workload": args.workload, "requests": args.requests,
                         "max_tokens": args.max_tokens, "check": args.check, "seed": args.seed,
+                        "repeats": args.repeats, "threads": args.threads,
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **machine()},
-              "baseline": {"summary": baseline_summary(base_outs, base_wall), "e2e_s": [o.e2e_time_s for o in base_outs],
-                           "memory_bytes": base_mem, "has_det": any(o.tasks for o in base_outs)},
-              "engine": []}
-    atol = PAYLOAD_ATOL.get(model.dtype, 1e-3)
-    for c in [int(x) for x in args.concurrency.split(",") if x]:
-        res, stats = run_engine(model, tok, reqs, c, device)
-        check = [compare(e, b, atol) for e, b in zip(res.outputs[:args.check], base_outs[:args.check])]
-        entry = engine_entry(res, stats, c, check)
-        entry["token_identical_requests"] = sum(e.token_ids == b.token_ids for e, b in zip(res.outputs, base_outs))
-        result["engine"].append(entry)
-        print(f"engine c={c}: {entry['summary']['req_per_s']:.2f} req/s, check of the first {args.check} "
-              f"{'ok' if not entry['check_failures'] else entry['check_failures']}; "
-              f"{entry['token_identical_requests']}/{len(reqs)} requests token-identical", flush=True)
+              "baseline": median_round(base_rounds), "engine": [median_round(engine_rounds[c]) for c in levels]}
     failures = [f for r in result["engine"] for f in r["check_failures"]]
     result["verdict"] = {"correct": not failures, "failures": failures}
     tmp.cleanup()

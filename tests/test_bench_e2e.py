@@ -11,13 +11,15 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from baselines.hf_serial import HFLoRAMoELinear, HFSerialBaseline  # noqa: E402
+from baselines.hf_serial import BaselineOutput, HFLoRAMoELinear, HFSerialBaseline  # noqa: E402
+from bench_e2e import compare  # noqa: E402
 from engine_helpers import reference_for  # noqa: E402
 
 from unimlm_engine import Engine  # noqa: E402
-from unimlm_engine.engine.types import Request  # noqa: E402
+from unimlm_engine.engine.types import Request, RequestOutput  # noqa: E402
 from unimlm_engine.loader import save_checkpoint  # noqa: E402
 from unimlm_engine.model.attention import ContiguousKVCache  # noqa: E402
+from unimlm_engine.model.superlink import RoutedPayload  # noqa: E402
 from unimlm_engine.ops.lora_moe import lora_moe_per_expert_loop  # noqa: E402
 from unimlm_engine.pretrained import load_pretrained  # noqa: E402
 from unimlm_engine.sampling import SamplingParams  # noqa: E402
@@ -91,3 +93,18 @@ def test_hf_lora_moe_linear_equals_per_expert_loop(tokens):
     x = torch.randn(tokens, 40, dtype=torch.float64)
     ref = lora_moe_per_expert_loop(x, lin.weight, lin.lora_router, lin.lora_A, lin.lora_B, 4.0).double()
     torch.testing.assert_close(lin(x[None])[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_gate_flags_differences():
+    """The benchmark's check (no speedup when it fails) catches tokens and payloads."""
+    pay = torch.zeros(4, 8)
+    base = BaselineOutput(token_ids=[5, 6, 7], payloads=[RoutedPayload("[DET]", 0, pay)])
+
+    def engine_out(tokens, payload):
+        return RequestOutput("r", token_ids=tokens, payloads=[RoutedPayload("[DET]", 0, payload)],
+                             finish_reason="length")
+
+    assert compare(engine_out([5, 6, 7], pay + 1e-5), base, atol=1e-3) is None
+    assert "tokens differ" in compare(engine_out([5, 6, 8], pay), base, atol=1e-3)
+    assert "payload" in compare(engine_out([5, 6, 7], pay + 1.0), base, atol=1e-3)
+    assert "payload" in compare(engine_out([5, 6, 7], pay + float("nan")), base, atol=1e-3)
