@@ -3,6 +3,12 @@
 Input embeddings come from three sources, by position: vocabulary ids (embedding table),
 `<im_patch>` positions (vision features, computed once per request, batched across the
 requests that need them this step), and super-link query markers (query tables).
+
+All-decode steps (every sequence feeds one vocabulary id, no image position) of at most the
+largest bucket's size take `DecodeGraphRunner` (engine/cuda_graphs.py): a CUDA graph per
+batch-size bucket when the model is on CUDA and `cuda_graphs` is on (capture untested on a GPU
+here). `graph_capture=False` runs that padded static-buffer path eagerly on any device (tests).
+Logits stay outside the graph: they run only for the sampled rows.
 """
 from __future__ import annotations
 
@@ -11,13 +17,26 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import EngineConfig
 from ..model.vlm import VisionLLM
+from .cuda_graphs import DecodeGraphRunner
 from .paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
 from .sequence import Sequence, decode_marker
 
 
+_GRAPH_DEFAULTS = EngineConfig()
+
+
 class ModelRunner:
-    def __init__(self, model: VisionLLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
+    """`cuda_graphs`, `cuda_graph_batch_sizes`, `cuda_graph_max_context`: as in EngineConfig.
+    graph_capture: None = capture CUDA graphs when the model is on CUDA (else no graph path);
+    False = the padded static-buffer decode path without capture, on any device; True = capture."""
+
+    def __init__(self, model: VisionLLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None,
+                 *, cuda_graphs: bool = _GRAPH_DEFAULTS.cuda_graphs,
+                 cuda_graph_batch_sizes: tuple[int, ...] = _GRAPH_DEFAULTS.cuda_graph_batch_sizes,
+                 cuda_graph_max_context: int = _GRAPH_DEFAULTS.cuda_graph_max_context,
+                 graph_capture: Optional[bool] = None):
         self.model = model
         c = model.cfg.llm
         self.block_size = block_size
@@ -25,6 +44,12 @@ class ModelRunner:
                                   dtype=kv_dtype or model.dtype, device=model.device)
         self.attn = PagedAttention(self.cache)
         self.device = model.device
+        if graph_capture is None:
+            graph_capture = True if torch.device(self.device).type == "cuda" else None
+        self.graphs: Optional[DecodeGraphRunner] = None
+        if cuda_graphs and graph_capture is not None:
+            self.graphs = DecodeGraphRunner(model.llm, PagedAttention(self.cache), cuda_graph_batch_sizes,
+                                            cuda_graph_max_context, capture=graph_capture)
 
     @property
     def kv_bytes(self) -> int:
@@ -82,6 +107,9 @@ class ModelRunner:
         if need:
             self.encode_images(need)
         qsl = np.asarray(out.query_start_loc, dtype=np.int64)
+        hidden = self._decode_graph(out, seqs, starts, counts)
+        if hidden is not None:
+            return hidden, torch.from_numpy(qsl[1:] - 1)
         total = int(qsl[-1])
         positions = np.repeat(starts - qsl[:-1], counts) + np.arange(total)
         meta = PagedAttentionMetadata(
@@ -94,6 +122,20 @@ class ModelRunner:
         embeds = self._embeddings(seqs, starts, counts)
         hidden = self.model.llm.forward(embeds, torch.from_numpy(positions).to(self.device), self.attn)
         return hidden, torch.from_numpy(qsl[1:] - 1)
+
+    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray) -> Optional[torch.Tensor]:
+        """The bucketed static-buffer decode (CUDA graph) when the step qualifies, else None (eager).
+        -> hidden [N, hidden] final-norm."""
+        g = self.graphs
+        if g is None or not (counts == 1).all() or not g.fits(len(seqs), int(starts.max()) + 1):
+            return None
+        if any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts)):
+            return None  # a prompt position of an image request: maybe an image token
+        ids = np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
+        if (ids < 0).any():
+            return None  # super-link query markers take the embedding override
+        slots = np.asarray(out.slot_mapping, dtype=np.int64)
+        return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32))
 
     @torch.inference_mode()
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
