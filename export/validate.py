@@ -1,7 +1,10 @@
 """Check an exported decoder against the eager module on random inputs (ONNX Runtime CPU / AOTInductor)."""
 from __future__ import annotations
 
+import functools
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,3 +59,18 @@ def compare(kind: str, decoder: torch.nn.Module, runner, shape: ExportShape, val
         return {"max_diff": max_scaled_diff([got[0], got[2], got[3]], [want[0], want[2], want[3]]),
                 "labels_equal": bool(torch.equal(got[1].long(), want[1].long())), "run_s": dt}
     return {"max_diff": max_scaled_diff(got, want), "run_s": dt}
+
+
+DET_SHAPE = ExportShape(batch=2, height=128, width=128, classes=4)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_detector_export(msda: str = "plugin") -> tuple[torch.nn.Module, Path, dict]:
+    """(decoder, .onnx path, record): the tiny-preset detector (seed 0) exported once per process at
+    DET_SHAPE into a temporary directory (tests share it: an export takes about a minute on 2 cores)."""
+    from .cli import build_decoder
+    from .onnx_export import export_onnx
+
+    decoder = build_decoder("detector", "tiny")
+    path = Path(tempfile.mkdtemp(prefix="unimlm_export_")) / f"detector_{msda}.onnx"
+    return decoder, path, export_onnx("detector", decoder, DET_SHAPE, path, msda=msda, opset=17)
