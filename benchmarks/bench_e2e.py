@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import random
@@ -177,6 +178,8 @@ def run_engine(model, tok, requests: list[Request], concurrency: int, device: st
         res = run_closed_loop(engine, [clone_request(r) for r in requests], concurrency)
         stats = engine.stats()
     stats["peak_memory_allocated"] = peak_memory(device)
+    del engine
+    gc.collect()  # the engine and its threads form a cycle: free its KV pool before the next level
     return res, stats
 
 
@@ -206,11 +209,15 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                        text=True, check=True).stdout.strip()
+        info["commit"] = _git("rev-parse", "--short", "HEAD").strip()
+        info["uncommitted_engine_files"] = _git("status", "--short", "--", "unimlm_engine", "kernels").splitlines()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=True).stdout
 
 
 def table_rows(result: dict) -> list[dict]:
@@ -287,6 +294,7 @@ def median_round(entries: list[dict]) -> dict:
 
 def run(args) -> dict:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    started = machine()  # the commit the code was imported from: read before the long run
     tmp = tempfile.TemporaryDirectory(prefix="bench_e2e_")
     baseline, model, tok, preset = setup_cpu(Path(tmp.name)) if device == "cpu" else setup_cuda()
     size = model.cfg.vision.image_size
@@ -303,7 +311,7 @@ def run(args) -> dict:
                         "max_tokens": args.max_tokens, "check": args.check, "seed": args.seed,
                         "repeats": args.repeats, "threads": args.threads,
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **machine()},
+                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **started},
               "baseline": median_round(base_rounds), "engine": [median_round(engine_rounds[c]) for c in levels]}
     failures = [f for r in result["engine"] for f in r["check_failures"]]
     result["verdict"] = {"correct": not failures, "failures": failures}
