@@ -118,16 +118,19 @@ def make_backend(kind: str, path: str | Path | None = None, fn: Callable | None 
     return {"onnxruntime": OnnxRuntimeBackend, "aoti": AotiBackend, "tensorrt": TensorRTBackend}[kind](path)
 
 
-def _pad_to(x: torch.Tensor, size: Sequence[int], value=0) -> torch.Tensor:
-    """Pad x at the end of every dim up to `size` (never shrinks); batch rows are padded with `value`."""
+def _pad_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Pad x with zeros / False at the end of every non-batch dim up to `size`, then repeat the last batch row
+    up to size[0] (an all-invalid row would divide by a zero valid extent). Never shrinks."""
     pad = []
     for have, want in zip(reversed(x.shape), reversed(list(size))):
         if have > want:
             raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported bucket {tuple(size)}")
         pad += [0, want - have]
-    if x.dtype == torch.bool:
-        return F.pad(x.to(torch.uint8), pad, value=int(value)).bool()
-    return F.pad(x, pad, value=value)
+    pad[-1] = 0
+    x = F.pad(x.to(torch.uint8), pad).bool() if x.dtype == torch.bool else F.pad(x, pad)
+    if x.shape[0] < size[0]:
+        x = torch.cat([x, x[-1:].expand(size[0] - x.shape[0], *x.shape[1:])], 0)
+    return x
 
 
 class FixedBucket:
