@@ -23,6 +23,8 @@ from unimlm_engine.presets import get_preset
 
 HAS_CUDA = torch.cuda.is_available()
 BS = 16
+# padding rows read the NaN-poisoned block 0 on purpose; numpy (the interpreter) warns about it
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +102,8 @@ CASES = {  # name: (context lengths, buckets); the step runs on the smallest buc
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case, backend", [(c, "reference") for c in CASES] +
+                         [(c, "triton") for c in ("n3-bucket4", "n7-bucket8-of-16")])
 @torch.inference_mode()
 def test_padded_decode_equals_eager(model, case, backend):
     ctx_lens, sizes = CASES[case]
@@ -118,9 +120,8 @@ def test_padded_decode_equals_eager(model, case, backend):
     _assert_cache(graph_cache, eager_cache, slots)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @torch.inference_mode()
-def test_fewer_rows_in_a_used_bucket_reset_the_stale_rows(model, backend):
+def test_fewer_rows_in_a_used_bucket_reset_the_stale_rows(model):
     """7 sequences, then 4 in the same bucket of 8: rows 4..6 must be padding again (the first
     step's slots must not be rewritten, its contexts not re-read)."""
     base = _cache(model, 40)
@@ -128,7 +129,7 @@ def test_fewer_rows_in_a_used_bucket_reset_the_stale_rows(model, backend):
     eager_cache, graph_cache = _clone(base), _clone(base)
     runner = DecodeGraphRunner(model.llm, PagedAttention(graph_cache), (8,), max_context=80, capture=False)
     ids, pos, slots, tables = first
-    with backend_override(backend):
+    with backend_override("reference"):  # the reset is host-side buffer logic, the same for every backend
         _eager(model, eager_cache, ids, pos, tables)
         runner.run(ids, pos, slots, _padded_table(tables))
         nxt = (ids[:4] + 1, pos[:4] + 1, np.array([t[p // BS] * BS + p % BS for t, p in zip(tables, pos[:4] + 1)]),
