@@ -123,7 +123,8 @@ class ModelRunner:
         hidden = self.model.llm.forward(embeds, torch.from_numpy(positions).to(self.device), self.attn)
         return hidden, torch.from_numpy(qsl[1:] - 1)
 
-    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray) -> Optional[torch.Tensor]:
+    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray,
+                      counts: np.ndarray) -> Optional[torch.Tensor]:
         """The bucketed static-buffer decode (CUDA graph) when the step qualifies, else None (eager).
         -> hidden [N, hidden] final-norm."""
         g = self.graphs
