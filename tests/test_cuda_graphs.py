@@ -298,6 +298,23 @@ def test_model_runner_falls_back_to_eager(model):
         assert hidden.shape[0] == len(seqs)
 
 
+@torch.inference_mode()
+def test_a_failing_capture_switches_the_runner_to_eager(model):
+    runner = ModelRunner(model, 8, BS, cuda_graph_batch_sizes=(2,), graph_capture=False)
+    seqs = [_Seq([1, 2]), _Seq([3, 4])]
+    out = _step(seqs, [[1], [2]], [1, 1], [1, 1])
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    runner.graphs.run = broken
+    with pytest.raises(RuntimeError, match="capturing"):  # without capture an error is a bug: raised
+        runner.execute(out, seqs)
+    runner.graphs.capture = True
+    with pytest.warns(RuntimeWarning, match="CUDA graph decode disabled"):
+        hidden, _ = runner.execute(out, seqs)
+    assert runner.graphs is None and hidden.shape[0] == 2 and not hidden.isnan().any()
+
+
 def test_no_graph_path_on_cpu_by_default(model):
     assert ModelRunner(model, 4, BS).graphs is None
 

@@ -12,6 +12,7 @@ Logits stay outside the graph: they run only for the sampled rows.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -136,7 +137,16 @@ class ModelRunner:
         if (ids < 0).any():
             return None  # super-link query markers take the embedding override
         slots = np.asarray(out.slot_mapping, dtype=np.int64)
-        return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32))
+        try:
+            return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32))
+        except RuntimeError as e:
+            if not g.capture:
+                raise
+            # capture is untested on GPUs here: a failure (made before any KV write: warm-up and
+            # capture run on padding) switches this runner to eager decode instead of failing the step
+            warnings.warn(f"ModelRunner: CUDA graph decode disabled after an error: {e}", RuntimeWarning)
+            self.graphs = None
+            return None
 
     @torch.inference_mode()
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
