@@ -45,12 +45,10 @@ class ModelRunner:
                                   dtype=kv_dtype or model.dtype, device=model.device)
         self.attn = PagedAttention(self.cache)
         self.device = model.device
-        if graph_capture is None:
-            graph_capture = True if torch.device(self.device).type == "cuda" else None
         self.graphs: Optional[DecodeGraphRunner] = None
-        if cuda_graphs and graph_capture is not None:
+        if cuda_graphs and (graph_capture is not None or torch.device(self.device).type == "cuda"):
             self.graphs = DecodeGraphRunner(model.llm, PagedAttention(self.cache), cuda_graph_batch_sizes,
-                                            cuda_graph_max_context, capture=graph_capture)
+                                            cuda_graph_max_context, capture=graph_capture is not False)
 
     @property
     def kv_bytes(self) -> int:
