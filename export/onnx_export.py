@@ -63,6 +63,9 @@ def _msda_plugin(value, spatial_shapes, level_start_index, sampling_locations, a
     return op.Reshape(out, shape)
 
 
+_TRANSLATIONS = {torch.ops.unimlm.ms_deform_attn.default: _msda_plugin}
+
+
 def io_names(kind: str, with_masks: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if kind == "detector":
         return DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS if with_masks else DETECTOR_OUTPUTS
@@ -98,9 +101,9 @@ def export_onnx(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: s
     names, outputs = io_names(kind, with_masks)
     t0 = time.perf_counter()
     with torch.no_grad():
-        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=max(opset, EXPORTER_MIN_OPSET), input_names=list(names),
-                                    output_names=list(outputs), optimize=True, verbose=False,
-                                    custom_translation_table={torch.ops.unimlm.ms_deform_attn.default: _msda_plugin})
+        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=max(opset, EXPORTER_MIN_OPSET),
+                                    input_names=list(names), output_names=list(outputs), optimize=True,
+                                    verbose=False, custom_translation_table=_TRANSLATIONS)
     model = program.model_proto
     if not plugin_nodes(model):
         raise RuntimeError("ONNX export: no MSDA plugin node in the exported graph")
@@ -113,8 +116,3 @@ def export_onnx(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: s
     record["export_s"] = round(time.perf_counter() - t0, 2)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record
-
-
-def msda_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The plugin nodes of a plugin-form model (for checks)."""
-    return [n for n in model.graph.node if n.op_type == PLUGIN_OP]

@@ -6,7 +6,7 @@ import torch
 
 from unimlm_engine.engine.decoder_backends import (BACKEND_KINDS, DecoderBackend, FixedBucket, attach_backend,
                                                    detach_backend, make_backend)
-from unimlm_engine.export.validate import DET_SHAPE, tiny_detector_export
+from unimlm_engine.export.validate import tiny_detector_export
 from unimlm_engine.model.decoders import DecoderSet
 from unimlm_engine.presets import get_preset
 
