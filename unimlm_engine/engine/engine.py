@@ -45,7 +45,9 @@ class Engine:
             enable_prefix_caching=cfg.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_queue_size=cfg.max_queue_size,
             max_model_len=self.max_model_len, policy=policy))
-        self.runner = ModelRunner(model, self.memory["num_kv_blocks"], cfg.block_size)
+        self.runner = ModelRunner(model, self.memory["num_kv_blocks"], cfg.block_size,
+                                  cuda_graphs=cfg.cuda_graphs, cuda_graph_batch_sizes=cfg.cuda_graph_batch_sizes,
+                                  cuda_graph_max_context=cfg.cuda_graph_max_context)
         self.intake = Intake(model, tokenizer, cfg, self.max_model_len)
         self.router = DecoderRouter(model, cfg, self._on_task)
         self._queue = _C.RequestQueue(cfg.max_queue_size)
