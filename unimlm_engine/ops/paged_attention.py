@@ -67,6 +67,24 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
     return out
 
 
+def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """The CPU serving path of decode: the same fp32 math as `paged_decode_reference`, for all
+    sequences at once (padded gather through the block tables, GQA heads grouped, no repeat).
+    q: [B, H, D] -> [B, H, D] (q.dtype)."""
+    b, h, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    width = int((context_lens.max().item() + bs - 1) // bs)
+    pages = block_tables[:, :width].long().clamp(min=0)  # padding entries read block 0, masked below
+    k = k_cache[pages].reshape(b, width * bs, hkv, d).float()  # [B, L, Hkv, D]
+    v = v_cache[pages].reshape(b, width * bs, hkv, d).float()
+    qf = q.float().view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+    s = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
+    valid = torch.arange(width * bs, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(s, dim=-1), v)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
 def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q: [T, H, D] packed -> [T, H, D]; query i of seq b sits at context_lens[b] - q_len + i."""
@@ -108,7 +126,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if pick(q, has_triton=mods is not None) == "triton":
         with triton_launch_guard():
             return mods[1].paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 @paged_decode_attention.register_fake
