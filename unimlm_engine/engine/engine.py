@@ -262,7 +262,7 @@ class Engine:
                 cut = s.text.find(stop_str, max(0, len(s.text) - len(delta) - len(stop_str)))
                 if cut >= 0:
                     delta = delta[: max(0, len(delta) - (len(s.text) - cut))]
-                    s.text, stop = s.text[:cut], True
+                    s.text, stop, s.stop_string_hit = s.text[:cut], True, True
                     break
         s.handle.emit(StreamEvent(text=delta, token_ids=[tok]))
         at_length = len(s.generated) >= params.max_tokens
@@ -290,7 +290,8 @@ class Engine:
         if in_scheduler:
             self.scheduler.abort(s.seq_id)
         s.text_done, s.finish_reason = True, reason
-        s.text += s.detok.flush() if hasattr(s.detok, "flush") else ""
+        if not s.stop_string_hit:
+            s.text += s.detok.flush()  # characters held back at the end of the stream
         jobs = self.router.plan(s)
         with self._lock:
             s.decoders_pending = len(jobs)

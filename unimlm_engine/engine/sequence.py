@@ -70,6 +70,7 @@ class Sequence:
     pending: list[PendingPayload] = field(default_factory=list)
     payloads: list[RoutedPayload] = field(default_factory=list)
     finish_after_payload: Optional[str] = None
+    stop_string_hit: bool = False
     finish_reason: Optional[str] = None
     text_done: bool = False
     tasks: list[Optional[TaskResult]] = field(default_factory=list)
