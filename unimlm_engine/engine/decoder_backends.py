@@ -107,6 +107,7 @@ class TensorRTBackend(DecoderBackend):
 
 
 def make_backend(kind: str, path: str | Path | None = None, fn: Callable | None = None) -> DecoderBackend:
+    """kind: one of BACKEND_KINDS; path: the artifact (onnxruntime / aoti / tensorrt); fn: eager forward."""
     if kind == "eager":
         if fn is None:
             raise ValueError("eager backend needs the module's tensor forward (fn)")
