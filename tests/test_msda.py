@@ -213,3 +213,16 @@ def test_benchmark_cpu_path_runs(tmp_path, monkeypatch):
     bench.main(["--iters", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["reference"] and rows[0]["ms"] > 0
+
+
+def test_reference_output_is_contiguous_like_its_fake():
+    """Inductor/AOTI trust the fake's (contiguous) strides; a transposed real output was read wrongly."""
+    from unimlm_engine.ops.msda import ms_deform_attn_reference
+
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    start = torch.tensor([0, 12])
+    value = torch.randn(2, 16, 3, 5)
+    loc = torch.rand(2, 7, 3, 2, 2, 2)
+    w = torch.rand(2, 7, 3, 2, 2)
+    out = ms_deform_attn_reference(value, shapes, start, loc, w)
+    assert out.shape == (2, 7, 15) and out.is_contiguous()

@@ -57,7 +57,7 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, 
     w = weights.permute(0, 2, 1, 3, 4).reshape(n * m, 1, lq, n_levels, n_points)
     out = (stacked * w).sum(dim=(-2, -1))  # [N*M, D, Lq]
     out = out.view(n, m, d, lq).permute(0, 3, 1, 2).reshape(n, lq, m * d)
-    return out.to(value.dtype)
+    return out.to(value.dtype).contiguous()  # the fake declares a contiguous [N, Lq, M*D]; Inductor trusts it
 
 
 def _check_dtypes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
