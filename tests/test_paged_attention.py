@@ -261,6 +261,13 @@ def test_batched_cpu_decode_equals_per_sequence_reference(lens, gqa, bs):
     for i, n in enumerate(lens):
         need = (n + bs - 1) // bs
         tables[i, :need] = torch.tensor([perm.pop() for _ in range(need)], dtype=torch.int32)
+    # poison every slot no sequence owns: masked positions must not leak into the output
+    valid = torch.zeros(nblocks * bs, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        for p in range(n):
+            valid[int(tables[i, p // bs]) * bs + p % bs] = True
+    k_cache.view(-1, hkv, d)[~valid] = float("nan")
+    v_cache.view(-1, hkv, d)[~valid] = float("nan")
     q = torch.randn(len(lens), hkv * gqa, d)
     ctx = torch.tensor(lens, dtype=torch.int32)
     ref = paged_decode_reference(q, k_cache, v_cache, tables, ctx, 0.125)

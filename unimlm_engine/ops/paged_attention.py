@@ -81,6 +81,7 @@ def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
     s = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
     valid = torch.arange(width * bs, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)  # 0 * (garbage or NaN past a context) would leak
     out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(s, dim=-1), v)
     return out.reshape(b, h, d).to(q.dtype)
 
