@@ -5,6 +5,7 @@ import torch
 
 from unimlm_engine.model import reference_generate
 from unimlm_engine.pretrained import load_pretrained
+from unimlm_engine.processor import load_image
 
 IMAGES = ["examples/images/chelsea.png", "examples/images/coffee.png", "examples/images/astronaut.png",
           "examples/images/rocket.jpg"]
@@ -23,9 +24,8 @@ def reference_for(engine, request):
         p = proc(request.prompt, request.images, chat=request.chat)
         ids, pixels = p.input_ids, p.pixel_values
     else:
-        ids, _, pixels, _ = engine.intake._from_ids(request.prompt_token_ids,
-                                                    [__import__("unimlm_engine.processor", fromlist=["x"]).load_image(i)
-                                                     for i in (request.images or [])])
+        images = [load_image(i) for i in (request.images or [])]
+        ids, _, pixels, _ = engine.intake._from_ids(request.prompt_token_ids, images)
     return reference_generate(engine.model, ids, pixels, params=request.sampling)
 
 

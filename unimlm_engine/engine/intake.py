@@ -11,7 +11,7 @@ import torch
 
 from .. import _C
 from ..config import EngineConfig
-from ..processor import Processor, load_image, pixel_values, tile_image
+from ..processor import Processor, image_hash, load_image, pixel_values, tile_image
 from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .handle import RequestHandle
@@ -73,8 +73,6 @@ class Intake:
             raise InvalidRequestError(f"prompt_token_ids has {n_img} <image> ids but {len(images)} images were given")
         pixels = [pixel_values(tile_image(im, self.model.cfg.vision), self.model.cfg.vision) for im in images]
         ids, spans = self.processor._expand(ids, [p.shape[0] for p in pixels])
-        from ..processor import image_hash
-
         return ids, spans, pixels, [image_hash(im) for im in images]
 
     def extra_keys(self, seq: Sequence) -> list[int]:
