@@ -3,12 +3,6 @@
 `torch.export` specialises the image size (wrappers.py), so a package is one fixed (batch, canvas,
 classes) bucket, exactly like the ONNX export; callers pad up to it. The package calls MSDA as a fallback
 op: the grid_sample reference on the CPU, the op's CUDA/Triton path on CUDA (not run here: no GPU).
-
-Why `_msda_contiguous`: `unimlm::ms_deform_attn`'s reference returns a non-contiguous [N, Lq, M*D] (a
-reshape of a permuted tensor) while its fake declares a contiguous one; Inductor trusts the fake's strides,
-so the next Linear read the output transposed (tiny detector / pose packages off by ~0.9). During export the
-decoders call this wrapper op instead, which returns `.contiguous()`; the proper fix is `.contiguous()` at
-the end of `ms_deform_attn_reference` (ops/msda.py, owned elsewhere).
 """
 from __future__ import annotations
 
@@ -19,20 +13,6 @@ from pathlib import Path
 import torch
 
 from .wrappers import ExportShape, example_inputs, wrap
-
-
-@torch.library.custom_op("unimlm_export::ms_deform_attn_contiguous", mutates_args=())
-def _msda_contiguous(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                     softmax_weights: bool = False) -> torch.Tensor:
-    """unimlm::ms_deform_attn with a contiguous [N, Lq, M*D] output (the layout its fake declares)."""
-    return torch.ops.unimlm.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                           attention_weights, softmax_weights).contiguous()
-
-
-@_msda_contiguous.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax_weights=False):
-    return value.new_empty((value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3]))
 
 
 def export_aoti(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: str | Path,
@@ -46,11 +26,7 @@ def export_aoti(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: s
     module = wrap(kind, decoder, with_masks)
     inputs = example_inputs(kind, decoder.cfg, shape)
     t0 = time.perf_counter()
-    from unittest import mock
-
-    from unimlm_engine.model.decoders import deformable
-
-    with torch.no_grad(), mock.patch.object(deformable, "ms_deform_attn", _msda_contiguous):
+    with torch.no_grad():
         program = torch.export.export(module, inputs)
     t1 = time.perf_counter()
     aoti_compile_and_package(program, package_path=str(path))
