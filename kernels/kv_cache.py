@@ -2,6 +2,8 @@
 
 k/v: [T, Hkv, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D];
 slot_mapping: [T] int64, slot = block_id * block_size + offset, -1 = skip the token.
+Op, reference and dispatch: `unimlm_engine/ops/kv_cache.py` (`unimlm::write_kv_cache`); tests:
+tests/test_kv_cache.py; benchmark: benchmarks/bench_kv_cache.py.
 Runs on CUDA, and on CPU only under TRITON_INTERPRET=1 (tests). GPU path untested here.
 """
 from __future__ import annotations

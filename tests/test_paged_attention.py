@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from unimlm_engine.ops import kv_cache as kv
 from unimlm_engine.ops import paged_attention as pa
 from unimlm_engine.ops._dispatch import backend_override
 
@@ -145,21 +146,6 @@ def test_decode_bf16_cuda():
     assert_within_twice_torch(out, ref, same, torch.bfloat16)
 
 
-@pytest.mark.parametrize("bs", [16, 32], ids=["bs16", "bs32"])
-def test_write_kv_cache_matches_reference(bs):
-    t, hkv, d, nb = 23, 3, 80, 6
-    k, v = rand_q(t, hkv, d, torch.float16), rand_q(t, hkv, d, torch.float16)
-    slots = torch.randperm(nb * bs)[:t]
-    slots[[0, 5, 11]] = -1  # skipped tokens
-    kc = torch.randn(nb, bs, hkv, d).half()
-    vc = torch.randn(nb, bs, hkv, d).half()
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    with backend_override("triton"):
-        pa.write_kv_cache(k, v, kc, vc, slots)
-    pa.write_kv_cache_reference(k, v, kc_ref, vc_ref, slots)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-
-
 def test_int64_addressing_past_2_pow_31():
     """Block ids whose element offset block_id * BS * Hkv * D passes 2^31. The cache is a
     4 GiB torch.empty: untouched pages are never materialised, so this costs a few MB."""
@@ -176,7 +162,7 @@ def test_int64_addressing_past_2_pow_31():
     q, qp = torch.randn(1, h, d).half(), torch.randn(n, h, d).half()
     cu = torch.tensor([0, n], dtype=torch.int32)
     with backend_override("triton"):
-        pa.write_kv_cache(k, v, kc, vc, slots)
+        kv.write_kv_cache(k, v, kc, vc, slots)
         dec = pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125)
         pre = pa.paged_prefill_attention(qp, kc, vc, table, cu, ctx, 0.125)
     pos = torch.arange(n)
@@ -200,16 +186,13 @@ def test_opcheck_fake_tensors():
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     qp = torch.randn(7, 4, 64)
     torch.library.opcheck(torch.ops.unimlm.paged_prefill_attention.default, (qp, kc, vc, table, cu, ctx, 0.125))
-    k = torch.randn(3, 2, 64)
-    torch.library.opcheck(torch.ops.unimlm.write_kv_cache.default,
-                          (k, k.clone(), kc.contiguous(), vc.contiguous(), torch.tensor([0, -1, 17])))
 
 
 AOT_SCRIPT = r'''
 import inspect, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from unimlm_engine.kernels import kv_cache as kvc, paged_attention as pa
+from unimlm_engine.kernels import paged_attention as pa
 
 
 def build(kernel, types, consts):
@@ -228,8 +211,6 @@ for bs, d, bn in ((16, 128, 64), (32, 256, 32)):
     build(pa._prefill_kernel, {**cache, "cu_ptr": "*i32"},
           dict(BLOCK_M=64 if d <= 128 else 32, BLOCK_SIZE=bs, BLOCK_N=bn, BLOCK_D=d, F32=False))
 build(pa._decode_merge_kernel, {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "o_ptr": "*bf16"}, dict(BLOCK_S=8, BLOCK_D=128))
-build(kvc._write_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                             "slot_ptr": "*i64"}, dict(BLOCK_SIZE=16, BLOCK_T=4, BLOCK_H=8, BLOCK_D=128))
 print("compiled")
 '''
 

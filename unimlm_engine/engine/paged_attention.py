@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..ops.paged_attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from ..ops.kv_cache import write_kv_cache
+from ..ops.paged_attention import paged_decode_attention, paged_prefill_attention
 
 
 class PagedKVCache:

@@ -1,9 +1,8 @@
-"""Paged KV cache ops: `unimlm::write_kv_cache`, `unimlm::paged_decode_attention`,
-`unimlm::paged_prefill_attention`.
+"""Paged attention ops: `unimlm::paged_decode_attention`, `unimlm::paged_prefill_attention`.
 
-Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, Hkv, D], filled by
+`unimlm::write_kv_cache` (`kv_cache.py`) before attention reads it.
 block_tables: [B, max_blocks] int32 (entries past a sequence's pages are padding, e.g. -1).
-slot_mapping: [T] int64, slot = block_id * block_size + offset, -1 = skip.
 Query head h reads KV head h // (H // Hkv); every context length must be >= 1. The references gather through the block table
 and compute in fp32; they are the CPU path (tensors on CPU never launch Triton unless
 UNIMLM_KERNEL_BACKEND=triton forces it).
@@ -18,13 +17,13 @@ from ._dispatch import pick, triton_launch_guard
 
 
 @functools.cache
-def _kernels():
-    """The Triton kernel modules, or None when Triton cannot be imported."""
+def _kernel():
+    """The Triton kernel module, or None when Triton cannot be imported."""
     try:
-        from unimlm_engine.kernels import kv_cache, paged_attention
+        from unimlm_engine.kernels import paged_attention
     except ImportError:
         return None
-    return kv_cache, paged_attention
+    return paged_attention
 
 
 def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -44,15 +43,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     keep = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
     s = s.masked_fill(~keep, float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vf)
-
-
-def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k, v: [T, Hkv, D] into k_cache, v_cache: [NB, BS, Hkv, D] at slot_mapping [T] (skip -1)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    bs = k_cache.shape[1]
-    k_cache[slots // bs, slots % bs] = k[keep].to(k_cache.dtype)
-    v_cache[slots // bs, slots % bs] = v[keep].to(v_cache.dtype)
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -102,31 +92,14 @@ def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     return out
 
 
-@torch.library.custom_op("unimlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, Hkv, D]; k_cache, v_cache: [NB, BS, Hkv, D] (mutated); slot_mapping: [T] int64."""
-    mods = _kernels()
-    if pick(k, has_triton=mods is not None) == "triton":
-        with triton_launch_guard():
-            mods[0].write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
-
-
-@write_kv_cache.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
-    return None
-
-
 @torch.library.custom_op("unimlm::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [B, H, D], block_tables: [B, max_blocks] int32, context_lens: [B] int32 -> [B, H, D]."""
-    mods = _kernels()
-    if pick(q, has_triton=mods is not None) == "triton":
+    mod = _kernel()
+    if pick(q, has_triton=mod is not None) == "triton":
         with triton_launch_guard():
-            return mods[1].paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+            return mod.paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
@@ -140,10 +113,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """q: [T, H, D] packed, cu_seqlens_q: [B+1] int32, context_lens: [B] int32 (incl. new) -> [T, H, D]."""
-    mods = _kernels()
-    if pick(q, has_triton=mods is not None) == "triton":
+    mod = _kernel()
+    if pick(q, has_triton=mod is not None) == "triton":
         with triton_launch_guard():
-            return mods[1].paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+            return mod.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                                 scale)
     return paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
 
