@@ -73,10 +73,11 @@ setup(
         "safetensors",
         "sentencepiece",
         "tqdm",
+        "pycocotools",
     ],
     extras_require={
         "triton": ["triton"],
-        "decoders": ["diffusers"],
+        "decoders": ["diffusers", "transformers"],
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib"],
         "test": [
@@ -91,5 +92,5 @@ setup(
             "matplotlib",
         ],
     },
-    entry_points={"console_scripts": ["unimlm=unimlm_engine.cli:main"]},
+    entry_points={"console_scripts": ["unimlm=unimlm_engine.cli.main:main"]},
 )

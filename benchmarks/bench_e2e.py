@@ -48,7 +48,7 @@ from unimlm_engine import Engine  # noqa: E402
 from unimlm_engine.config import EngineConfig  # noqa: E402
 from unimlm_engine.engine.types import Request  # noqa: E402
 from unimlm_engine.sampling import SamplingParams  # noqa: E402
-from unimlm_engine.serve_bench import QUESTIONS, BenchResult, run_closed_loop  # noqa: E402
+from unimlm_engine.cli.serve_bench import QUESTIONS, BenchResult, run_closed_loop  # noqa: E402
 
 WORKLOADS = ("vqa", "text", "det", "mix")
 # (width, height) in tiles of image_size -> anyres grid: 1x1 (small) = 1 tile; 2x1 = 2 + thumbnail;
@@ -95,9 +95,9 @@ def clone_request(r: Request) -> Request:
 
 def setup_cpu(tmp: Path):
     """tiny, saved to an official-layout checkpoint; both sides load from it."""
-    from unimlm_engine.loader import save_checkpoint
-    from unimlm_engine.pretrained import load_pretrained
-    from unimlm_engine.tokenizer import ByteTokenizer
+    from unimlm_engine.checkpoint.loader import save_checkpoint
+    from unimlm_engine.checkpoint.pretrained import load_pretrained
+    from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
     model, _ = load_pretrained("tiny", device="cpu")
     ckpt = save_checkpoint(model, tmp / "tiny-ckpt", tokenizer=ByteTokenizer())
@@ -111,8 +111,8 @@ def setup_cuda():
     """visionllm-v2-7b shapes, random bf16 weights, one model shared by both sides (its LLM
     weights copied into the HF model). Not run on the development machine (no GPU)."""
     from unimlm_engine.model import build_model
-    from unimlm_engine.presets import get_preset
-    from unimlm_engine.tokenizer import ByteTokenizer
+    from unimlm_engine.config.presets import get_preset
+    from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     model = build_model(get_preset("visionllm-v2-7b"), dtype=torch.bfloat16, device="cuda")

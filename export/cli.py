@@ -30,7 +30,7 @@ def default_shape(kind: str, cfg, batch: int = 1, classes: int | None = None) ->
 
 def build_decoder(kind: str, model: str, seed: int = 0) -> torch.nn.Module:
     """The decoder of preset `model` with seeded random weights (checkpoint loading is the loader's job)."""
-    from unimlm_engine.presets import get_preset
+    from unimlm_engine.config.presets import get_preset
 
     cfg = get_preset(model)
     torch.manual_seed(seed)

@@ -4,8 +4,8 @@ import functools
 import torch
 
 from unimlm_engine.model import reference_generate
-from unimlm_engine.pretrained import load_pretrained
-from unimlm_engine.processor import load_image
+from unimlm_engine.checkpoint.pretrained import load_pretrained
+from unimlm_engine.inputs.processor import load_image
 
 IMAGES = ["examples/images/chelsea.png", "examples/images/coffee.png", "examples/images/astronaut.png",
           "examples/images/rocket.jpg"]
@@ -26,7 +26,10 @@ def reference_for(engine, request):
     else:
         images = [load_image(i) for i in (request.images or [])]
         ids, _, pixels, _ = engine.intake._from_ids(request.prompt_token_ids, images)
-    return reference_generate(engine.model, ids, pixels, params=request.sampling)
+    ref = reference_generate(engine.model, ids, pixels, params=request.sampling)
+    if not request.run_prompt_routes:  # the engine returns prompt-side payloads only when asked to
+        ref.payloads = [p for p in ref.payloads if p.source == "generated"]
+    return ref
 
 
 def assert_same_as_reference(out, ref):

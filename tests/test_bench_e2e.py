@@ -17,13 +17,13 @@ from engine_helpers import reference_for  # noqa: E402
 
 from unimlm_engine import Engine  # noqa: E402
 from unimlm_engine.engine.types import Request, RequestOutput  # noqa: E402
-from unimlm_engine.loader import save_checkpoint  # noqa: E402
+from unimlm_engine.checkpoint.loader import save_checkpoint  # noqa: E402
 from unimlm_engine.model.attention import ContiguousKVCache  # noqa: E402
 from unimlm_engine.model.superlink import RoutedPayload  # noqa: E402
 from unimlm_engine.ops.lora_moe import lora_moe_per_expert_loop  # noqa: E402
-from unimlm_engine.pretrained import load_pretrained  # noqa: E402
+from unimlm_engine.checkpoint.pretrained import load_pretrained  # noqa: E402
 from unimlm_engine.sampling import SamplingParams  # noqa: E402
-from unimlm_engine.tokenizer import ByteTokenizer  # noqa: E402
+from unimlm_engine.inputs.tokenizer import ByteTokenizer  # noqa: E402
 
 IMAGE = np.kron(np.random.default_rng(0).integers(0, 256, (7, 25, 3), dtype=np.uint8),
                 np.ones((8, 8, 1), dtype=np.uint8))  # 56 x 200: a 4x1 grid + thumbnail = 5 tiles

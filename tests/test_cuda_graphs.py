@@ -17,10 +17,10 @@ import torch
 from unimlm_engine.engine.cuda_graphs import DecodeGraphRunner
 from unimlm_engine.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
 from unimlm_engine.engine.runner import ModelRunner
-from unimlm_engine.engine.sequence import query_marker
+from unimlm_engine.engine.superlink import SuperLinks
 from unimlm_engine.model import build_model
 from unimlm_engine.ops._dispatch import backend_override, interpreter_lock, triton_launch_guard
-from unimlm_engine.presets import get_preset
+from unimlm_engine.config.presets import get_preset
 
 HAS_CUDA = torch.cuda.is_available()
 BS = 16
@@ -288,7 +288,7 @@ def test_model_runner_falls_back_to_eager(model):
     runner = ModelRunner(model, 24, BS, cuda_graph_batch_sizes=(1, 2), cuda_graph_max_context=32,
                          graph_capture=False)
     runner.graphs.run = lambda *a: pytest.fail("the graph path must not run for this step")
-    marker = _Seq([5, 6, query_marker("[DET]", 0)])
+    marker = _Seq([5, 6, SuperLinks(model).markers("[DET]")[0]])
     long_seq = _Seq(list(range(40)))
     cases = [([marker], [[3]], [2]),  # a super-link query marker
              ([long_seq], [[4, 5, 6]], [39]),  # context 40 > cuda_graph_max_context

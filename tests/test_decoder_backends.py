@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from unimlm_engine.engine.decoder_backends import (BACKEND_KINDS, DecoderBackend, FixedBucket, attach_backend,
-                                                   detach_backend, make_backend)
+from unimlm_engine.model.decoders.backends import (BACKEND_KINDS, DecoderBackend, FixedBucket, load_route_backend,
+                                                  make_backend, parse_backend_spec)
 from unimlm_engine.export.validate import tiny_detector_export
-from unimlm_engine.model.decoders import DecoderSet
-from unimlm_engine.presets import get_preset
+from unimlm_engine.model.decoders import DecoderInput, DecoderSet
+from unimlm_engine.config.presets import get_preset
+from unimlm_engine.routes import get_route
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,12 @@ def _assert_same_detections(got, want):
 def test_det_onnxruntime_equals_eager(decoder_set, n_classes, sizes):
     _, path, _ = tiny_detector_export()
     payloads, images = _requests(n_classes, sizes)
-    try:
-        attach_backend(decoder_set, "[DET]", "eager")
-        want = decoder_set.run_decoder("[DET]", payloads, images)
-        backend = attach_backend(decoder_set, "[DET]", "onnxruntime", path)
-        assert backend.kind == "onnxruntime"
-        got = decoder_set.run_decoder("[DET]", payloads, images)
-    finally:
-        detach_backend(decoder_set.gdino)
+    det = [get_route("[DET]")]
+    want = decoder_set.run_decoder("[DET]", payloads, images,
+                                   backend=load_route_backend(decoder_set.gdino, det, "eager"))
+    backend = load_route_backend(decoder_set.gdino, det, "onnxruntime", path)
+    assert backend.kind == "onnxruntime"
+    got = decoder_set.run_decoder("[DET]", payloads, images, backend=backend)
     assert any(len(r.scores) for r in want), "threshold left no detection to compare"
     _assert_same_detections(got, want)
 
@@ -60,11 +59,12 @@ def test_seg_falls_back_to_eager_without_mask_export(decoder_set):
     _, path, _ = tiny_detector_export()
     payloads, images = _requests([2], [(40, 90)])
     want = decoder_set.run_decoder("[SEG]", payloads, images)
-    try:
-        attach_backend(decoder_set, "gdino", "onnxruntime", path)
-        got = decoder_set.run_decoder("[SEG]", payloads, images)
-    finally:
-        detach_backend(decoder_set.gdino)
+    routes = [get_route(r) for r in ("[DET]", "[GRD]", "[SEG]")]  # every gdino route, as "gdino=..." binds
+    backend = load_route_backend(decoder_set.gdino, routes, "onnxruntime", path)
+    assert not backend.serves(routes[2]) and backend.serves(routes[0])
+    inputs = [DecoderInput(p, im) for p, im in zip(payloads, images)]
+    got, used = decoder_set.run("[SEG]", inputs, backend=backend)
+    assert used == "eager"
     for a, b in zip(got, want):
         assert torch.equal(a.masks, b.masks) and torch.equal(a.boxes, b.boxes)
 
@@ -114,6 +114,23 @@ def test_make_backend_errors(tmp_path):
         make_backend("eager")
 
 
-def test_attach_rejects_generation_route(decoder_set):
+def test_backend_rejects_generation_route(decoder_set):
     with pytest.raises(ValueError, match="detector and pose"):
-        attach_backend(decoder_set, "[GEN]", "eager")
+        load_route_backend(decoder_set.sd, [get_route("[GEN]")], "eager")
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("det=onnxruntime:out/det.onnx", ("det", "onnxruntime", "out/det.onnx")),
+    ("[SEG]=eager", ("[SEG]", "eager", None)),
+    ("gdino=aoti:/a/b:c.pt2", ("gdino", "aoti", "/a/b:c.pt2")),
+], ids=["route", "eager-no-path", "colon-in-path"])
+def test_parse_backend_spec(spec, want):
+    assert parse_backend_spec(spec) == want
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("det", "ROUTE=KIND"), ("det=openvino:x", "unknown kind"), ("det=onnxruntime", "needs the exported file"),
+], ids=["no-kind", "unknown-kind", "no-path"])
+def test_parse_backend_spec_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_backend_spec(spec)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unimlm_engine.decoder_config import PoseConfig
+from unimlm_engine.config.decoders import PoseConfig
 from unimlm_engine.model.decoders import DecoderSet, GenerationResult, build_tiny_pipeline
-from unimlm_engine.presets import tiny
+from unimlm_engine.config.presets import tiny
 
 HIDDEN = 256  # tiny preset llm hidden
 K_DET, K_GEN = 4, 8  # tiny preset super-link queries

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimlm_engine.decoder_config import DetectorConfig
+from unimlm_engine.config.decoders import DetectorConfig
 from unimlm_engine.model.decoders import deformable as dm
 from unimlm_engine.model.decoders.detector import DetectorDecoder
 from unimlm_engine.model.decoders.grounding import GroundingCore

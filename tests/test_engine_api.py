@@ -135,7 +135,7 @@ def test_close_cancels_and_joins_fast():
     after = eng.submit(ue.Request(prompt="late"))
     with pytest.raises(ue.EngineClosedError):
         after.result(timeout=1)
-    assert not eng._thread.is_alive() and not any(t.is_alive() for t in eng.router._threads)
+    assert not eng.core._thread.is_alive() and not any(t.is_alive() for t in eng.router._threads)
 
 
 def test_context_manager_and_stats(engine):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unimlm_engine.decoder_config import GenConfig
+from unimlm_engine.config.decoders import GenConfig
 from unimlm_engine.model.decoders.generation import GenerationDecoder, build_tiny_pipeline, load_local_pipeline
 
 ODD = GenConfig(llm_hidden_size=63, num_embs=7, mapper_dim=20, mapper_layers=2, mapper_heads=4, num_prompt_tokens=77)

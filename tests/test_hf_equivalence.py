@@ -7,14 +7,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from unimlm_engine.config import LLMConfig, VisionConfig  # noqa: E402
-from unimlm_engine.loader import load_checkpoint, read_shard, find_shards, save_checkpoint  # noqa: E402
+from unimlm_engine.checkpoint.loader import load_checkpoint, read_shard, find_shards, save_checkpoint  # noqa: E402
 from unimlm_engine.model import build_model, reference_generate  # noqa: E402
 from unimlm_engine.model.attention import ContiguousKVCache  # noqa: E402
 from unimlm_engine.model.llm import LLM  # noqa: E402
 from unimlm_engine.model.vision import VisionTower  # noqa: E402
-from unimlm_engine.presets import get_preset  # noqa: E402
+from unimlm_engine.config.presets import get_preset  # noqa: E402
 from unimlm_engine.sampling import SamplingParams  # noqa: E402
-from unimlm_engine.tokenizer import ByteTokenizer  # noqa: E402
+from unimlm_engine.inputs.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def _hf_llama(cfg: LLMConfig):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from unimlm_engine.config import ModelConfig
-from unimlm_engine.loader import CheckpointError, convert_checkpoint, load_checkpoint, save_checkpoint
+from unimlm_engine.checkpoint.loader import CheckpointError, convert_checkpoint, load_checkpoint, save_checkpoint
 from unimlm_engine.model import build_model
-from unimlm_engine.presets import UnknownPresetError, get_preset
-from unimlm_engine.tokenizer import ByteTokenizer
+from unimlm_engine.config.presets import UnknownPresetError, get_preset
+from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")

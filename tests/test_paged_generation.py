@@ -10,7 +10,7 @@ import torch
 from unimlm_engine.engine.paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
 from unimlm_engine.model import build_model, reference_generate
 from unimlm_engine.ops._dispatch import backend_override
-from unimlm_engine.presets import get_preset
+from unimlm_engine.config.presets import get_preset
 from unimlm_engine.sampling import SamplingParams, sample_token
 
 

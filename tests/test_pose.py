@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimlm_engine.decoder_config import PoseConfig
+from unimlm_engine.config.decoders import PoseConfig
 from unimlm_engine.model.decoders.pose import PoseDecoder
 
 LLM = 40

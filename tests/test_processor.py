@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from unimlm_engine.config import CLIP_MEAN, CLIP_STD, VisionConfig
-from unimlm_engine.processor import (VICUNA_SYSTEM, InvalidImageError, Processor, chat_prompt, image_hash,
+from unimlm_engine.inputs.processor import (VICUNA_SYSTEM, InvalidImageError, Processor, chat_prompt, image_hash,
                                      load_image, pixel_values, select_grid, tile_image)
-from unimlm_engine.tokenizer import ByteTokenizer
+from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

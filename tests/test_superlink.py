@@ -4,9 +4,9 @@ import torch
 
 from unimlm_engine.model import build_model, reference_generate
 from unimlm_engine.model.attention import ContiguousKVCache
-from unimlm_engine.presets import get_preset
+from unimlm_engine.config.presets import get_preset
 from unimlm_engine.sampling import SamplingParams
-from unimlm_engine.tokenizer import ByteTokenizer
+from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from unimlm_engine.config import ROUTE_TOKENS, SPECIAL_TOKENS
-from unimlm_engine.presets import TINY_VOCAB_SIZE
-from unimlm_engine.tokenizer import (ByteTokenizer, HFTokenizer, IncrementalDetokenizer, SentencePieceTokenizer,
-                                     detokenize_step, load_tokenizer)
+from unimlm_engine.config.presets import TINY_VOCAB_SIZE
+from unimlm_engine.inputs.tokenizer import (ByteTokenizer, HFTokenizer, IncrementalDetokenizer, SentencePieceTokenizer,
+                                            detokenize_step, load_tokenizer)
+from unimlm_engine.routes import route_tokens, special_tokens
+
+ROUTE_TOKENS, SPECIAL_TOKENS = route_tokens(), special_tokens()
 
 CORPUS = [
     "a chat between a curious user and an artificial intelligence assistant",

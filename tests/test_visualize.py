@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from unimlm_engine.model.decoders import DetectionResult, GenerationResult, PoseResult
-from unimlm_engine.visualize import (COCO_SKELETON, color_for, draw_boxes, draw_keypoints, draw_result,
+from unimlm_engine.outputs.visualize import (COCO_SKELETON, color_for, draw_boxes, draw_keypoints, draw_result,
                                      overlay_masks, save_images, save_result)
 
 H, W = 83, 111  # odd sizes

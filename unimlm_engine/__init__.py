@@ -7,7 +7,7 @@
 from .config import EngineConfig, ModelConfig
 from .engine import (DecoderError, Engine, EngineClosedError, EngineError, InvalidRequestError, PromptTooLongError,
                      QueueFullError, Request, RequestHandle, RequestOutput, StreamEvent, TaskResult)
-from .processor import InvalidImageError
+from .inputs.processor import InvalidImageError
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@
   sequence (queries inserted after each routing token) gives the payloads: the query
   positions of `hidden_states[-1]`, which transformers ties to the output of the final
   norm (checked by tests/test_bench_e2e.py against our reference generation);
-- the decoders run one request at a time (`VisionLLM.run_decoder` with a batch of one).
+- the decoders run one request at a time (`DecoderSet.run` with a batch of one).
 
 CPU path tested (fp32, tiny preset). The CUDA path (bf16, 7B shapes) is the same code but
 has not been run here: no GPU on the development machine.
@@ -32,10 +32,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from unimlm_engine.engine.routing import ROUTE_ORDER, to_task_result
+from unimlm_engine.engine.output import to_task_result
+from unimlm_engine.model.decoders import DecoderInput
+from unimlm_engine.routes import all_routes
 from unimlm_engine.engine.types import Request, TaskResult
 from unimlm_engine.model.superlink import RoutedPayload
-from unimlm_engine.processor import Processor, load_image
+from unimlm_engine.inputs.processor import Processor, load_image
 
 _FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -83,7 +85,7 @@ def build_hf_llama(model, attn_implementation: str = "sdpa"):
 
 def hf_llama_from_shards(model, ckpt: str | Path, attn_implementation: str = "sdpa"):
     """The `llm.*` keys of an official-layout checkpoint directory, loaded into HF's Llama."""
-    from unimlm_engine.loader import find_shards, read_shard
+    from unimlm_engine.checkpoint.loader import find_shards, read_shard
 
     hf = build_hf_llama(model, attn_implementation)
     sd = {}
@@ -165,7 +167,7 @@ class HFSerialBaseline:
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, device=None, dtype: Optional[torch.dtype] = None,
                         attn_implementation: str = "sdpa") -> "HFSerialBaseline":
-        from unimlm_engine.pretrained import load_pretrained
+        from unimlm_engine.checkpoint.pretrained import load_pretrained
 
         model, tok = load_pretrained(ckpt, device=device or "cpu", dtype=dtype)
         return cls(model, hf_llama_from_shards(model, ckpt, attn_implementation), tok)
@@ -241,15 +243,12 @@ class HFSerialBaseline:
         """Each route the request used: one decoder call with a batch of one."""
         tasks = []
         image = images[0] if images else None
-        for route in ROUTE_ORDER:
-            groups = [p.payload for p in payloads if p.route == route]
+        for spec in all_routes():
+            groups = [p.payload for p in payloads if p.route == spec.token]
             if not groups:
                 continue
-            opts = dict()
-            if route == "[POSE]":
-                opts["det_payloads"] = [[p.payload for p in payloads if p.route in ("[DET]", "[GRD]")]]
-            if route in ("[GEN]", "[EDIT]"):
-                opts["seeds"] = [req.sampling.seed or 0]
-            res = self.model.run_decoder(route, [groups], [image], **opts)[0]
-            tasks.append(to_task_result(route, len(groups), res))
+            inp = DecoderInput(groups, image if spec.needs_image else None,
+                               [p.payload for p in payloads if p.route in spec.requires], req.sampling.seed or 0)
+            res, backend = self.model.decoders.run(spec, [inp])
+            tasks.append(to_task_result(spec.token, len(groups), res[0], backend))
         return tasks

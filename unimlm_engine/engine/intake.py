@@ -1,27 +1,32 @@
 """Request intake on the caller's thread: validation, images, tokens -> a Sequence.
 
+Routing tokens already in the prompt get their super-link query positions here
+(`SuperLinks.expand_prompt`), so the prefill computes them like the reference does.
+
 Everything here can fail on a bad request; failures are typed (InvalidRequestError,
 PromptTooLongError, processor.InvalidImageError) and end only that request's handle.
 """
 from __future__ import annotations
 
+import random
 import time
 
 import torch
 
 from .. import _C
 from ..config import EngineConfig
-from ..processor import Processor, image_hash, load_image, pixel_values, tile_image
+from ..inputs.processor import Processor, image_hash, load_image, pixel_values, tile_image
 from ..sampling import SamplingParams
-from ..tokenizer import IncrementalDetokenizer
+from ..inputs.tokenizer import IncrementalDetokenizer
 from .handle import RequestHandle
 from .sequence import Sequence
+from .superlink import SuperLinks
 from .types import InvalidRequestError, PromptTooLongError, Request
 
 
 class Intake:
-    def __init__(self, model, tokenizer, cfg: EngineConfig, max_model_len: int):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+    def __init__(self, model, tokenizer, cfg: EngineConfig, max_model_len: int, superlinks: SuperLinks):
+        self.model, self.tokenizer, self.cfg, self.superlinks = model, tokenizer, cfg, superlinks
         self.max_model_len = max_model_len
         self.processor = Processor(model.cfg.vision, tokenizer)
         self.vocab = model.cfg.llm.vocab_size
@@ -41,11 +46,14 @@ class Intake:
         else:
             p = self.processor(req.prompt, images or None, chat=req.chat)
             ids, spans, pixels, hashes = p.input_ids.tolist(), p.image_spans, p.pixel_values, p.image_hashes
+        ids, pending, where = self.superlinks.expand_prompt(ids)
+        spans = [(int(where[a]), int(where[b - 1]) + 1) for a, b in spans]
+        pending = pending if req.run_prompt_routes else []  # the query positions are fed either way
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         seq = Sequence(seq_id=seq_id, request=req, handle=handle, tokens=list(ids), prompt_len=len(ids),
                        pixel_values=pixels, images=images, generator=params.make_generator(),
-                       detok=IncrementalDetokenizer(self.tokenizer))
+                       detok=IncrementalDetokenizer(self.tokenizer), pending=pending)
         if spans:
             idx = torch.full((len(ids),), -1, dtype=torch.long)
             row = 0
@@ -76,7 +84,13 @@ class Intake:
         return ids, spans, pixels, [image_hash(im) for im in images]
 
     def extra_keys(self, seq: Sequence) -> list[int]:
-        """Per-block prefix-hash keys so blocks of different images never share."""
-        if not seq.image_spans:
+        """Per-block prefix-hash keys so blocks of different images never share, and so a prompt whose
+        routing-token payloads are wanted computes its query positions instead of reusing cached blocks
+        (a cached block has KV but no hidden states): a key of its own from the first query on."""
+        spans = list(seq.image_spans)
+        if seq.pending:
+            first = min(p.start for p in seq.pending)
+            spans.append((first, first + 1, random.getrandbits(62)))
+        if not spans:
             return []
-        return _C.block_extra_keys(seq.prompt_len, self.cfg.block_size, seq.image_spans)
+        return _C.block_extra_keys(seq.prompt_len, self.cfg.block_size, spans)

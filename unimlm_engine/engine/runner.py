@@ -22,7 +22,8 @@ from ..config import EngineConfig
 from ..model.vlm import VisionLLM
 from .cuda_graphs import DecodeGraphRunner
 from .paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
-from .sequence import Sequence, decode_marker
+from .sequence import Sequence
+from .superlink import SuperLinks
 
 
 _GRAPH_DEFAULTS = EngineConfig()
@@ -37,8 +38,9 @@ class ModelRunner:
                  *, cuda_graphs: bool = _GRAPH_DEFAULTS.cuda_graphs,
                  cuda_graph_batch_sizes: tuple[int, ...] = _GRAPH_DEFAULTS.cuda_graph_batch_sizes,
                  cuda_graph_max_context: int = _GRAPH_DEFAULTS.cuda_graph_max_context,
-                 graph_capture: Optional[bool] = None):
+                 graph_capture: Optional[bool] = None, superlinks: Optional[SuperLinks] = None):
         self.model = model
+        self.superlinks = superlinks or SuperLinks(model)
         c = model.cfg.llm
         self.block_size = block_size
         self.cache = PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
@@ -77,24 +79,20 @@ class ModelRunner:
         ids = np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64) for s, a, n in zip(seqs, starts, counts)])
         ids_t = torch.from_numpy(ids).to(self.device)
         embeds = self.model.llm.embed(ids_t.clamp(min=0))
-        if (ids >= 0).all() and not any(s.patch_index is not None and a < s.prompt_len
-                                        for s, a in zip(seqs, starts)):
+        has_images = any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts))
+        if (ids >= 0).all() and not has_images:
             return embeds  # the decode fast path: vocabulary ids only
         embeds = embeds.clone()
         row = 0
-        for s, a, n in zip(seqs, starts, counts):
+        for s, a, n in zip(seqs, starts, counts) if has_images else ():
             a, n = int(a), int(n)
             if s.patch_index is not None and a < s.prompt_len:
                 idx = s.patch_index[a:min(a + n, s.prompt_len)]
                 sel = (idx >= 0).nonzero().flatten()
                 if sel.numel():
                     embeds[row + sel.to(self.device)] = s.image_features[idx[sel].to(self.device)].to(embeds.dtype)
-            for j, tok in enumerate(s.tokens[a:a + n]):
-                if tok < 0:
-                    table, k = decode_marker(tok)
-                    embeds[row + j] = getattr(self.model, f"emb_embeddings_{table}").weight[k].to(embeds.dtype)
             row += n
-        return embeds
+        return self.superlinks.override_embeddings(embeds, ids)
 
     @torch.inference_mode()
     def execute(self, out, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:

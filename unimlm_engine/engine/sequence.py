@@ -1,7 +1,7 @@
 """Sequence: the engine's plain-data record of one request in flight.
 
 `tokens` is everything fed (or to be fed) to the LLM, in position order: prompt ids,
-generated ids, and super-link query markers (negative ints, see `query_marker`). The C++
+generated ids, and super-link query markers (negative ints, see engine/superlink.py). The C++
 scheduler holds the same list for block accounting and prefix hashing; preemption
 recomputes from it, so it must be enough to rebuild every input embedding.
 """
@@ -13,37 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import ROUTE_TABLE
 from ..model.superlink import RoutedPayload
 from .handle import RequestHandle
 from .types import Request, TaskResult
-
-QUERY_TABLES = ("det", "pose", "gen", "edit")
-_MARKER_STRIDE = 1 << 16
-
-
-def query_marker(route: str, k: int) -> int:
-    """Token id standing for query k of `route`'s table (negative: never a vocabulary id)."""
-    return -(1 + QUERY_TABLES.index(ROUTE_TABLE[route]) * _MARKER_STRIDE + k)
-
-
-def decode_marker(marker: int) -> tuple[str, int]:
-    """-> (table name, row) for a query marker."""
-    v = -marker - 1
-    return QUERY_TABLES[v // _MARKER_STRIDE], v % _MARKER_STRIDE
-
-
-@dataclass
-class PendingPayload:
-    route: str
-    token_index: int  # index of the routing token among generated tokens
-    start: int  # position of the first query
-    rows: torch.Tensor  # [K, hidden], filled as the query positions are computed
-    filled: set = field(default_factory=set)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.filled) == self.rows.shape[0]
 
 
 @dataclass(eq=False)
@@ -67,7 +39,8 @@ class Sequence:
     last_token: Optional[float] = None
     generated: list[int] = field(default_factory=list)
     text: str = ""
-    pending: list[PendingPayload] = field(default_factory=list)
+    emitted: int = 0  # characters of `text` already streamed (stop-string hold-back keeps a tail)
+    pending: list[Any] = field(default_factory=list)  # superlink.PendingPayload, filled as positions compute
     payloads: list[RoutedPayload] = field(default_factory=list)
     finish_after_payload: Optional[str] = None
     stop_string_hit: bool = False

@@ -48,6 +48,11 @@ class Request:
     timeout_s: Optional[float] = None
     chat: bool = True
     request_id: Optional[str] = None
+    # routing tokens already in the prompt always get their query positions; with run_prompt_routes
+    # their payloads are also collected, returned and decoded (the official evaluation feeds the
+    # answer, routing and [EMB] tokens included, as the prompt). Those prompts then share prefix-cache
+    # blocks only up to the first query position (cached blocks hold KV, not hidden states).
+    run_prompt_routes: bool = False
 
     def __post_init__(self) -> None:
         if self.request_id is None:
@@ -58,9 +63,11 @@ class Request:
 class TaskResult:
     """The output of one routed decoder call for a request.
 
-    route: "[DET]" ...; detections: boxes [n, 4] xyxy image pixels, scores [n], labels [n]
-    (index of the routed group = class), masks [n, H, W] for [SEG]; keypoints [n, K, 3]
-    for [POSE]; images (PIL) for [GEN]/[EDIT]; `raw` is the decoder's own result object.
+    route: "[DET]" ...; kind: the route's result kind (routes.RESULT_KINDS); detections: boxes
+    [n, 4] xyxy image pixels, scores [n], labels [n] (index of the routed group = class), masks
+    [n, H, W] bool for [SEG]; keypoints [n, K, 3] for [POSE]; images (PIL) for [GEN]/[EDIT];
+    backend: the decoder back end that produced it ("eager", "onnxruntime", "aoti", "tensorrt");
+    `raw` is the decoder's own result object. `to_json()`: the README's task-result schema.
     """
 
     route: str
@@ -73,22 +80,14 @@ class TaskResult:
     images: Any = None
     raw: Any = None
     error: Optional[BaseException] = None
+    backend: Optional[str] = None
+    kind: Optional[str] = None
 
-    def to_json(self) -> dict[str, Any]:
-        def lst(x):
-            return None if x is None else x.tolist()
+    def to_json(self, image_paths: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """The task-result JSON (README); image_paths: saved files to name instead of inline PNGs."""
+        from ..outputs.schema import task_json
 
-        d: dict[str, Any] = {"route": self.route, "num_groups": self.num_groups}
-        for k in ("boxes", "scores", "labels", "keypoints"):
-            if getattr(self, k) is not None:
-                d[k] = lst(getattr(self, k))
-        if self.masks is not None:
-            d["masks_shape"] = list(self.masks.shape)
-        if self.images is not None:
-            d["images"] = [list(im.size) for im in self.images]
-        if self.error is not None:
-            d["error"] = f"{type(self.error).__name__}: {self.error}"
-        return d
+        return task_json(self, image_paths)
 
 
 @dataclass
@@ -111,9 +110,11 @@ class RequestOutput:
     def ok(self) -> bool:
         return self.error is None and self.finish_reason in ("stop", "length")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, image_paths: Optional[Sequence[Optional[Sequence[str]]]] = None) -> dict[str, Any]:
+        """image_paths[i]: saved files of task i's images (inline base64 PNGs when None)."""
+        paths = list(image_paths) if image_paths is not None else [None] * len(self.tasks)
         return {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
-                "finish_reason": self.finish_reason, "tasks": [t.to_json() for t in self.tasks],
+                "finish_reason": self.finish_reason, "tasks": [t.to_json(p) for t, p in zip(self.tasks, paths)],
                 "prompt_len": self.prompt_len, "num_cached_tokens": self.num_cached_tokens,
                 "queue_time_s": self.queue_time_s, "time_to_first_token_s": self.time_to_first_token_s,
                 "time_per_output_token_s": self.time_per_output_token_s, "e2e_time_s": self.e2e_time_s,

@@ -5,6 +5,12 @@ After a routing token is sampled, the next step feeds 1 + K positions: the routi
 itself, then the K query embeddings of its table. The K positions occupy KV cache slots but
 are not output tokens; their final-norm hidden states are the payload; the next token is
 sampled from the last query position.
+
+Routing tokens already in the prompt (multi-turn history, or an answer given in the prompt as the
+official evaluation does) get their K query rows at prefill: when the K ids after the routing token
+are the route's query tokens ([EMB] [EMB2] ... or K x [EMB], the official training format) their
+embeddings are replaced by the query rows; otherwise K query positions are inserted right after the
+routing token. Their hidden states become payloads with source "prompt".
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..sampling import SamplingParams, sample_token
+from ..routes import get_route
 from .attention import ContiguousKVCache
 from .superlink import RoutedPayload
 
@@ -31,6 +38,32 @@ def _as_ids(input_ids, device) -> torch.Tensor:
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
     return ids
+
+
+def prompt_embeddings(model, ids: torch.Tensor, feats: Optional[torch.Tensor],
+                      route_ids: dict[int, str]) -> tuple[torch.Tensor, list[tuple[str, int, int, int]]]:
+    """Prompt ids [T] -> (input embeddings [T', hidden] with the query rows of the prompt's routing tokens,
+    [(route, index of the routing token in ids, first query position, K)])."""
+    embeds = model.embed_inputs(ids, feats)
+    ids_l = ids.tolist()
+    pieces, spans, pos, i = [], [], 0, 0
+    while i < len(ids_l):
+        route = route_ids.get(ids_l[i])
+        if route is None:
+            i += 1
+            continue
+        rows = model.query_embeddings(route).to(embeds.dtype)
+        k = rows.shape[0]
+        spelled = get_route(route).prompt_query_tokens(k)
+        given = spelled is not None and ids_l[i + 1:i + 1 + k] == [model.special_ids.get(t) for t in spelled]
+        pieces.append(embeds[pos:i + 1])
+        start = sum(p.shape[0] for p in pieces)
+        pieces.append(rows)
+        spans.append((route, i, start, k))
+        pos = i + 1 + (k if given else 0)
+        i = pos
+    pieces.append(embeds[pos:])
+    return torch.cat(pieces), spans
 
 
 @torch.inference_mode()
@@ -53,10 +86,12 @@ def reference_generate(model, input_ids: Sequence[int] | torch.Tensor,
     if pixel_values:
         feats = torch.cat([model.encode_images(p) for p in pixel_values])
     cache = ContiguousKVCache(model.cfg.llm.num_hidden_layers)
-    hidden = model.llm.forward(model.embed_inputs(ids, feats), torch.arange(ids.numel(), device=ids.device), cache)
+    embeds, spans = prompt_embeddings(model, ids, feats, route_ids)
+    hidden = model.llm.forward(embeds, torch.arange(embeds.shape[0], device=ids.device), cache)
     logits = model.llm.logits(hidden[-1])
     gen = params.make_generator()
     out = GenerationOutput()
+    out.payloads = [RoutedPayload(r, i, hidden[a:a + k].clone(), source="prompt") for r, i, a, k in spans]
     while True:
         if logits_processor is not None:
             logits = logits_processor(len(out.token_ids), logits)

@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import ROUTE_TOKENS, ModelConfig
+from ..config import ModelConfig
+from ..routes import get_route, route_tokens
 from .llm import LLM
-from .superlink import build_query_tables, query_embeddings
+from .superlink import build_query_tables, table_param_name
 from .vision import VisionTower
 
 
@@ -24,19 +25,21 @@ class VisionLLM(nn.Module):
         self.vl_bridge = nn.Sequential(nn.Linear(cfg.vision.hidden_size, cfg.llm.hidden_size), nn.GELU(),
                                        nn.Linear(cfg.llm.hidden_size, cfg.llm.hidden_size))
         self.llm = LLM(cfg.llm, cfg.lora_moe)
+        self.query_table_names: tuple[str, ...] = ()
         for name, table in build_query_tables(cfg).items():
             self.add_module(name, table)
+            self.query_table_names += (name,)
         self.decoders: Optional[nn.Module] = None
         if with_decoders and any(c is not None for c in (cfg.detector, cfg.pose, cfg.gen, cfg.edit)):
             from .decoders import DecoderSet
 
             self.decoders = DecoderSet(cfg)
-        # token string -> id for SPECIAL_TOKENS; set from the tokenizer by the loader
+        # token string -> id of every special token; set from the tokenizer by the loader
         self.special_ids: dict[str, int] = {}
 
     @property
     def route_ids(self) -> dict[int, str]:
-        return {self.special_ids[r]: r for r in ROUTE_TOKENS if r in self.special_ids}
+        return {self.special_ids[r]: r for r in route_tokens() if r in self.special_ids}
 
     @property
     def device(self) -> torch.device:
@@ -64,9 +67,16 @@ class VisionLLM(nn.Module):
             embeds[input_ids == patch_id] = image_features.to(embeds.dtype)
         return embeds
 
+    def query_table(self, table: str) -> torch.Tensor:
+        """The learned query rows of one table (`RouteSpec.table`) -> [K, llm_hidden]."""
+        name = table_param_name(table)
+        if name not in self.query_table_names:
+            raise ValueError(f"this model has no query table {table!r}; tables: {', '.join(self.query_table_names)}")
+        return self.get_submodule(name).weight
+
     def query_embeddings(self, route: str) -> torch.Tensor:
-        """-> [K, llm_hidden]"""
-        return query_embeddings(self, route)
+        """The K query rows fed after `route`'s token -> [K, llm_hidden]."""
+        return self.query_table(get_route(route).table)
 
     def run_decoder(self, route: str, payloads: list, images: list, **opts) -> list:
         """Run one task decoder on a batch of requests (see `DecoderSet.run_decoder`):

@@ -20,13 +20,16 @@ dot products of mask_embed(query) with them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimlm_engine.decoder_config import DetectorConfig
+from unimlm_engine.config.decoders import DetectorConfig
 
+from ...routes import RouteSpec
+from .base import DecoderInput, TaskDecoder, TensorForward
 from .deformable import MLPHead
 from .grounding import GroundingCore, level_valid, masked_group_norm
 from .images import boxes_to_pixels, prepare_images
@@ -80,8 +83,11 @@ def upsample_mask_logits(logits: torch.Tensor, resized: tuple[int, int], origina
     return F.interpolate(x, size=original, mode="bilinear", align_corners=False)[:, 0] > 0
 
 
-class DetectorDecoder(GroundingCore):
+class DetectorDecoder(GroundingCore, TaskDecoder):
     """cfg: DetectorConfig. state_dict keys = official `gdino.*` keys without the prefix."""
+
+    name = "gdino"
+    export_kind = "detector"
 
     def __init__(self, cfg: DetectorConfig):
         super().__init__(cfg)
@@ -91,6 +97,28 @@ class DetectorDecoder(GroundingCore):
         self.layer_1 = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.GroupNorm(32, d))
         self.mask_features = nn.Conv2d(d, cfg.mask_dim, 1)
         self.mask_embed = MLPHead(d, d, cfg.mask_dim, 3)
+
+    @classmethod
+    def from_model_config(cls, cfg) -> Optional["DetectorDecoder"]:
+        return cls(cfg.detector) if cfg.detector is not None else None
+
+    def run(self, route: RouteSpec, inputs: list[DecoderInput], options: Mapping[str, Any],
+            tensor_forward: Optional[TensorForward] = None) -> list["DetectionResult"]:
+        """The route's groups of each request are its classes; options: with_masks (SEG)."""
+        opts = dict(options)
+        with_masks = bool(opts.pop("with_masks", False))
+        if opts:
+            raise ValueError(f"route {route.token}: unknown options {sorted(opts)}")
+        for r, inp in enumerate(inputs):
+            if len(inp.payloads) > self.cfg.max_classes:
+                raise ValueError(f"route {route.token}: request {r} has {len(inp.payloads)} classes, at most "
+                                 f"{self.cfg.max_classes}")
+        return self([inp.image for inp in inputs], [torch.stack(list(inp.payloads)) for inp in inputs],
+                    with_masks=with_masks, tensor_forward=tensor_forward)
+
+    def accepts_backend(self, route: RouteSpec, record: Mapping[str, Any]) -> bool:
+        return record.get("decoder") == self.export_kind and (bool(record.get("with_masks"))
+                                                              or not route.options.get("with_masks"))
 
     def class_embeddings(self, class_payloads: torch.Tensor) -> torch.Tensor:
         """class_payloads: [B, C, K, llm_hidden] -> [B, C, d_model] (patch2query, mean over K)."""
@@ -129,9 +157,10 @@ class DetectorDecoder(GroundingCore):
         return logits, boxes, masks
 
     @torch.no_grad()
-    def forward(self, images: list, class_payloads: list[torch.Tensor],
-                with_masks: bool = False) -> list[DetectionResult]:
-        """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden]."""
+    def forward(self, images: list, class_payloads: list[torch.Tensor], with_masks: bool = False,
+                tensor_forward: Optional[TensorForward] = None) -> list[DetectionResult]:
+        """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden];
+        tensor_forward: replaces `forward_tensors` (same signature), e.g. an exported back end."""
         if len(images) == 0 or len(images) != len(class_payloads):
             raise ValueError(f"need one class payload per image and at least one image, got {len(images)} images "
                              f"and {len(class_payloads)} payloads")
@@ -139,7 +168,8 @@ class DetectorDecoder(GroundingCore):
         p = next(self.parameters())
         batch = prepare_images(images, self.cfg.image_short, self.cfg.image_long, self.pad_multiple, p.device, p.dtype)
         payloads, valid = pad_payloads(class_payloads, p.device, p.dtype)
-        logits, boxes, masks = self.forward_tensors(batch.pixel_values, batch.pixel_valid, payloads, valid, with_masks)
+        fwd = tensor_forward or self.forward_tensors
+        logits, boxes, masks = fwd(batch.pixel_values, batch.pixel_valid, payloads, valid, with_masks)
         return [self._postprocess(logits[i, :, :class_payloads[i].shape[0]], boxes[i],
                                   None if masks is None else masks[i], batch.resized[i], batch.original[i])
                 for i in range(len(images))]

@@ -33,21 +33,26 @@ import contextlib
 import json
 import os
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from PIL import Image
 
-from ...decoder_config import GenConfig
+from ...config.decoders import GenConfig
+from ...routes import RouteSpec
+from .base import DecoderInput, TaskDecoder, TensorForward
+from .results import GenerationResult
 
+GEN_OPTIONS = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "height", "width")
 _NULL_COMPONENTS = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor", "image_encoder")
 
 
-class GenerationDecoder(nn.Module):
+class GenerationDecoder(TaskDecoder):
     """emb_proj + transformer mapper, and the diffusers pipeline it conditions.
 
-    edit=False: StableDiffusionPipeline ([GEN]); edit=True: InstructPix2Pix ([EDIT]).
+    edit=False: StableDiffusionPipeline ([GEN]); edit=True: InstructPix2Pix ([EDIT]). Registered as
+    `SDDecoder` ("sd") and `IP2PDecoder` ("ip2p") below.
     """
 
     def __init__(self, cfg: GenConfig, edit: bool = False) -> None:
@@ -69,6 +74,28 @@ class GenerationDecoder(nn.Module):
     @property
     def route(self) -> str:
         return "[EDIT]" if self.edit else "[GEN]"
+
+    def run(self, route: RouteSpec, inputs: list[DecoderInput], options: Mapping[str, Any],
+            tensor_forward: Optional[TensorForward] = None) -> list[GenerationResult]:
+        """Each group of a request is one image; group j of input r is drawn with seed inputs[r].seed + j.
+        options: GEN_OPTIONS (image_guidance_scale only for an edit pipeline)."""
+        unknown = set(options) - set(GEN_OPTIONS)
+        if unknown:
+            raise ValueError(f"route {route.token}: unknown options {sorted(unknown)}")
+        flat = [(r, j) for r, inp in enumerate(inputs) for j in range(len(inp.payloads))]
+        stacked = torch.stack([inputs[r].payloads[j] for r, j in flat])
+        seeds = [inputs[r].seed + j for r, j in flat]
+        kw = {k: options[k] for k in GEN_OPTIONS if k in options}
+        if not self.edit:
+            kw.pop("image_guidance_scale", None)
+        images = [inputs[r].image for r, _ in flat] if self.edit else None
+        out = self.generate(stacked, seeds, images=images, **kw)
+        results = [GenerationResult(route=route.token, num_inference_steps=kw.get("num_inference_steps", 20),
+                                    guidance_scale=kw.get("guidance_scale", 7.5)) for _ in inputs]
+        for (r, _), im, seed in zip(flat, out, seeds):
+            results[r].images.append(im)
+            results[r].seeds.append(seed)
+        return results
 
     def check_payload(self, payload: torch.Tensor) -> None:
         """payload: [K, llm_hidden] (one group) or [B, K, llm_hidden]; raises ValueError."""
@@ -267,3 +294,29 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
         pipe.save_pretrained(path, safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class SDDecoder(GenerationDecoder):
+    """[GEN]: the official `sd.*` mapper + a Stable Diffusion pipeline."""
+
+    name = "sd"
+
+    def __init__(self, cfg: GenConfig) -> None:
+        super().__init__(cfg, edit=False)
+
+    @classmethod
+    def from_model_config(cls, cfg) -> Optional["SDDecoder"]:
+        return cls(cfg.gen) if cfg.gen is not None else None
+
+
+class IP2PDecoder(GenerationDecoder):
+    """[EDIT]: the official `ip2p.*` mapper + an InstructPix2Pix pipeline."""
+
+    name = "ip2p"
+
+    def __init__(self, cfg: GenConfig) -> None:
+        super().__init__(cfg, edit=True)
+
+    @classmethod
+    def from_model_config(cls, cfg) -> Optional["IP2PDecoder"]:
+        return cls(cfg.edit) if cfg.edit is not None else None

@@ -13,12 +13,15 @@ Runs on any device; only run on the CPU so far.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from unimlm_engine.decoder_config import PoseConfig
+from unimlm_engine.config.decoders import PoseConfig
 
+from ...routes import RouteSpec
+from .base import DecoderInput, TaskDecoder, TensorForward
 from .deformable import DecoderLayer, MLPHead, key_bias, sine_embed_coords
 from .detector import check_payloads, pad_payloads
 from .grounding import GroundingCore
@@ -33,8 +36,11 @@ class PoseResult:
     keypoints: torch.Tensor  # [n, num_keypoints, 3]: x, y in original pixels, visibility score in [0, 1]
 
 
-class PoseDecoder(GroundingCore):
+class PoseDecoder(GroundingCore, TaskDecoder):
     """cfg: PoseConfig. state_dict keys = official `unipose.*` keys without the prefix."""
+
+    name = "unipose"
+    export_kind = "pose"
 
     def __init__(self, cfg: PoseConfig):
         super().__init__(cfg)
@@ -47,6 +53,32 @@ class PoseDecoder(GroundingCore):
         self.keypoint_pos_head = MLPHead(d, d, d, 2)
         self.keypoint_embed = MLPHead(d, d, 2, 3)
         self.keypoint_visibility = nn.Linear(d, 1)
+
+    @classmethod
+    def from_model_config(cls, cfg) -> Optional["PoseDecoder"]:
+        return cls(cfg.pose) if cfg.pose is not None else None
+
+    def run(self, route: RouteSpec, inputs: list[DecoderInput], options: Mapping[str, Any],
+            tensor_forward: Optional[TensorForward] = None) -> list["PoseResult"]:
+        """Each request: num_keypoints route groups (keypoint n = group n) and its object classes as context."""
+        if options:
+            raise ValueError(f"route {route.token}: unknown options {sorted(options)}")
+        nk = self.cfg.num_keypoints
+        for r, inp in enumerate(inputs):
+            if len(inp.payloads) != nk:
+                raise ValueError(f"route {route.token}: request {r} has {len(inp.payloads)} keypoint groups, "
+                                 f"expected {nk}")
+            if len(inp.context) > self.cfg.max_classes:
+                raise ValueError(f"route {route.token}: request {r} has {len(inp.context)} classes, at most "
+                                 f"{self.cfg.max_classes}")
+        return self([inp.image for inp in inputs], [torch.stack(list(inp.context)) for inp in inputs],
+                    [torch.stack(list(inp.payloads)) for inp in inputs], tensor_forward=tensor_forward)
+
+    def accepts_backend(self, route: RouteSpec, record: Mapping[str, Any]) -> bool:
+        return record.get("decoder") == self.export_kind
+
+    def num_groups(self, route: RouteSpec) -> int:
+        return self.cfg.num_keypoints
 
     def _instance_bias(self, p: int, nk: int, dtype: torch.dtype, device) -> torch.Tensor:
         """-> [1, 1, p*nk, p*nk] additive bias: keypoint queries attend within their own instance."""
@@ -91,8 +123,8 @@ class PoseDecoder(GroundingCore):
         return top.values, torch.gather(labels, 1, idx), boxes, kps
 
     @torch.no_grad()
-    def forward(self, images: list, class_payloads: list[torch.Tensor],
-                keypoint_payloads: list[torch.Tensor]) -> list[PoseResult]:
+    def forward(self, images: list, class_payloads: list[torch.Tensor], keypoint_payloads: list[torch.Tensor],
+                tensor_forward: Optional[TensorForward] = None) -> list[PoseResult]:
         """images: PIL / uint8 [H, W, 3]; class_payloads[i]: [C_i, K, llm_hidden] ([DET] groups);
         keypoint_payloads[i]: [num_keypoints, K, llm_hidden] ([POSE] groups)."""
         if len(images) == 0 or not len(images) == len(class_payloads) == len(keypoint_payloads):
@@ -109,7 +141,8 @@ class PoseDecoder(GroundingCore):
         batch = prepare_images(images, cfg.image_short, cfg.image_long, self.pad_multiple, p.device, p.dtype)
         cls, valid = pad_payloads(class_payloads, p.device, p.dtype)
         kps = torch.stack([k.to(device=p.device, dtype=p.dtype) for k in keypoint_payloads])
-        scores, labels, boxes, keypoints = self.forward_tensors(batch.pixel_values, batch.pixel_valid, cls, valid, kps)
+        fwd = tensor_forward or self.forward_tensors
+        scores, labels, boxes, keypoints = fwd(batch.pixel_values, batch.pixel_valid, cls, valid, kps)
         out = []
         for i, (h, w) in enumerate(batch.original):
             keep = scores[i] > cfg.score_threshold

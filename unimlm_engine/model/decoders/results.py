@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-GEN_ROUTES = ("[GEN]", "[EDIT]")
 
 
 @dataclass(slots=True)
@@ -28,8 +27,6 @@ class GenerationResult:
     guidance_scale: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.route not in GEN_ROUTES:
-            raise ValueError(f"GenerationResult: route must be one of {GEN_ROUTES}, got {self.route!r}")
         if len(self.images) != len(self.seeds):
             raise ValueError(f"GenerationResult: {len(self.images)} images but {len(self.seeds)} seeds")
 

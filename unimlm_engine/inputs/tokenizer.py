@@ -1,9 +1,10 @@
 """Tokenizers: the tiny preset's byte tokenizer, HF `tokenizer.json`, SentencePiece `tokenizer.model`.
 
-Every tokenizer maps each SPECIAL_TOKENS string found inside text to its own id (so
-"<image>" and "[DET]" in a prompt become one token each), exposes `special_ids`
-(string -> id, every SPECIAL_TOKENS entry) and `route_ids` (routing token id -> route
-name such as "[DET]"). `IncrementalDetokenizer` turns a growing id list into text deltas
+Every tokenizer maps each special token string (`routes.special_tokens()`: placeholders,
+routing tokens, query tokens) found inside text to its own id (so "<image>" and "[DET]" in a
+prompt become one token each), exposes `special_ids` (string -> id) and `route_ids` (routing
+token id -> route name such as "[DET]"). The official vocabulary's tokens are required; routing
+tokens of routes registered later are used when the vocabulary has them. `IncrementalDetokenizer` turns a growing id list into text deltas
 for streaming without splitting a multi-byte UTF-8 character.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ROUTE_TOKENS, SPECIAL_TOKENS
+from ..routes import required_special_tokens, route_tokens, special_tokens
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
@@ -52,17 +53,17 @@ class Tokenizer(ABC):
 
     @cached_property
     def route_ids(self) -> dict[int, str]:
-        return {self.special_ids[t]: t for t in ROUTE_TOKENS}
+        return {self.special_ids[t]: t for t in route_tokens() if t in self.special_ids}
 
     @cached_property
     def control_ids(self) -> frozenset[int]:
-        """Ids that `decode(skip_special=True)` drops: SPECIAL_TOKENS plus <unk>/<s>/</s>/pad."""
+        """Ids that `decode(skip_special=True)` drops: the special tokens plus <unk>/<s>/</s>/pad."""
         extra = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
         return frozenset(self.special_ids.values()) | extra
 
     @cached_property
     def _text_specials(self) -> tuple[dict[str, int], re.Pattern]:
-        """Strings recognised inside text (SPECIAL_TOKENS, BOS/EOS) and a splitter, longest match first."""
+        """Strings recognised inside text (special tokens, BOS/EOS) and a splitter, longest match first."""
         table = dict(self.special_ids)
         for tid in (self.bos_id, self.eos_id):
             if tid is not None:
@@ -100,17 +101,18 @@ class Tokenizer(ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """The tiny preset's tokenizer, built in code: <unk> <s> </s>, bytes at 3 + b, SPECIAL_TOKENS from 259."""
+    """The tiny preset's tokenizer, built in code: <unk> <s> </s>, bytes at 3 + b, special tokens from 259
+    (`routes.special_tokens()` order, read at construction)."""
 
     BYTE_OFFSET = 3
 
     def __init__(self) -> None:
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 0
         first = self.BYTE_OFFSET + 256
-        self.special_ids = {t: first + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.special_ids = {t: first + i for i, t in enumerate(special_tokens())}
         self._id_to_special = {i: t for t, i in self.special_ids.items()}
         self._id_to_special.update({0: UNK, 1: BOS, 2: EOS})
-        self.vocab_size = first + len(SPECIAL_TOKENS)
+        self.vocab_size = first + len(self.special_ids)
 
     def _encode_plain(self, text: str) -> list[int]:
         return [self.BYTE_OFFSET + b for b in text.encode("utf-8")]
@@ -175,7 +177,10 @@ class HFTokenizer(Tokenizer):
         directory = self.directory = Path(directory)
         self._tok = _HF.from_file(str(directory / "tokenizer.json"))
         declared = _declared_added_tokens(directory)
-        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        required = required_special_tokens()
+        wanted = [t for t in special_tokens() if t in required or self._tok.token_to_id(t) is not None
+                  or t in declared]
+        missing = [t for t in wanted if self._tok.token_to_id(t) is None]
         for token in sorted(missing, key=lambda t: declared.get(t, -1)):
             if token not in declared:
                 raise ValueError(f"tokenizer in {directory}: special token {token!r} is neither in tokenizer.json "
@@ -185,7 +190,7 @@ class HFTokenizer(Tokenizer):
             if got != declared[token]:
                 raise ValueError(f"tokenizer in {directory}: {token!r} is declared as id {declared[token]} "
                                  f"but would get id {got} (added token ids must follow the vocabulary)")
-        self.special_ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.special_ids = {t: self._tok.token_to_id(t) for t in wanted}
         wrong = {t: (i, declared[t]) for t, i in self.special_ids.items() if declared.get(t, i) != i}
         if wrong:
             raise ValueError(f"tokenizer in {directory}: tokenizer.json and the added-token lists disagree "
@@ -235,10 +240,10 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece tokenizer.model (LLaMA: <unk>=0, <s>=1, </s>=2) plus SPECIAL_TOKENS as added tokens.
+    """A SentencePiece tokenizer.model (LLaMA: <unk>=0, <s>=1, </s>=2) plus the special tokens as added tokens.
 
     Added-token ids come from added_tokens.json when present, else follow the sp vocabulary in
-    SPECIAL_TOKENS order. Text is split around special strings before sp encoding, so each chunk
+    `routes.special_tokens()` order. Text is split around special strings before sp encoding, so each chunk
     gets sp's dummy prefix (the LLaMA slow-tokenizer behaviour).
     """
 
@@ -252,14 +257,14 @@ class SentencePieceTokenizer(Tokenizer):
         if (directory / "added_tokens.json").is_file():
             declared = {k: int(v) for k, v in _read_json(directory / "added_tokens.json").items()}
         if declared:
-            missing = [t for t in SPECIAL_TOKENS if t not in declared]
+            missing = [t for t in required_special_tokens() if t not in declared]
             if missing:
                 raise ValueError(f"tokenizer in {directory}: added_tokens.json lacks special tokens {missing}")
-            self.special_ids = {t: declared[t] for t in SPECIAL_TOKENS}
+            self.special_ids = {t: declared[t] for t in special_tokens() if t in declared}
         else:
-            self.special_ids = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
+            self.special_ids = {t: n + i for i, t in enumerate(special_tokens())}
         clash = [t for t, i in self.special_ids.items() if i < n]
-        if clash or len(set(self.special_ids.values())) != len(SPECIAL_TOKENS):
+        if clash or len(set(self.special_ids.values())) != len(self.special_ids):
             raise ValueError(f"tokenizer in {directory}: added token ids must be distinct and >= {n}; bad: {clash}")
         self._id_to_added = {i: t for t, i in self.special_ids.items()}
         self.vocab_size = max(n, max(self.special_ids.values()) + 1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import VisionConfig
+from ..config import VisionConfig
 from .tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"

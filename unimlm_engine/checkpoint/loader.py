@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 DECODER_PREFIXES = ("gdino.", "unipose.", "sd.", "ip2p.")
 UNSERVED_PREFIXES = ("region_encoder.",)
@@ -150,8 +150,8 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
 def load_checkpoint(path: str | os.PathLike, device: Optional[str | torch.device] = None,
                     dtype: Optional[torch.dtype] = None, with_decoders: bool = True):
     """-> (model, tokenizer, LoadReport). dtype defaults to bf16 on CUDA, fp32 on CPU."""
-    from .model import VisionLLM
-    from .tokenizer_files import load_checkpoint_tokenizer
+    from ..model import VisionLLM
+    from ..inputs.tokenizer_files import load_checkpoint_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -191,7 +191,7 @@ def _split(keys: list[str], num_shards: int) -> list[list[str]]:
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, tokenizer=None, fmt: str = "bin",
                     num_shards: int = 2) -> Path:
     """Write `model` as an official-layout directory: config.json, shards + index, tokenizer files."""
-    from .tokenizer_files import save_checkpoint_tokenizer
+    from ..inputs.tokenizer_files import save_checkpoint_tokenizer
 
     if fmt not in ("bin", "safetensors"):
         raise ValueError(f"fmt must be 'bin' or 'safetensors', got {fmt!r}")

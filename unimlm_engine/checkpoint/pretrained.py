@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 
 from .loader import load_checkpoint
-from .model import VisionLLM, build_model
-from .presets import PRESETS, TINY_SEED, UnknownPresetError, get_preset
-from .tokenizer import ByteTokenizer, Tokenizer
+from ..model import VisionLLM, build_model
+from ..config.presets import PRESETS, TINY_SEED, UnknownPresetError, get_preset
+from ..inputs.tokenizer import ByteTokenizer, Tokenizer
 
 
 def cache_dir() -> Path:
@@ -25,7 +25,7 @@ def cache_dir() -> Path:
 
 
 def _attach_tiny_pipelines(model: VisionLLM) -> None:
-    from .model.decoders import build_tiny_pipeline, load_local_pipeline
+    from ..model.decoders import build_tiny_pipeline, load_local_pipeline
 
     d = model.decoders
     if d is None:

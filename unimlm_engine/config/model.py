@@ -9,14 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-from .decoder_config import DetectorConfig, GenConfig, PoseConfig
-
-# Routing tokens in the order the engine reports them, and the query table each uses.
-ROUTE_TOKENS = ("[DET]", "[GRD]", "[SEG]", "[POSE]", "[GEN]", "[EDIT]")
-ROUTE_TABLE = {"[DET]": "det", "[GRD]": "det", "[SEG]": "det", "[POSE]": "pose", "[GEN]": "gen", "[EDIT]": "edit"}
-QUERY_TOKENS = ("[EMB]",) + tuple(f"[EMB{i}]" for i in range(2, 9))
-PLACEHOLDER_TOKENS = ("<image>", "<im_patch>", "<region>")
-SPECIAL_TOKENS = PLACEHOLDER_TOKENS + ROUTE_TOKENS + QUERY_TOKENS
+from .decoders import DetectorConfig, GenConfig, PoseConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
-def _require(cond: bool, owner: str, msg: str) -> None:
+def require(cond: bool, owner: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{owner}: {msg}")
 
@@ -59,12 +52,12 @@ class VisionConfig:
     def __post_init__(self) -> None:
         o = "VisionConfig"
         for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
-            _require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
-        _require(self.hidden_size % self.num_attention_heads == 0, o, "hidden_size must divide by num_attention_heads")
-        _require(self.image_size % self.patch_size == 0, o, "image_size must be a multiple of patch_size")
-        _require(-self.num_hidden_layers <= self.output_layer < 0, o, f"output_layer must be in [-{self.num_hidden_layers}, -1]")
-        _require(1 <= self.max_tiles <= 12, o, f"max_tiles must be in [1, 12], got {self.max_tiles}")
-        _require(self.hidden_act in ("quick_gelu", "gelu"), o, f"unsupported hidden_act {self.hidden_act!r}")
+            require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
+        require(self.hidden_size % self.num_attention_heads == 0, o, "hidden_size must divide by num_attention_heads")
+        require(self.image_size % self.patch_size == 0, o, "image_size must be a multiple of patch_size")
+        require(-self.num_hidden_layers <= self.output_layer < 0, o, f"output_layer must be in [-{self.num_hidden_layers}, -1]")
+        require(1 <= self.max_tiles <= 12, o, f"max_tiles must be in [1, 12], got {self.max_tiles}")
+        require(self.hidden_act in ("quick_gelu", "gelu"), o, f"unsupported hidden_act {self.hidden_act!r}")
         self.image_mean = tuple(float(x) for x in self.image_mean)
         self.image_std = tuple(float(x) for x in self.image_std)
 
@@ -101,14 +94,14 @@ class LLMConfig:
     def __post_init__(self) -> None:
         o = "LLMConfig"
         for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
+            require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
         if self.head_dim == 0:
-            _require(self.hidden_size % self.num_attention_heads == 0, o, "hidden_size must divide by num_attention_heads")
+            require(self.hidden_size % self.num_attention_heads == 0, o, "hidden_size must divide by num_attention_heads")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        _require(self.head_dim > 0 and self.head_dim % 2 == 0, o, f"head_dim must be positive and even, got {self.head_dim}")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, o, "num_attention_heads must be a multiple of num_key_value_heads")
-        _require(self.hidden_act == "silu", o, f"only SwiGLU (silu) is supported, got {self.hidden_act!r}")
-        _require(self.rope_theta > 0, o, "rope_theta must be positive")
+        require(self.head_dim > 0 and self.head_dim % 2 == 0, o, f"head_dim must be positive and even, got {self.head_dim}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, o, "num_attention_heads must be a multiple of num_key_value_heads")
+        require(self.hidden_act == "silu", o, f"only SwiGLU (silu) is supported, got {self.hidden_act!r}")
+        require(self.rope_theta > 0, o, "rope_theta must be positive")
 
     @property
     def gqa_group(self) -> int:
@@ -126,12 +119,12 @@ class LoRAMoEConfig:
 
     def __post_init__(self) -> None:
         o = "LoRAMoEConfig"
-        _require(1 <= self.num_experts <= 64, o, f"num_experts must be in [1, 64], got {self.num_experts}")
-        _require(1 <= self.rank <= 256, o, f"rank must be in [1, 256], got {self.rank}")
-        _require(self.alpha > 0, o, "alpha must be positive")
+        require(1 <= self.num_experts <= 64, o, f"num_experts must be in [1, 64], got {self.num_experts}")
+        require(1 <= self.rank <= 256, o, f"rank must be in [1, 256], got {self.rank}")
+        require(self.alpha > 0, o, "alpha must be positive")
         self.target_modules = tuple(self.target_modules)
         bad = set(self.target_modules) - {"gate_proj", "up_proj", "down_proj"}
-        _require(not bad, o, f"unknown target_modules {sorted(bad)}")
+        require(not bad, o, f"unknown target_modules {sorted(bad)}")
 
     @property
     def scaling(self) -> float:
@@ -146,13 +139,17 @@ class SuperLinkConfig:
     num_embs_gen: int = 64  # K for GEN/EDIT
 
     def __post_init__(self) -> None:
-        _require(self.num_embs > 0, "SuperLinkConfig", "num_embs must be positive")
-        _require(self.num_embs_gen > 0, "SuperLinkConfig", "num_embs_gen must be positive")
+        require(self.num_embs > 0, "SuperLinkConfig", "num_embs must be positive")
+        require(self.num_embs_gen > 0, "SuperLinkConfig", "num_embs_gen must be positive")
 
     def num_queries(self, route: str) -> int:
-        if route not in ROUTE_TABLE:
-            raise ConfigError(f"SuperLinkConfig: unknown route {route!r}")
-        return self.num_embs_gen if ROUTE_TABLE[route] in ("gen", "edit") else self.num_embs
+        """K for a route ("[DET]" or "det"): the field its RouteSpec names."""
+        from ..routes import RouteError, get_route
+
+        try:
+            return get_route(route).num_queries_in(self)
+        except RouteError as e:
+            raise ConfigError(f"SuperLinkConfig: {e}") from None
 
 
 @dataclass(slots=True)
@@ -168,7 +165,7 @@ class ModelConfig:
     vl_bridge_type: str = "mlp2x_gelu"
 
     def __post_init__(self) -> None:
-        _require(self.vl_bridge_type == "mlp2x_gelu", "ModelConfig", f"unsupported vl_bridge_type {self.vl_bridge_type!r}")
+        require(self.vl_bridge_type == "mlp2x_gelu", "ModelConfig", f"unsupported vl_bridge_type {self.vl_bridge_type!r}")
 
     # ---- official config.json -------------------------------------------------
     @classmethod
@@ -235,43 +232,3 @@ class ModelConfig:
             lm["target_modules"] = list(lm["target_modules"])
             d["lora_moe"] = lm
         return d
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Serving knobs (vLLM-like names where they mean the same thing)."""
-
-    block_size: int = 16
-    num_kv_blocks: Optional[int] = None  # overrides the memory-budget sizing
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 256 << 20  # KV pool budget when serving on the CPU
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_queue_size: int = 1024
-    max_model_len: Optional[int] = None  # default: llm.max_position_embeddings
-    policy: str = "fcfs"  # "fcfs" | "priority"
-    enable_prefix_caching: bool = True
-    decoder_max_batch_size: int = 8
-    decoder_max_queue_delay_ms: float = 2.0
-    decoder_options: dict[str, Any] = field(default_factory=dict)  # forwarded to run_decoder
-    idle_wait_s: float = 0.005
-    cuda_graphs: bool = True  # all-decode steps replay a captured CUDA graph per batch-size bucket (CUDA only)
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    cuda_graph_max_context: int = 8192  # longer sequences take the eager path
-
-    def __post_init__(self) -> None:
-        o = "EngineConfig"
-        self.cuda_graph_batch_sizes = tuple(self.cuda_graph_batch_sizes)
-        _require(len(self.cuda_graph_batch_sizes) > 0 and all(
-            isinstance(b, int) and b > 0 for b in self.cuda_graph_batch_sizes), o,
-            f"cuda_graph_batch_sizes must be non-empty positive ints, got {self.cuda_graph_batch_sizes}")
-        _require(self.cuda_graph_max_context > 0, o,
-                 f"cuda_graph_max_context must be positive, got {self.cuda_graph_max_context}")
-        _require(self.block_size in (16, 32), o, f"block_size must be 16 or 32, got {self.block_size}")
-        _require(self.num_kv_blocks is None or self.num_kv_blocks > 0, o, "num_kv_blocks must be positive")
-        _require(0.0 < self.gpu_memory_utilization <= 1.0, o, "gpu_memory_utilization must be in (0, 1]")
-        for n in ("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "decoder_max_batch_size",
-                  "cpu_kv_cache_bytes"):
-            _require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
-        _require(self.policy in ("fcfs", "priority"), o, f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        _require(self.decoder_max_queue_delay_ms >= 0, o, "decoder_max_queue_delay_ms must be >= 0")

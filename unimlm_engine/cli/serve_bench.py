@@ -1,9 +1,10 @@
 """Load generator over the Python API (`unimlm serve-bench`, and benchmarks/bench_e2e.py).
 
-Workload kinds: vqa (one image, free text), text (no image), det (image, 1..3 forced [DET]
-groups), seg (image, forced [SEG]), pose (image, one [DET] class + one [POSE] group per
-keypoint). Routing tokens are forced through `SamplingParams.forced_prefix`, because a
-model with random weights would not emit them by itself; the decoders then really run.
+Workload kinds: vqa (one image, free text), text (no image), and every route by its name: det
+(image, 1..3 forced [DET] groups), seg, grd (one group), pose (one [DET] class + one [POSE] group
+per keypoint), gen, edit... (forcing.py derives the groups from the route registry and the
+decoders). Routing tokens are forced through `SamplingParams.forced_prefix`, because a model with
+random weights would not emit them by itself; the decoders then really run.
 Arrivals: fixed concurrency (a closed loop of N clients) or Poisson at a request rate.
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from .engine.types import Request, RequestOutput
-from .sampling import SamplingParams
+from ..engine.types import Request, RequestOutput
+from ..routes import RouteError, all_routes, get_route
+from ..sampling import SamplingParams
+from .forcing import forced_route_tokens
 
-KINDS = ("vqa", "text", "det", "seg", "pose")
+TEXT_KINDS = ("vqa", "text")
 QUESTIONS = ("What is in this image?", "Describe the scene in detail.", "What colour is the main object?",
              "Is there an animal here?", "Write a short caption.")
 
@@ -29,9 +32,13 @@ def parse_mix(spec: str) -> dict[str, float]:
     mix: dict[str, float] = {}
     for part in spec.split(","):
         name, _, w = part.partition(":")
-        name = name.strip()
-        if name not in KINDS:
-            raise ValueError(f"unknown workload kind {name!r}; kinds: {', '.join(KINDS)}")
+        name = name.strip().lower()
+        if name not in TEXT_KINDS:
+            try:
+                get_route(name)
+            except RouteError:
+                kinds = TEXT_KINDS + tuple(s.name for s in all_routes())
+                raise ValueError(f"unknown workload kind {name!r}; kinds: {', '.join(kinds)}") from None
         mix[name] = float(w) if w else 1.0
     total = sum(mix.values())
     if total <= 0:
@@ -39,27 +46,24 @@ def parse_mix(spec: str) -> dict[str, float]:
     return {k: v / total for k, v in mix.items()}
 
 
-def make_request(kind: str, rng: random.Random, tokenizer, images: list, max_tokens: int,
-                 num_keypoints: int = 17) -> Request:
-    sid = tokenizer.special_ids
+def make_request(kind: str, rng: random.Random, model, images: list, max_tokens: int) -> Request:
+    """kind: "vqa", "text" or a route name; a detection route forces 1..3 groups (classes)."""
     q = rng.choice(QUESTIONS)
     image = [rng.choice(images)] if kind != "text" else None
     forced: tuple[int, ...] = ()
-    if kind == "det":
-        forced = (sid["[DET]"],) * rng.randint(1, 3)
-    elif kind == "seg":
-        forced = (sid["[SEG]"],)
-    elif kind == "pose":
-        forced = (sid["[DET]"],) + (sid["[POSE]"],) * num_keypoints
+    if kind not in TEXT_KINDS:
+        spec = get_route(kind)
+        forced = forced_route_tokens(model, [spec], lambda s: rng.randint(1, 3) if s.result == "detection" else 1)
     sp = SamplingParams(max_tokens=max(max_tokens, len(forced) + 1), forced_prefix=forced, ignore_eos=True)
     return Request(prompt=q, images=image, sampling=sp)
 
 
-def make_workload(n: int, mix: dict[str, float], tokenizer, images: list, max_tokens: int, seed: int = 0,
-                  num_keypoints: int = 17) -> list[Request]:
+def make_workload(n: int, mix: dict[str, float], model, images: list, max_tokens: int, seed: int = 0
+                  ) -> list[Request]:
+    """n requests drawn from `mix`; model: the VisionLLM being served (its vocabulary and decoders)."""
     rng = random.Random(seed)
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
-    return [make_request(k, rng, tokenizer, images, max_tokens, num_keypoints) for k in kinds]
+    return [make_request(k, rng, model, images, max_tokens) for k in kinds]
 
 
 @dataclass

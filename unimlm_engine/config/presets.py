@@ -1,7 +1,7 @@
 """Named model configs.
 
 - `tiny`: runs end to end on a CPU in seconds; random weights from a fixed seed and the
-  byte-level tokenizer built in code (`unimlm_engine.tokenizer.ByteTokenizer`).
+  byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`).
 - `visionllm-v2-7b`: the real shapes of DESIGN.md section 1 (CLIP ViT-L/14-336,
   Vicuna-7B, LoRA-MoE E=8 r=4 alpha=32, K=4 / 64 super-link queries).
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import LLMConfig, LoRAMoEConfig, ModelConfig, SuperLinkConfig, VisionConfig
-from .decoder_config import DetectorConfig, GenConfig, PoseConfig
+from .model import LLMConfig, LoRAMoEConfig, ModelConfig, SuperLinkConfig, VisionConfig
+from ..routes import required_special_tokens, special_tokens
+from .decoders import DetectorConfig, GenConfig, PoseConfig
 
-# Byte tokenizer layout (see tokenizer.py): <unk> <s> </s>, 256 bytes, then SPECIAL_TOKENS.
-TINY_VOCAB_SIZE = 3 + 256 + 17
+# Byte tokenizer layout (see inputs/tokenizer.py): <unk> <s> </s>, 256 bytes, then the special tokens.
+TINY_VOCAB_SIZE = 3 + 256 + len(required_special_tokens())
 TINY_SEED = 1234
 
 
@@ -21,8 +22,9 @@ def tiny() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                             image_size=56, patch_size=14),
-        llm=LLMConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+        # the byte tokenizer's vocabulary, routes registered after the built-in ones included
+        llm=LLMConfig(vocab_size=3 + 256 + len(special_tokens()), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
         lora_moe=LoRAMoEConfig(num_experts=4, rank=2, alpha=8.0),
         superlink=SuperLinkConfig(num_embs=4, num_embs_gen=8),
         detector=DetectorConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,

@@ -1,9 +1,11 @@
-"""Decoder backends: one interface for the detector / pose tensor forward (DESIGN.md section 3, step 5).
+"""Decoder back ends: one interface for the detector / pose tensor forward (DESIGN.md section 3, step 5).
 
-A backend runs the tensor-level forward of a decoder (`forward_tensors`, see export/wrappers.py for the
+A back end runs the tensor-level forward of a decoder (`forward_tensors`, see export/wrappers.py for the
 signatures); pre-processing (resize, pad, payload stacking) and post-processing (top-k, threshold, pixels)
-stay in the decoder's Python `forward`. `attach_backend` swaps a decoder's `forward_tensors` for a backend, so
-`DecoderSet.run_decoder` and the engine's decoder workers run through it unchanged.
+stay in the decoder's Python `forward`. `load_route_backend` loads one for a route (or for every route of a
+decoder); `DecoderSet.run(..., backend=...)` passes it to the decoder per call, so the model itself never
+changes and two engines over one model can use different back ends. EngineConfig.decoder_backends / the
+CLI's `--decoder-backend ROUTE=KIND[:PATH]` choose them (`parse_backend_spec`).
 
 Kinds:
 - "eager": the module itself. On CUDA it captures one CUDA graph per input-shape bucket and replays it
@@ -19,14 +21,14 @@ padding-invariant, so results match the eager module's up to float error.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 BACKEND_KINDS = ("eager", "onnxruntime", "aoti", "tensorrt")
-_PREFIXES = ("gdino", "unipose")
 
 
 class DecoderBackend:
@@ -165,19 +167,6 @@ class FixedBucket:
         return tuple(torch.cat(p, 0) for p in zip(*parts))
 
 
-def _resolve(decoder_set, route_or_prefix: str) -> tuple[torch.nn.Module, str]:
-    if route_or_prefix in _PREFIXES:
-        module = getattr(decoder_set, route_or_prefix)
-        if module is None:
-            raise ValueError(f"no {route_or_prefix} decoder configured in this model")
-    else:
-        module = decoder_set.decoder_for(route_or_prefix)
-    name = type(module).__name__
-    if name not in ("DetectorDecoder", "PoseDecoder"):
-        raise ValueError(f"{route_or_prefix}: backends serve the detector and pose decoders, not {name}")
-    return module, "detector" if name == "DetectorDecoder" else "pose"
-
-
 def _record(path: str | Path) -> dict:
     meta = Path(path).with_suffix(".json")
     if not meta.exists():
@@ -185,40 +174,69 @@ def _record(path: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def detach_backend(module: torch.nn.Module) -> None:
-    """Restore the module's own forward_tensors."""
-    module.__dict__.pop("forward_tensors", None)
-    module.__dict__.pop("decoder_backend", None)
+def parse_backend_spec(spec: str) -> tuple[str, str, Optional[str]]:
+    """"det=onnxruntime:out/det.onnx" -> ("det", "onnxruntime", "out/det.onnx"); "seg=eager" -> path None.
+    The key is a route name ("det", "[DET]") or a decoder name ("gdino": every route of that decoder)."""
+    key, sep, rest = spec.partition("=")
+    kind, _, path = rest.partition(":")
+    if not sep or not key.strip() or not kind:
+        raise ValueError(f"decoder backend {spec!r}: expected ROUTE=KIND[:PATH], e.g. det=onnxruntime:out/det.onnx")
+    kind = kind.strip()
+    if kind not in BACKEND_KINDS:
+        raise ValueError(f"decoder backend {spec!r}: unknown kind {kind!r}; kinds: {', '.join(BACKEND_KINDS)}")
+    if kind != "eager" and not path:
+        raise ValueError(f"decoder backend {spec!r}: {kind} needs the exported file (ROUTE={kind}:PATH)")
+    return key.strip(), kind, path or None
 
 
-def attach_backend(decoder_set, route_or_prefix: str, kind: str, path: str | Path | None = None) -> DecoderBackend:
-    """Make the detector ("gdino" / "[DET]" / "[GRD]" / "[SEG]") or pose ("unipose" / "[POSE]") decoder of
-    `decoder_set` run its tensor forward through backend `kind` loaded from `path` (the exported artifact with
-    its JSON record beside it; none for "eager"). A detector backend exported without masks serves [SEG]
-    calls (with_masks=True) through the eager module. Returns the backend."""
-    module, dkind = _resolve(decoder_set, route_or_prefix)
-    detach_backend(module)
-    own = module.forward_tensors
+@dataclass
+class RouteBackend:
+    """A loaded back end for one decoder. forward: the decoder's `forward_tensors` replacement;
+    routes: the route tokens it was loaded for; record: the export's JSON record ({} for eager)."""
+
+    kind: str
+    forward: Callable[..., tuple]
+    routes: tuple[str, ...]
+    decoder: Any = None
+    record: dict = field(default_factory=dict)
+    path: Optional[str] = None
+
+    def serves(self, route) -> bool:
+        """Whether this back end runs `route`'s calls (a detector export without masks cannot serve SEG)."""
+        return route.token in self.routes and (self.kind == "eager" or self.decoder.accepts_backend(route,
+                                                                                                   self.record))
+
+
+def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | None = None) -> RouteBackend:
+    """Load back end `kind` from `path` (the exported artifact with its JSON record beside it; none for
+    "eager") for `routes` (RouteSpecs served by `decoder`). Raises ValueError when the decoder has no export
+    path or the artifact is another decoder's, FileNotFoundError when the artifact or record is missing."""
+    ekind = getattr(decoder, "export_kind", None)
+    if ekind is None:
+        raise ValueError(f"{'/'.join(r.token for r in routes)}: back ends serve the detector and pose decoders, "
+                         f"not {type(decoder).__name__}")
+    own, tokens = decoder.forward_tensors, tuple(r.token for r in routes)
     if kind == "eager":
-        fn = own if dkind == "pose" else (lambda *x: own(*x, False)[:2])
-        backend = make_backend("eager", fn=fn)
-        call, with_masks = backend.run, False
+        if ekind == "pose":
+            return RouteBackend("eager", make_backend("eager", fn=own).run, tokens, decoder)
+        # one graph set per mask flag: the tensors in and out must be tensors only
+        calls = {m: make_backend("eager", fn=lambda *x, m=m: own(*x, m)[:3 if m else 2]).run for m in (False, True)}
+        with_masks = True
     else:
         rec = _record(path)
-        if rec.get("decoder") != dkind:
-            raise ValueError(f"{path} is a {rec.get('decoder')} export, {route_or_prefix} is served by the {dkind}")
+        if rec.get("decoder") != ekind:
+            raise ValueError(f"{path} is a {rec.get('decoder')} export; {routes[0].token} is served by the {ekind}")
         with_masks = bool(rec.get("with_masks", False))
-        backend = make_backend(kind, path)
-        call = FixedBucket(backend, dkind, rec["shape"], with_masks)
-    if dkind == "pose":
-        module.forward_tensors = call
-    else:
-        def forward_tensors(pixel_values, pixel_valid, class_payloads, class_valid, want_masks: bool = False):
-            if want_masks and not with_masks:
-                return own(pixel_values, pixel_valid, class_payloads, class_valid, True)
-            outs = call(pixel_values, pixel_valid, class_payloads, class_valid)
-            return (outs[0], outs[1], outs[2] if want_masks else None)
+        call = FixedBucket(make_backend(kind, path), ekind, rec["shape"], with_masks)
+        if ekind == "pose":
+            return RouteBackend(kind, call, tokens, decoder, rec, str(path))
+        calls = {False: call, True: call}
 
-        module.forward_tensors = forward_tensors
-    module.decoder_backend = backend
-    return backend
+    def forward(pixel_values, pixel_valid, class_payloads, class_valid, want_masks: bool = False):
+        if want_masks and not with_masks:
+            raise ValueError(f"{path}: this export has no mask head; export `seg` for [SEG]")
+        outs = calls[bool(want_masks)](pixel_values, pixel_valid, class_payloads, class_valid)
+        return outs[0], outs[1], outs[2] if want_masks else None
+
+    return RouteBackend(kind, forward, tokens, decoder, {} if kind == "eager" else rec,
+                        None if kind == "eager" else str(path))

@@ -1,0 +1,268 @@
+"""`unimlm` command: generate, serve-bench, convert, export.
+
+Arguments are checked before a model loads; a usage problem prints one `unimlm: error: ...` line and
+exits 2. `generate` exits 1 when the request or any of its tasks failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad argument: one line on stderr, exit 2."""
+
+
+def _quiet_third_party() -> None:
+    """No library notices on every command (transformers' image-processor fallbacks, diffusers notes)."""
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    for module in ("transformers", "diffusers", "torch.onnx", "onnxscript", "huggingface_hub"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) has no usable CUDA device; "
+                         f"use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+
+
+def _check_model(model: str) -> None:
+    from ..config.presets import PRESETS
+
+    if model not in PRESETS and not Path(model).is_dir():
+        raise UsageError(f"--model {model}: neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint "
+                         f"directory")
+
+
+def _decoder_backends(specs: list[str] | None) -> dict[str, str]:
+    """--decoder-backend ROUTE=KIND[:PATH] (repeatable) -> EngineConfig.decoder_backends."""
+    from ..model.decoders.backends import parse_backend_spec
+    from ..routes import RouteError, get_route
+
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        key, kind, path = parse_backend_spec(spec)
+        if key not in ("gdino", "unipose"):
+            try:
+                key = get_route(key).token
+            except RouteError as e:
+                raise UsageError(f"--decoder-backend {spec}: {e}") from None
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"--decoder-backend {spec}: {path} not found")
+        out[key] = kind if path is None else f"{kind}:{path}"
+    return out
+
+
+def cmd_generate(args) -> int:
+    from .forcing import parse_routes
+
+    routes = parse_routes(args.route)
+    backends = _decoder_backends(args.decoder_backend)
+    _check_device(args.device)
+    _check_model(args.model)
+    image = _load_image(args.image) if args.image else None
+    import unimlm_engine as ue
+
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    ue.SamplingParams(**sampling)  # validate before loading
+    engine = ue.Engine.from_pretrained(args.model, device=args.device,
+                                       config=ue.EngineConfig(decoder_backends=backends))
+    try:
+        return _generate(engine, args, routes, sampling, image)
+    finally:
+        engine.close()
+
+
+def _load_image(path: str):
+    from ..inputs.processor import load_image
+
+    if not Path(path).is_file():
+        raise UsageError(f"--image {path}: no such file")
+    try:
+        return load_image(path)
+    except ValueError as e:
+        raise UsageError(f"--image {path}: {e}") from None
+
+
+def _generate(engine, args, routes, sampling: dict, image) -> int:
+    import unimlm_engine as ue
+
+    from .forcing import forced_route_tokens
+
+    forced = forced_route_tokens(engine.model, routes)
+    sampling["max_tokens"] = max(sampling["max_tokens"], len(forced) + 1)
+    handle = engine.submit(ue.Request(prompt=args.prompt, images=[image] if image is not None else None,
+                                      sampling=ue.SamplingParams(**sampling, forced_prefix=forced)))
+    if not args.json:
+        for ev in handle.stream():
+            if ev.text:
+                print(ev.text, end="", flush=True)
+        print()
+    out = handle.future.result()
+    paths = _save(out, image, args.save_dir) if args.save_dir else [None] * len(out.tasks)
+    if args.json:
+        print(json.dumps(out.to_json(paths), indent=2))
+    else:
+        for t, p in zip(out.tasks, paths):
+            print(json.dumps(t.to_json(p)))
+    failed = [t for t in out.tasks if t.error is not None]
+    if out.error is not None:
+        print(f"unimlm: request failed: {type(out.error).__name__}: {out.error}", file=sys.stderr)
+    for t in failed:
+        print(f"unimlm: task {t.route} failed: {type(t.error).__name__}: {t.error}", file=sys.stderr)
+    return 1 if out.error is not None or failed else 0
+
+
+def _save(out, image, save_dir: str) -> list:
+    """Draw / save each task's result; -> per task the saved generated images' paths (None otherwise)."""
+    from ..outputs.visualize import save_result
+
+    paths = []
+    for i, t in enumerate(out.tasks):
+        saved = None
+        if t.error is None and t.raw is not None and (image is not None or t.images is not None):
+            saved = save_result(t.raw, image, save_dir, f"{i}_{t.route.strip('[]').lower()}")
+            print(f"saved {', '.join(saved)}", file=sys.stderr)
+        paths.append(saved if t.images is not None else None)
+    return paths
+
+
+def cmd_serve_bench(args) -> int:
+    from tqdm import tqdm
+
+    from . import serve_bench as sb
+
+    mix = sb.parse_mix(args.mix)
+    backends = _decoder_backends(args.decoder_backend)
+    _check_device(args.device)
+    _check_model(args.model)
+    for path in args.images:
+        _load_image(path)
+    import unimlm_engine as ue
+
+    engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
+        max_num_seqs=args.max_num_seqs, decoder_max_batch_size=args.decoder_batch, decoder_backends=backends))
+    try:
+        reqs = sb.make_workload(args.num_requests, mix, engine.model, args.images, args.max_tokens, seed=args.seed)
+        with tqdm(total=len(reqs), desc="serve-bench", file=sys.stderr) as bar:
+            if args.request_rate:
+                res = sb.run_poisson(engine, reqs, args.request_rate, seed=args.seed, progress=bar)
+            else:
+                res = sb.run_closed_loop(engine, reqs, args.concurrency, progress=bar)
+        summary = res.summary()
+        stats = engine.stats()
+        for key in ("decoder_mean_batch_size", "decoder_backends", "memory_bytes", "preemptions"):
+            summary[key] = stats[key]
+        for k, v in summary.items():
+            print(f"{k:>24}: {v}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=2))
+        return 0
+    finally:
+        engine.close()
+
+
+def cmd_convert(args) -> int:
+    from ..checkpoint.loader import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, num_shards=args.num_shards)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from ..export.cli import run_export
+    except ImportError as e:
+        print(f"unimlm: error: export needs the export extras (onnx, onnxruntime, onnxscript): {e}", file=sys.stderr)
+        return 2
+    return run_export(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unimlm", description="unimlm-engine command line")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    backend_help = ("ROUTE=KIND[:PATH], repeatable: run ROUTE's decoder through an exported back end, e.g. "
+                    "det=onnxruntime:out/export/det.onnx (KIND: eager, onnxruntime, aoti, tensorrt; ROUTE may "
+                    "be a decoder name, gdino or unipose, for all its routes)")
+    g = sub.add_parser("generate", help="run one request and print text and task results")
+    g.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    g.add_argument("--image", help="input image path")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--route", help="force routing tokens, e.g. DET,SEG,POSE,GEN,EDIT (random-weight presets "
+                                   "do not emit them by themselves)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--decoder-backend", action="append", help=backend_help)
+    g.add_argument("--json", action="store_true", help="print the whole output as JSON (README: task results)")
+    g.add_argument("--save-dir", help="save visualisations and generated images here (JSON then names the "
+                                      "image files instead of inlining them)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("serve-bench", help="load generator over the Python API")
+    b.add_argument("--model", default="tiny")
+    b.add_argument("--device", default=None)
+    b.add_argument("--num-requests", type=int, default=64)
+    b.add_argument("--concurrency", type=int, default=16)
+    b.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
+    b.add_argument("--mix", default="vqa:0.4,text:0.2,det:0.2,seg:0.1,pose:0.1",
+                   help="workload kinds with weights: vqa, text, or any route name (det, seg, pose, gen...)")
+    b.add_argument("--max-tokens", type=int, default=16)
+    b.add_argument("--max-num-seqs", type=int, default=64)
+    b.add_argument("--decoder-batch", type=int, default=8)
+    b.add_argument("--decoder-backend", action="append", help=backend_help)
+    b.add_argument("--images", nargs="+", default=["examples/images/chelsea.png", "examples/images/coffee.png"])
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", help="write the summary JSON here")
+    b.set_defaults(func=cmd_serve_bench)
+
+    c = sub.add_parser("convert", help="rewrite a checkpoint directory as safetensors shards")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--num-shards", type=int, default=None)
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("export", help="export a decoder (ONNX / AOTInductor / TensorRT)")
+    e.add_argument("decoder")
+    e.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    e.add_argument("--format", default="onnx")
+    e.add_argument("--msda", default="onnx", choices=("onnx", "plugin"))
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--out", default="out/export")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    _quiet_third_party()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        name = "" if isinstance(e, UsageError) else f"{type(e).__name__}: "
+        print(f"unimlm: error: {name}{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
