@@ -4,7 +4,10 @@
 `unimlm_engine.export` (see DESIGN.md section 2).
 
 Environment knobs:
-  UNIMLM_CUDA=AUTO|ON|OFF   compile csrc/kernels CUDA sources (AUTO: when nvcc is found)
+  UNIMLM_CUDA=AUTO|ON|OFF   compile csrc/kernels CUDA sources. ON: fail the build (a CMake error
+                            naming what is missing) without nvcc / the CUDA toolkit. AUTO (default):
+                            build them when found, else build without and say so in a CMake
+                            STATUS line (`pip install -v` shows it; `_C.with_cuda` is then False).
   UNIMLM_BUILD_TYPE=Release|Debug|RelWithDebInfo
   UNIMLM_SANITIZE=1         AddressSanitizer + UBSan build (for the C++ tests)
 """
@@ -24,6 +27,14 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def cuda_option() -> str:
+    """UNIMLM_CUDA, upper-cased and checked (a typo must not quietly mean AUTO)."""
+    value = os.environ.get("UNIMLM_CUDA", "AUTO").strip().upper() or "AUTO"
+    if value not in ("AUTO", "ON", "OFF"):
+        raise SystemExit(f"UNIMLM_CUDA must be AUTO, ON or OFF, got {os.environ['UNIMLM_CUDA']!r}")
+    return value
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -37,7 +48,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
-            f"-DUNIMLM_CUDA={os.environ.get('UNIMLM_CUDA', 'AUTO')}",
+            f"-DUNIMLM_CUDA={cuda_option()}",
             f"-DUNIMLM_SANITIZE={'ON' if os.environ.get('UNIMLM_SANITIZE') == '1' else 'OFF'}",
         ]
         try:

@@ -1,10 +1,12 @@
 """Fused LoRA-MoE linear (Triton, two launches) at the shipped shapes: d 4096 -> 11008, E=8,
-r=4 and r=16, bf16, tokens 1..4096. GPU only; not yet run in this repository.
+r=4 and r=16, bf16, tokens 1..4096. GPU only.
 
 Baselines in the same run: the base GEMM alone (torch.matmul, the floor: target fused <=
 1.15x of it) and a per-expert loop in bf16 (router softmax in fp32, then expert by expert
-B_i (g_i * A_i x)). A case whose kernel output disagrees with the fp32 reference on the same
-inputs is reported as FAIL with no speedup.
+B_i (g_i * A_i x)). The launch split: `router_shrink_ms` (launch 1, K split over `splits`
+programs per tile) and `base_gate_expand_ms` (launch 2), each timed alone (`launch_split`).
+A case whose kernel output disagrees with the fp32 reference on the same inputs is reported
+as FAIL with no speedup.
 
     python benchmarks/bench_lora_moe.py [--quick]
 """
@@ -43,6 +45,21 @@ def per_expert_loop(x, w0, wg, a, b, scaling):
     return out
 
 
+def launch_split(x, w0, wg, a, b, scaling, splits=None) -> dict:
+    """The two launches of kernels/lora_moe.lora_moe_triton as separate closures on shared buffers:
+    {"router_shrink": fn, "base_gate_expand": fn, "out": [T, N] tensor, "splits": S, "gated": bool
+    (launch 1 applied the gate)}. Run router_shrink before base_gate_expand for a correct `out`."""
+    from unimlm_engine.kernels import lora_moe as klm
+
+    t, e, er = x.shape[0], wg.shape[0], a.shape[0]
+    plan = klm._plan(x, w0.shape[0], e, er, splits)
+    part, mid = klm._workspace(plan, x, e, er)
+    out = torch.empty((t, w0.shape[0]), device=x.device, dtype=x.dtype)
+    return {"router_shrink": lambda: klm._launch_router_shrink(plan, x, wg, a, part, mid, scaling),
+            "base_gate_expand": lambda: klm._launch_base_gate_expand(plan, x, w0, part, mid, b, scaling, out),
+            "out": out, "splits": plan.splits, "gated": plan.gated}
+
+
 def run_case(t, r, op, reference):
     x, w0, wg, a, b = make_inputs(t, r)
     scaling = ALPHA / r
@@ -53,10 +70,14 @@ def run_case(t, r, op, reference):
     t_fused = time_cuda(lambda: op(x, w0, wg, a, b, scaling))
     t_base = time_cuda(lambda: torch.matmul(x, w0.t()))
     t_loop = time_cuda(lambda: per_expert_loop(x, w0, wg, a, b, scaling))
+    split = launch_split(x, w0, wg, a, b, scaling)
+    t_launch1, t_launch2 = time_cuda(split["router_shrink"]), time_cuda(split["base_gate_expand"])
     flops = 2 * t * K_IN * N_OUT + 2 * t * K_IN * EXPERTS * (r + 1) + 2 * t * EXPERTS * r * N_OUT
     return {"tokens": t, "rank": r, "rel_err": err, "check": "ok" if ok else "FAIL", "fused_ms": t_fused,
             "base_gemm_ms": t_base, "loop_ms": t_loop, "fused/base": t_fused / t_base if ok else None,
-            "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12}
+            "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12,
+            "splits": split["splits"], "gated_in_launch1": split["gated"], "router_shrink_ms": t_launch1,
+            "base_gate_expand_ms": t_launch2}
 
 
 def main() -> int:

@@ -1,7 +1,12 @@
 // Python bindings of the runtime core (csrc/runtime). Scheduler, DecoderBatcher and
-// RequestQueue are thread-safe and release the GIL in every method (they take a
-// mutex and may block); BlockAllocator / BlockManager are not thread-safe and keep
-// the GIL, which serialises Python callers.
+// RequestQueue are thread-safe (one mutex each). Calls that can block (RequestQueue.pop
+// with a timeout, push, DecoderBatcher.next_batch) and the batcher's methods release the
+// GIL. Scheduler methods keep it: each is short (tens of microseconds), the engine loop
+// calls them every step, and releasing the GIL there hands it to another Python thread
+// (output processing) that the loop then waits for (a GIL convoy). Keeping it is safe:
+// no thread ever waits for the GIL while it holds the scheduler's mutex.
+// BlockAllocator / BlockManager are not thread-safe and keep the GIL, which serialises
+// Python callers.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -200,26 +205,28 @@ void bind_step_output(py::module_& m) {
 void bind_scheduler(py::module_& m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
-      .def("add_request", &Scheduler::add_request, release_gil(), py::arg("seq_id"), py::arg("prompt"),
+      .def("add_request", &Scheduler::add_request, py::arg("seq_id"), py::arg("prompt"),
            py::arg("priority") = 0, py::arg("extra_keys") = std::vector<uint64_t>{})
-      .def("step", &Scheduler::step, release_gil())
-      .def("update", &Scheduler::update, release_gil(), py::arg("seq_id"), py::arg("appended"))
-      .def("update_batch", &Scheduler::update_batch, release_gil(), py::arg("seq_ids"), py::arg("tokens"))
-      .def("finish", &Scheduler::finish, release_gil(), py::arg("seq_id"))
-      .def("abort", &Scheduler::abort, release_gil(), py::arg("seq_id"))
-      .def("contains", &Scheduler::contains, release_gil(), py::arg("seq_id"))
-      .def("__contains__", &Scheduler::contains, release_gil(), py::arg("seq_id"))
-      .def("state", &Scheduler::state, release_gil(), py::arg("seq_id"))
-      .def("num_tokens", &Scheduler::num_tokens, release_gil(), py::arg("seq_id"))
-      .def("num_computed_tokens", &Scheduler::num_computed_tokens, release_gil(), py::arg("seq_id"))
-      .def("num_cached_tokens", &Scheduler::num_cached_tokens, release_gil(), py::arg("seq_id"))
-      .def("block_table", &Scheduler::block_table, release_gil(), py::arg("seq_id"))
-      .def("check_invariants", &Scheduler::check_invariants, release_gil())
-      .def_property_readonly("num_waiting", py::cpp_function(&Scheduler::num_waiting, release_gil()))
-      .def_property_readonly("num_running", py::cpp_function(&Scheduler::num_running, release_gil()))
-      .def_property_readonly("num_free_blocks", py::cpp_function(&Scheduler::num_free_blocks, release_gil()))
-      .def_property_readonly("num_cached_blocks", py::cpp_function(&Scheduler::num_cached_blocks, release_gil()))
-      .def_property_readonly("num_preemptions", py::cpp_function(&Scheduler::num_preemptions, release_gil()))
+      .def("step", &Scheduler::step)
+      .def("update", &Scheduler::update, py::arg("seq_id"), py::arg("appended"))
+      .def("update_batch", &Scheduler::update_batch, py::arg("seq_ids"), py::arg("tokens"))
+      .def("resolve_batch", &Scheduler::resolve_batch, py::arg("seq_ids"), py::arg("positions"),
+           py::arg("values"))
+      .def("finish", &Scheduler::finish, py::arg("seq_id"))
+      .def("abort", &Scheduler::abort, py::arg("seq_id"))
+      .def("contains", &Scheduler::contains, py::arg("seq_id"))
+      .def("__contains__", &Scheduler::contains, py::arg("seq_id"))
+      .def("state", &Scheduler::state, py::arg("seq_id"))
+      .def("num_tokens", &Scheduler::num_tokens, py::arg("seq_id"))
+      .def("num_computed_tokens", &Scheduler::num_computed_tokens, py::arg("seq_id"))
+      .def("num_cached_tokens", &Scheduler::num_cached_tokens, py::arg("seq_id"))
+      .def("block_table", &Scheduler::block_table, py::arg("seq_id"))
+      .def("check_invariants", &Scheduler::check_invariants)
+      .def_property_readonly("num_waiting", py::cpp_function(&Scheduler::num_waiting))
+      .def_property_readonly("num_running", py::cpp_function(&Scheduler::num_running))
+      .def_property_readonly("num_free_blocks", py::cpp_function(&Scheduler::num_free_blocks))
+      .def_property_readonly("num_cached_blocks", py::cpp_function(&Scheduler::num_cached_blocks))
+      .def_property_readonly("num_preemptions", py::cpp_function(&Scheduler::num_preemptions))
       .def_property_readonly("config", &Scheduler::config);
 }
 
@@ -291,15 +298,17 @@ void bind_queue(py::module_& m) {
       .def("push", &RequestQueue::push, release_gil(), py::arg("request_id"),
            "Raises QueueFullError when full, RuntimeError when closed.")
       .def(
-          "try_push", [](RequestQueue& q, int64_t id) { return q.try_push(id) == PushStatus::kOk; }, release_gil(),
-          py::arg("request_id"))
+          "try_push", [](RequestQueue& q, int64_t id) { return q.try_push(id) == PushStatus::kOk; },
+          py::arg("request_id"), "Never blocks (keeps the GIL).")
       .def(
           "pop",
           [](RequestQueue& q, std::optional<double> timeout_s) -> std::optional<int64_t> {
             const int64_t us = timeout_s ? static_cast<int64_t>(*timeout_s * 1e6) : -1;
             int64_t id = 0;
             bool ok;
-            {
+            if (us == 0) {
+              ok = q.pop(&id, 0);  // a poll: keep the GIL (no convoy on the engine loop)
+            } else {
               py::gil_scoped_release nogil;
               ok = q.pop(&id, us);
             }
@@ -307,7 +316,8 @@ void bind_queue(py::module_& m) {
             return id;
           },
           py::arg("timeout") = py::none(),
-          "Blocks (GIL released) up to timeout seconds (None: no limit); None on timeout or closed and empty.")
+          "Blocks (GIL released) up to timeout seconds (None: no limit; 0: a poll that keeps the GIL); None on "
+          "timeout or closed and empty.")
       .def("pop_all", &RequestQueue::pop_all, release_gil(), py::arg("max_items") = INT64_MAX)
       .def("close", &RequestQueue::close, release_gil())
       .def_property_readonly("closed", py::cpp_function(&RequestQueue::closed, release_gil()))

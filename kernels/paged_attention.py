@@ -1,12 +1,15 @@
 """Triton paged attention: decode (split-K + log-sum-exp merge, GQA heads grouped) and
 varlen causal prefill reading keys through the block table. The math is in
-README_attention.md. Runs on CUDA, and on CPU only under TRITON_INTERPRET=1 (tests);
-the GPU path has not been run in this repository yet.
+README_attention.md. Runs on CUDA, and on CPU only under TRITON_INTERPRET=1 (tests).
 
 Cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int32.
+Host syncs: none when the caller passes the host-side maxima (decode: `max_context_len`, the
+longest live context; prefill: `max_query_len`); the grids depend only on those ints and
+shapes, so the decode launch can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -40,7 +43,7 @@ def _softmax_tile(q, k, v, keep, scale, m_i, l_i, acc, F32: tl.constexpr):
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr, o_ptr,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_btb,
-                         scale, pages_per_split, NUM_SPLITS, H, GROUP, D,
+                         scale, NUM_SPLITS, H, GROUP, D,
                          BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_D: tl.constexpr, F32: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
     b = tl.program_id(0)
@@ -48,6 +51,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr
     s = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     n_pages = (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE
+    # this sequence's own context split into NUM_SPLITS runs of whole tiles (split s may be empty)
+    tiles = (n_pages + BLOCK_N // BLOCK_SIZE - 1) // (BLOCK_N // BLOCK_SIZE)
+    pages_per_split = (tiles + NUM_SPLITS - 1) // NUM_SPLITS * (BLOCK_N // BLOCK_SIZE)
     p_lo = s * pages_per_split
     p_hi = tl.minimum(p_lo + pages_per_split, n_pages)
     g = tl.arange(0, BLOCK_G)
@@ -178,21 +184,29 @@ def _block_n(block_size: int, head_dim: int) -> int:
     return max(block_size, 32 if head_dim > 128 and not _INTERPRET else 64)
 
 
-def _pages_per_split(batch: int, hkv: int, max_pages: int, tile_pages: int, device: torch.device) -> int:
-    """Split the context so that about 2 programs per SM run; a split is a whole number of tiles.
-    The interpreter uses up to 4 splits so tests exercise the merge."""
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(batch: int, hkv: int, max_context_len: int, block_n: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): about 2 programs per SM in all, at most one per key tile of
+    the longest live context, at most _MAX_SPLITS. Each sequence divides its own context over
+    them, so the count changes the speed, never the result. The interpreter uses up to 4 so
+    tests exercise the merge."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(triton.cdiv(2 * sms, batch * hkv), _MAX_SPLITS))
+        target = triton.cdiv(2 * _sm_count(device.index or 0), batch * hkv)
     else:
-        splits = 4
-    tiles = triton.cdiv(triton.cdiv(max_pages, tile_pages), splits)
-    return max(1, tiles) * tile_pages
+        target = 4
+    return max(1, min(target, triton.cdiv(max_context_len, block_n), _MAX_SPLITS))
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                        context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D] -> [B, H, D]; one token per sequence attends its context_lens[b] keys."""
+                        context_lens: torch.Tensor, scale: float, max_context_len: int = -1) -> torch.Tensor:
+    """q: [B, H, D] -> [B, H, D]; one token per sequence attends its context_lens[b] keys.
+    max_context_len: the longest context_lens entry (host int) sizing the split count; -1 takes
+    the block-table bound (block_tables.shape[1] * block_size, no sync). Any value gives the
+    same result: it only sets how many programs share each sequence's keys."""
     assert q.dim() == 3
     _check_cache(q, k_cache, v_cache, block_tables, context_lens)
     bsz, h, d = q.shape
@@ -200,10 +214,10 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(q)
     if bsz == 0:
         return out
-    max_pages = block_tables.shape[1]
+    if max_context_len < 0:
+        max_context_len = block_tables.shape[1] * bs
     block_n = _block_n(bs, d)
-    pps = _pages_per_split(bsz, hkv, max_pages, block_n // bs, q.device)
-    splits = triton.cdiv(max_pages, pps)
+    splits = _num_splits(bsz, hkv, max_context_len, block_n, q.device)
     single = splits == 1
     acc = out if single else torch.empty((bsz, h, splits, d), device=q.device, dtype=torch.float32)
     ml = out if single else torch.empty((bsz, h, splits, 2), device=q.device, dtype=torch.float32)
@@ -214,7 +228,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        scale, pps, splits, h, group, d,
+        scale, splits, h, group, d,
         BLOCK_SIZE=bs, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         F32=_use_f32(q.dtype), SINGLE_SPLIT=single)
     if single:
@@ -225,8 +239,12 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [T, H, D] packed -> [T, H, D]; causal, query i of seq b at context_lens[b] - q_len_b + i."""
+                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                         max_query_len: int = -1) -> torch.Tensor:
+    """q: [T, H, D] packed -> [T, H, D]; causal, query i of seq b at context_lens[b] - q_len_b + i.
+    max_query_len: the longest q_len (host int, from the scheduler) sizing the grid; it must not be
+    smaller than the real one (query rows past it are not computed; not checked: that needs a
+    sync). -1 computes it from cu_seqlens_q with one device-to-host sync."""
     assert q.dim() == 3
     _check_cache(q, k_cache, v_cache, block_tables, context_lens)
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.is_contiguous()
@@ -235,10 +253,12 @@ def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     bsz = context_lens.shape[0]
     if t == 0 or bsz == 0:
         return out
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    if max_query_len < 0:
+        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    assert max_query_len >= 1, f"max_query_len must be >= 1, got {max_query_len}"
     block_d = triton.next_power_of_2(d)
     block_m = 32 if _INTERPRET else (64 if block_d <= 128 else 32)
-    grid = (bsz, triton.cdiv(max_q, block_m), h)
+    grid = (bsz, triton.cdiv(max_query_len, block_m), h)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -1,11 +1,56 @@
-"""Test setup. TRITON_INTERPRET must be set before any kernel module is imported
-(DESIGN.md section 4): Triton reads it when a kernel is defined."""
+"""Test setup: one `pytest` run passes on a CPU machine and on a GPU machine.
+
+TRITON_INTERPRET is read when a kernel is *defined* (DESIGN.md section 4), so it is decided
+here, before any kernel module is imported: an explicit value in the environment wins;
+otherwise the interpreter is on only when CUDA is not available (importing torch to ask is
+fine, importing a kernel module is not).
+
+Markers (the one place a test says which Triton it needs; the skip reasons say why):
+- `triton_cpu`: launches Triton kernels on CPU tensors, which only the interpreter can run;
+  skipped when TRITON_INTERPRET is not 1 (a GPU machine by default).
+- `triton_gpu`: launches compiled Triton kernels on CUDA tensors (bf16 and other cases the
+  interpreter gets wrong); skipped without a CUDA device or under the interpreter.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_cpu: launches Triton on CPU tensors (needs TRITON_INTERPRET=1)")
+    config.addinivalue_line("markers", "triton_gpu: launches compiled Triton on CUDA tensors (needs a GPU, "
+                                       "TRITON_INTERPRET unset or 0)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("triton_cpu") and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs the interpreter, and TRITON_INTERPRET is not 1 (conftest turns it "
+                    "on only when CUDA is unavailable; the GPU variants of these checks are the triton_gpu tests)")
+    if item.get_closest_marker("triton_gpu"):
+        if not HAS_CUDA:
+            pytest.skip("compiled Triton on CUDA tensors: no CUDA device (bf16 is unreliable in the interpreter)")
+        if INTERPRET:
+            pytest.skip("compiled Triton on CUDA tensors: TRITON_INTERPRET=1 was set explicitly, so kernels would "
+                        "run in the interpreter (bf16 unreliable there)")
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """The device a Triton test can launch on: 'cpu' under the interpreter, else 'cuda'."""
+    if INTERPRET:
+        return "cpu"
+    if not HAS_CUDA:
+        pytest.skip("TRITON_INTERPRET=0 and no CUDA device: no Triton can run")
+    return "cuda"
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ Triton interpreter lock (two threads launching different Triton ops at once)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import threading
 from types import SimpleNamespace
@@ -105,7 +104,8 @@ CASES = {  # name: (context lengths, buckets); the step runs on the smallest buc
 
 
 @pytest.mark.parametrize("case, backend", [(c, "reference") for c in CASES] +
-                         [(c, "triton") for c in ("n3-bucket4", "n7-bucket8-of-16")])
+                         [pytest.param(c, "triton", marks=pytest.mark.triton_cpu)
+                          for c in ("n3-bucket4", "n7-bucket8-of-16")])
 @torch.inference_mode()
 def test_padded_decode_equals_eager(model, case, backend):
     ctx_lens, sizes = CASES[case]
@@ -120,6 +120,34 @@ def test_padded_decode_equals_eager(model, case, backend):
     assert got.shape == expected.shape and not got.isnan().any()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     _assert_cache(graph_cache, eager_cache, slots)
+    assert runner._buckets[runner.bucket_for(len(ids))].meta.max_context_len == max(ctx_lens)  # uncaptured: live
+
+
+@torch.inference_mode()
+def test_one_staging_buffer_and_one_copy_per_step(model, monkeypatch):
+    """The five static inputs are views of one device buffer, filled from one host staging buffer
+    (pinned only for a CUDA device) by exactly one copy per step."""
+    runner = DecodeGraphRunner(model.llm, PagedAttention(_cache(model, 40)), (2, 4), max_context=64, capture=False)
+    storage = runner._dev.untyped_storage().data_ptr()
+    for t in (runner.ids, runner.positions, runner.slot_mapping, runner.context_lens, runner.block_tables):
+        assert t.untyped_storage().data_ptr() == storage
+    assert not runner._host.is_pinned() and runner._host.shape == runner._dev.shape  # a CPU cache: nothing to pin
+    copies = []
+    copy = torch.Tensor.copy_
+
+    def counting(dst, src, non_blocking=False):
+        if dst.untyped_storage().data_ptr() == storage:
+            copies.append((src.untyped_storage().data_ptr() == runner._host.untyped_storage().data_ptr(),
+                           non_blocking))
+        return copy(dst, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting)
+    ids, pos, slots, tables = _decode_batch(model, _cache(model, 40), [3, 40, 17], seed=4)
+    with backend_override("reference"):
+        runner.run(ids, pos, slots, _padded_table(tables))
+        runner.run(ids[:1], pos[:1], slots[:1], _padded_table(tables[:1]))
+    assert copies == [(True, True), (True, True)]
+    assert runner.context_lens[:2].tolist() == [int(pos[0]) + 1, 1] and runner.slot_mapping[1] == -1
 
 
 @torch.inference_mode()
@@ -197,6 +225,7 @@ def test_capture_control_flow_with_fake_cuda(model, monkeypatch):
     assert events == ["side-stream", "forward4", "forward4", "capture", "forward4"]
     assert runner.captured == (4,) and len(side) == 1
     bucket = runner._buckets[4]
+    assert bucket.meta.max_context_len == runner.max_blocks * BS  # a graph's split count: the context bound
     assert bucket.graph.replays == 1 and got.data_ptr() != bucket.hidden.data_ptr()
     torch.testing.assert_close(got, bucket.hidden[:3], atol=0, rtol=0, equal_nan=True)
     _assert_cache(cache, base, np.zeros(0, np.int64))  # warm-ups and capture wrote nothing
@@ -356,7 +385,7 @@ def _lora_job():
     return lambda: lora_moe_linear(x, w0, wr, a, b, 2.0), expected
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the lock matters under the interpreter")
+@pytest.mark.triton_cpu
 def test_two_threads_launch_different_triton_ops():
     msda, paged, lora = _msda_job(), _paged_job(), _lora_job()
     results: dict[str, list] = {"msda": [], "paged+lora": []}
@@ -395,6 +424,7 @@ def test_capture_and_replay_equal_eager_on_cuda(bucket):
     base = _cache(model, 600, device="cuda")
     runner_cache = _clone(base)
     runner = DecodeGraphRunner(model.llm, PagedAttention(runner_cache), (1, 8, 64), max_context=128, capture=True)
+    assert runner._host.is_pinned()  # the staging buffer of a CUDA runner
     eager_cache = _clone(base)
     for step, n in enumerate([bucket, max(1, bucket - 3)]):  # a full bucket, then one with padding rows
         host = _cache(model, 600, device="cpu")

@@ -73,6 +73,7 @@ def assert_written(cache, src, slots):
     assert torch.isnan(rows[untouched]).all(), "a slot no kept token maps to was written"
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("bs", [16, 32], ids=["bs16", "bs32"])
 def test_write_kv_cache_matches_reference(bs):
     t, hkv, d, nb = 23, 3, 80, 6
@@ -88,6 +89,7 @@ def test_write_kv_cache_matches_reference(bs):
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bs", [16, 32], ids=["bs16", "bs32"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -108,6 +110,7 @@ def test_write_into_nan_cache(t, dtype, bs, layout):
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("hkv,d", [(1, 64), (8, 128), (32, 128), (2, 256)],
                          ids=["hkv1-d64", "hkv8-d128", "hkv32-d128", "hkv2-d256"])
 def test_head_shapes(hkv, d):
@@ -123,7 +126,7 @@ def test_head_shapes(hkv, d):
 
 
 @pytest.mark.parametrize("t", [0, 1, 9], ids=["T0", "T1", "T9"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton_cpu), "reference"])
 def test_all_tokens_skipped_leaves_cache_untouched(t, backend):
     hkv, d, bs, nb = 2, 64, 16, 3
     k, v = make_sources("contiguous", t, hkv, d, torch.float32)
@@ -133,6 +136,7 @@ def test_all_tokens_skipped_leaves_cache_untouched(t, backend):
     assert torch.isnan(kc).all() and torch.isnan(vc).all()
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("which", ["k", "cache"])
 def test_non_contiguous_head_dim_is_rejected(which):
     """The launcher needs head_dim contiguous (stride 1) in k/v and the caches; it says so."""
@@ -149,6 +153,7 @@ def test_non_contiguous_head_dim_is_rejected(which):
         kv.write_kv_cache(k, v, kc, vc, torch.arange(t))
 
 
+@pytest.mark.triton_cpu
 def test_int64_addressing_past_2_pow_31():
     """Block ids whose element offset block_id * BS * Hkv * D passes 2^31. The caches are 4 GiB
     torch.empty buffers: untouched pages are never materialised, so this costs a few MB. Only the
@@ -193,7 +198,7 @@ def test_cpu_default_backend_is_the_reference(monkeypatch):
     assert_written(vc, v, slots)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton_cpu)])
 def test_opcheck_fake_tensors(backend):
     kc, vc = torch.randn(8, 16, 2, 64), torch.randn(8, 16, 2, 64)
     k = torch.randn(3, 2, 64)
@@ -202,7 +207,7 @@ def test_opcheck_fake_tensors(backend):
                               (k, k.clone(), kc.contiguous(), vc.contiguous(), torch.tensor([0, -1, 17])))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is unreliable in the Triton interpreter: CUDA only")
+@pytest.mark.triton_gpu
 @pytest.mark.parametrize("t", [1, 111, 4096], ids=["T1", "T111", "T4096"])
 def test_write_bf16_cuda(t):
     """Vicuna-7B cache shape (32 KV heads, d 128, block size 16) on the GPU, compiled kernel."""

@@ -1,8 +1,11 @@
 """Fused LoRA-MoE linear: the Triton kernel (TRITON_INTERPRET=1, forced with backend_override)
-against the fp32 concatenated reference and the per-expert loop."""
+against the fp32 concatenated reference and the per-expert loop; launch 1's K splits; the
+config's E / r limits are the kernel's."""
 import pytest
 import torch
 
+from unimlm_engine.config import ConfigError, LoRAMoEConfig
+from unimlm_engine.config.model import LORA_MOE_MAX_EXPERTS, LORA_MOE_MAX_RANK
 from unimlm_engine.ops import lora_moe as lm
 from unimlm_engine.ops._dispatch import backend_override
 
@@ -31,6 +34,7 @@ def make_inputs(t, e, r, dtype=torch.float32, k=K, n=N):
     return [z.to(dtype) for z in (x, w0, wg, a, b)]
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("r", [1, 4, 16], ids=lambda v: f"r{v}")
 @pytest.mark.parametrize("e", [1, 4, 16], ids=lambda v: f"E{v}")
 @pytest.mark.parametrize("t", [1, 17, 130], ids=lambda v: f"T{v}")
@@ -45,6 +49,7 @@ def test_triton_matches_reference_and_loop(t, e, r, nan_empty):
     torch.testing.assert_close(out, loop, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("t", [1, 33], ids=lambda v: f"T{v}")
 def test_fp16_within_twice_torch_fp16_error(t, nan_empty):
     x, w0, wg, a, b = make_inputs(t, 8, 4, torch.float16)
@@ -60,6 +65,7 @@ def test_fp16_within_twice_torch_fp16_error(t, nan_empty):
     assert err <= max(2 * base, 1e-3), f"kernel err {err:.3g} > 2 x torch fp16 err {base:.3g}"
 
 
+@pytest.mark.triton_cpu
 def test_zero_lora_b_gives_the_base_linear(nan_empty):
     x, w0, wg, a, b = make_inputs(17, 4, 4)
     with backend_override("triton"):
@@ -67,6 +73,7 @@ def test_zero_lora_b_gives_the_base_linear(nan_empty):
     torch.testing.assert_close(out, x @ w0.t(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.triton_cpu
 def test_single_expert_is_a_plain_lora(nan_empty):
     """E = 1: the gate is exactly 1, so the op is W0 x + s B A x."""
     x, w0, wg, a, b = make_inputs(9, 1, 16)
@@ -75,8 +82,9 @@ def test_single_expert_is_a_plain_lora(nan_empty):
     torch.testing.assert_close(out, x @ w0.t() + 0.5 * (x @ a.t()) @ b.t(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.triton_cpu
 def test_rank_64_and_sixteen_experts_shrink_tiles(nan_empty):
-    """E*r = 1024 spans many middle-column tiles of launch 1 and K tiles of launch 2's expand."""
+    """E*r = 1024 spans many column tiles of launch 1 and middle tiles of launch 2's expand."""
     x, w0, wg, a, b = make_inputs(5, 16, 64)
     with backend_override("triton"):
         out = lm.lora_moe_linear(x, w0, wg, a, b, 1.0)
@@ -84,9 +92,67 @@ def test_rank_64_and_sixteen_experts_shrink_tiles(nan_empty):
     torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("e,r", [(4, 4), (16, 16)], ids=["E4r4", "E16r16-two-column-tiles"])
+@pytest.mark.parametrize("splits", [1, 2, 4], ids=lambda v: f"splits{v}")
+def test_k_splits_agree(splits, e, r, nan_empty):
+    """K = 5 tiles of 128: with 4 splits of 2 tiles the last slice is empty (its partials are zeros).
+    One split and one column tile: launch 1 applies the gate itself (gated); else launch 2 does."""
+    from unimlm_engine.kernels import lora_moe as klm
+
+    x, w0, wg, a, b = make_inputs(3, e, r, k=640)
+    assert klm._plan(x, N, e, e * r, splits).gated == (splits == 1 and e == 4)
+    with backend_override("triton"):
+        out = klm.lora_moe_triton(x, w0, wg, a, b, 2.0, splits=splits)
+    ref = lm.lora_moe_reference(*(z.double() for z in (x, w0, wg, a, b)), 2.0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.triton_cpu
+def test_benchmark_launch_split_composes_the_op(monkeypatch):
+    """benchmarks/bench_lora_moe.launch_split (the per-launch timing closures) runs the op's math."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_lora_moe
+
+    x, w0, wg, a, b = make_inputs(5, 4, 4)
+    split = bench_lora_moe.launch_split(x, w0, wg, a, b, 2.0)
+    split["router_shrink"]()
+    split["base_gate_expand"]()
+    assert split["splits"] == 2  # K = 160: two 128-wide tiles under the interpreter
+    torch.testing.assert_close(split["out"], lm.lora_moe_reference(x, w0, wg, a, b, 2.0), atol=2e-5, rtol=1e-5)
+
+
+def test_config_limits_are_the_kernels():
+    """One definition: the config accepts exactly what the kernel asserts (no GPU-only failures)."""
+    import sys
+
+    from unimlm_engine.kernels import lora_moe as klm
+
+    assert (klm.MAX_EXPERTS, klm.MAX_RANK) == (LORA_MOE_MAX_EXPERTS, LORA_MOE_MAX_RANK) == (64, 256)
+    LoRAMoEConfig(num_experts=LORA_MOE_MAX_EXPERTS, rank=LORA_MOE_MAX_RANK)
+    with pytest.raises(ConfigError, match="num_experts"):
+        LoRAMoEConfig(num_experts=LORA_MOE_MAX_EXPERTS + 1)
+    with pytest.raises(ConfigError, match="rank"):
+        LoRAMoEConfig(rank=LORA_MOE_MAX_RANK + 1)
+    assert "unimlm_engine.config.model" in sys.modules  # the kernel imports the config, never the reverse
+
+
+@pytest.mark.triton_cpu
+def test_the_largest_config_runs(nan_empty):
+    """E = 64 experts of rank 256 (E*r = 16384 middle columns): the config's limits run."""
+    x, w0, wg, a, b = make_inputs(3, LORA_MOE_MAX_EXPERTS, LORA_MOE_MAX_RANK, n=20)
+    with backend_override("triton"):
+        out = lm.lora_moe_linear(x, w0, wg, a, b, 0.5)
+    ref = lm.lora_moe_reference(*(z.double() for z in (x, w0, wg, a, b)), 0.5)
+    torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.triton_cpu
 def test_too_many_experts_is_refused():
-    x, w0, wg, a, b = make_inputs(3, 17, 1)
-    with backend_override("triton"), pytest.raises(AssertionError, match="E <= 16"):
+    x, w0, wg, a, b = make_inputs(3, LORA_MOE_MAX_EXPERTS + 1, 1)
+    with backend_override("triton"), pytest.raises(AssertionError, match=f"E <= {LORA_MOE_MAX_EXPERTS}"):
         lm.lora_moe_linear(x, w0, wg, a, b, 1.0)
 
 
@@ -100,7 +166,7 @@ def test_opcheck_fake_tensors():
     torch.library.opcheck(torch.ops.unimlm.lora_moe_linear.default, (x.contiguous(), w0, wg, a, b, 2.0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is unreliable in the Triton interpreter: CUDA only")
+@pytest.mark.triton_gpu
 @pytest.mark.parametrize("t", [1, 130, 4096], ids=lambda v: f"T{v}")
 def test_bf16_cuda(t):
     x, w0, wg, a, b = (z.cuda() for z in make_inputs(t, 8, 4, torch.bfloat16, k=4096, n=1000))
@@ -124,14 +190,16 @@ def build(kernel, types, consts, warps):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-for name in ("small_t", "mid_t", "large_t"):
+for name, splits, block_e, gated in (("small_t", 16, 16, False), ("small_t", 1, 64, True), ("mid_t", 4, 16, False),
+                                     ("mid_t", 1, 16, True), ("large_t", 1, 16, True), ("large_t", 1, 64, False)):
     bm, bn, bk, warps = lm._GEMM_CONFIGS[name]
-    build(lm._router_shrink_kernel, {"x_ptr": "*bf16", "wg_ptr": "*bf16", "a_ptr": "*bf16", "mid_ptr": "*bf16",
-                                     "scaling": "fp32"},
-          dict(BLOCK_M=bm, BLOCK_R=32, BLOCK_K=bk, BLOCK_E=16, F32=False), 4)
-    build(lm._base_expand_kernel, {"x_ptr": "*bf16", "w0_ptr": "*bf16", "mid_ptr": "*bf16", "b_ptr": "*bf16",
-                                   "o_ptr": "*bf16"},
-          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KR=32, F32=False), warps)
+    types = {"x_ptr": "*bf16", "wg_ptr": "*bf16", "a_ptr": "*bf16", "part_ptr": "*fp32", "mid_ptr": "*bf16",
+             "w0_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "scaling": "fp32"}
+    build(lm._router_shrink_kernel, types, dict(BLOCK_M=bm, BLOCK_J=64, BLOCK_K=bk, GATED=gated, F32=False),
+          8 if bm >= 128 else 4)
+    build(lm._base_gate_expand_kernel, types,
+          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, BLOCK_KR=max(16, min(bk, 4096 // (bm * splits))),
+               SPLITS=splits, GATED=gated, F32=False), warps)
 print("compiled")
 '''
 

@@ -1,5 +1,6 @@
 """unimlm::ms_deform_attn: reference vs an independent fp64 bilinear loop, Triton kernel
-(TRITON_INTERPRET=1 on CPU) vs reference, fake/opcheck, input validation, CUDA cases."""
+(TRITON_INTERPRET=1 on CPU, compiled on a GPU) vs reference, fake/opcheck, input validation,
+the auto-dispatch rule, CUDA cases."""
 from __future__ import annotations
 
 import sys
@@ -7,8 +8,9 @@ import sys
 import pytest
 import torch
 
+from unimlm_engine.ops import _dispatch
 from unimlm_engine.ops._dispatch import backend_override
-from unimlm_engine.ops.msda import ms_deform_attn, ms_deform_attn_reference
+from unimlm_engine.ops.msda import cuda_unavailable_reason, ms_deform_attn, ms_deform_attn_reference
 
 HAS_CUDA = torch.cuda.is_available()
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -105,15 +107,15 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case,dtype,loc_dtype,softmax_weights", TRITON_CASES,
                          ids=[f"{c}-{SHORT[d]}-loc-{SHORT[ld or d]}-{'softmax' if s else 'weights'}"
                               for c, d, ld, s in TRITON_CASES])
-def test_triton_matches_reference(case, dtype, loc_dtype, softmax_weights):
-    device = "cuda" if HAS_CUDA else "cpu"
-    value, shapes, starts, loc, attn = make_inputs(case, dtype, loc_dtype, device)
+def test_triton_matches_reference(case, dtype, loc_dtype, softmax_weights, triton_device):
+    value, shapes, starts, loc, attn = make_inputs(case, dtype, loc_dtype, triton_device)
     got = _run_triton_poisoned(value, shapes, starts, loc, attn, softmax_weights)
     expected = ms_deform_attn_reference(value, shapes, starts, loc, attn, softmax_weights)
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
+@pytest.mark.triton_cpu
 def test_triton_fused_softmax_with_a_masked_logit():
     value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
     attn = torch.randn_like(attn)
@@ -123,6 +125,7 @@ def test_triton_fused_softmax_with_a_masked_logit():
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.triton_cpu
 def test_op_triton_backend_on_noncontiguous_inputs():
     value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
     value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
@@ -183,15 +186,60 @@ def test_bad_inputs_raise_clear_errors(bad):
         ms_deform_attn(*_mutate(bad))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+class _FakeCudaTensor:
+    """What `pick` reads of a CUDA tensor (is_cuda, device, dtype), without a GPU."""
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+@pytest.fixture
+def dispatch_table(tmp_path, monkeypatch):
+    monkeypatch.setenv(_dispatch.TABLE_ENV, str(tmp_path / "table.json"))
+    monkeypatch.setattr(_dispatch, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    _dispatch.reload_table()
+    yield tmp_path / "table.json"
+    _dispatch.reload_table()
+
+
+def test_auto_dispatch_rule(dispatch_table):
+    """CUDA tensors: the measured table's winner for (device, op, dtype) when available, else the
+    documented default order (CUDA, then Triton); CPU tensors: the reference."""
+    bf16, fp16 = _FakeCudaTensor(torch.bfloat16), _FakeCudaTensor(torch.float16)
+
+    def pick(t, **kw):
+        return _dispatch.pick(t, op="ms_deform_attn", **{"has_triton": True, "has_cuda": True, **kw})
+    assert _dispatch.DEFAULT_ORDER["ms_deform_attn"] == ("cuda", "triton")
+    with backend_override("auto"):
+        assert pick(bf16) == "cuda" and pick(bf16, has_cuda=False) == "triton"
+        _dispatch.record_fastest("ms_deform_attn", "NVIDIA H100 80GB HBM3", torch.bfloat16, "triton")
+        assert dispatch_table.exists()
+        assert pick(bf16) == "triton" and pick(fp16) == "cuda"  # measured for bf16 only
+        assert pick(bf16, has_triton=False) == "cuda"  # the winner is not available here
+        assert _dispatch.pick(torch.zeros(1), has_triton=True, has_cuda=True, op="ms_deform_attn") == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.record_fastest("ms_deform_attn", "x", torch.bfloat16, "reference")
+
+
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    value, shapes, starts, loc, attn = make_inputs("lq1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with backend_override("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ms_deform_attn(value, shapes, starts, loc, attn)
+
+
+@pytest.mark.triton_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("softmax_weights", [False, True], ids=["weights", "fused-softmax"])
 def test_cuda_backends_match_reference(dtype, softmax_weights):
-    from unimlm_engine.ops.msda import _cuda_module
-
     value, shapes, starts, loc, attn = make_inputs("gdino-like-L4P4", dtype, torch.float32, "cuda")
     expected = ms_deform_attn_reference(value, shapes, starts, loc, attn, softmax_weights)
-    backends = ["triton"] + (["cuda"] if _cuda_module() is not None else [])
+    reason = cuda_unavailable_reason()
+    backends = ["auto", "triton"] + (["cuda"] if reason is None else [])
+    if reason is not None:
+        print(f"CUDA kernel not checked: {reason}")
     for backend in backends:
         with backend_override(backend):
             got = ms_deform_attn(value, shapes, starts, loc, attn, softmax_weights)

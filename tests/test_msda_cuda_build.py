@@ -1,7 +1,7 @@
-"""csrc/kernels/msda.cu: compiles with nvcc for sm_80 and sm_90a (when nvcc is on PATH); the
-kernel's per-thread body (msda_thread, host + device) run on the CPU through a small nvcc-built
-harness matches the reference; on a CUDA machine with a CUDA build of unimlm_engine._C, the
-kernel itself matches the reference op."""
+"""csrc/kernels/msda.cu: compiles with nvcc for sm_80 and sm_90a (when nvcc is on PATH) with
+branch-free corner loads in the sm_90a SASS; the kernel's per-thread body (msda_thread, host +
+device) run on the CPU through a small nvcc-built harness matches the reference; on a CUDA
+machine with a CUDA build of unimlm_engine._C, the kernel itself matches the reference op."""
 from __future__ import annotations
 
 import shutil
@@ -11,10 +11,53 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimlm_engine.ops.msda import _CUDA_DTYPE_CODE, _cuda_module, ms_deform_attn_reference
+from unimlm_engine.ops.msda import _CUDA_DTYPE_CODE, _cuda_module, cuda_unavailable_reason, ms_deform_attn_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, else the copy Triton's NVIDIA backend ships."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
+    path = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return str(path) if path.exists() else None
+
+
+def _sass_functions(text: str) -> dict[str, list[str]]:
+    """cuobjdump -sass output -> {mangled kernel name: instruction lines}."""
+    funcs: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if "Function : " in line:
+            name = line.split("Function : ")[1].strip()
+            funcs[name] = []
+        elif name and "/*" in line and ";" in line:
+            funcs[name].append(line)
+    return funcs
+
+
+def _check_branch_free_corners(sass: str) -> None:
+    """In the (L, P) = (4, 4) 16-byte-vector instances no corner load is predicated or sits between
+    branches one at a time: all 4*4*4 LDG.E.128 come in one branch-free stretch (the earlier code had
+    one load per branch, so one load in flight per thread)."""
+    checked = 0
+    for name, lines in _sass_functions(sass).items():
+        if "Li4ELi4EE" not in name or "ELi1ELi" in name:
+            continue
+        loads = [i for i, line in enumerate(lines) if "LDG.E.128" in line]
+        assert len(loads) == 4 * 4 * 4, (name, len(loads))
+        assert not any("@" in lines[i].split("LDG")[0] for i in loads), f"predicated corner load in {name}"
+        between = [line for line in lines[loads[0]:loads[-1]] if "BRA" in line or "BSSY" in line]
+        assert not between, f"{len(between)} branches between the corner loads of {name}"
+        checked += 1
+    assert checked == 5, checked  # fp32, fp16, fp16/fp32-loc, bf16, bf16/fp32-loc
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -27,6 +70,12 @@ def test_msda_cu_compiles_for_sm80_and_sm90a(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
     assert obj.stat().st_size > 0
+    dump = _cuobjdump()
+    if dump is None:
+        pytest.skip("compiled; cuobjdump not found (PATH or Triton's NVIDIA backend), SASS not checked")
+    sass = subprocess.run([dump, "-sass", "-arch", "sm_90a", str(obj)], capture_output=True, text=True, timeout=300)
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    _check_branch_free_corners(sass.stdout)
 
 
 HARNESS = r"""
@@ -149,7 +198,7 @@ def test_cuda_thread_body_on_host_matches_reference(case, host_harness, tmp_path
 
 
 CUDA_MOD = _cuda_module() if torch.cuda.is_available() else None
-needs_cuda_build = pytest.mark.skipif(CUDA_MOD is None, reason="needs a CUDA device and a CUDA build of _C")
+needs_cuda_build = pytest.mark.skipif(CUDA_MOD is None, reason=str(cuda_unavailable_reason()))
 
 # name: (levels [(H, W)], N, M, D, Lq, P)
 RUN_CASES = {
@@ -250,3 +299,31 @@ def test_triton_kernel_compiles_for_sm90_with_vector_gathers():
     fields = proc.stdout.split()
     assert int(fields[fields.index("cubin") + 1]) > 0
     assert int(fields[fields.index("v4") + 1]) >= 4 * 4 * 4  # L*P samples x 4 corners
+
+
+def _configure(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    """CMake configure only (nothing built) with a PATH holding no nvcc and CUDACXX unset."""
+    import os
+    import sys
+
+    import pybind11
+
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (Path(d) / "nvcc").exists())
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CMAKE_CUDA_COMPILER")} | {"PATH": path}
+    cmd = [shutil.which("cmake"), "-S", str(ROOT), "-B", str(tmp_path / mode), f"-DUNIMLM_CUDA={mode}",
+           "-DUNIMLM_BUILD_TESTS=OFF", f"-DPython_EXECUTABLE={sys.executable}",
+           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not on PATH")
+def test_cmake_without_nvcc_on_fails_and_auto_says_so(tmp_path):
+    """UNIMLM_CUDA=ON without nvcc is a configure error naming what is missing; AUTO configures
+    without the CUDA kernels and says so in a STATUS line."""
+    on = _configure(tmp_path, "ON")
+    assert on.returncode != 0
+    assert "UNIMLM_CUDA=ON but no CUDA compiler" in on.stderr and "nvcc" in on.stderr, on.stderr[-2000:]
+    auto = _configure(tmp_path, "AUTO")
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "unimlm: building WITHOUT CUDA kernels (UNIMLM_CUDA=AUTO): no CUDA compiler" in auto.stdout

@@ -67,6 +67,7 @@ def _id(case):
     return f"lens{'-'.join(map(str, lens))}-gqa{h // hkv}-d{d}-bs{bs}-{str(dt).split('.')[-1]}"
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("case", DECODE_CASES, ids=_id)
 def test_decode_matches_reference(case, nan_empty):
     lens, h, hkv, d, bs, dtype = case
@@ -108,17 +109,20 @@ def _run_prefill(case):
     assert_within_twice_torch(out, ref, same, dtype)
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=_pid)
 def test_prefill_matches_reference(case, nan_empty):
     _run_prefill(case)
 
 
 @pytest.mark.slow
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("case", [([48, 7, 64], [300, 7, 129], 8, 2, 64, 16, torch.float16)], ids=_pid)
 def test_prefill_long_context(case, nan_empty):
     _run_prefill(case)
 
 
+@pytest.mark.triton_cpu
 def test_prefill_of_whole_sequence_equals_causal_sdpa():
     """No cached prefix: the op equals plain causal attention on the contiguous K/V."""
     n, h, d, bs = 37, 4, 64, 16
@@ -134,7 +138,7 @@ def test_prefill_of_whole_sequence_equals_causal_sdpa():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is unreliable in the Triton interpreter: CUDA only")
+@pytest.mark.triton_gpu
 def test_decode_bf16_cuda():
     lens, h, hkv, d, bs = [1, 17, 129, 500], 32, 8, 128, 16
     kc, vc, table, ctx = (t.cuda() for t in make_cache(lens, hkv, d, bs, torch.bfloat16))
@@ -146,6 +150,7 @@ def test_decode_bf16_cuda():
     assert_within_twice_torch(out, ref, same, torch.bfloat16)
 
 
+@pytest.mark.triton_cpu
 def test_int64_addressing_past_2_pow_31():
     """Block ids whose element offset block_id * BS * Hkv * D passes 2^31. The cache is a
     4 GiB torch.empty: untouched pages are never materialised, so this costs a few MB."""
@@ -170,6 +175,80 @@ def test_int64_addressing_past_2_pow_31():
     torch.testing.assert_close(pre.float(), pa.attention_reference(qp, k, v, 0.125, pos), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("max_context_len", [-1, 1, 130, 501, 4096], ids=lambda v: f"max{v}")
+def test_decode_split_count_follows_max_context_len(max_context_len, nan_empty):
+    """The host int sets the split count (1 split for a 1-key bound, the single-split path; up to 4
+    under the interpreter); every sequence splits its own live context, so any value, even one
+    smaller than the real longest context, gives the reference's result."""
+    from unimlm_engine.kernels import paged_attention as kpa
+
+    lens, h, hkv, d, bs = [1, 17, 63, 129, 500], 4, 2, 64, 16
+    kc, vc, table, ctx = make_cache(lens, hkv, d, bs, torch.float32)
+    q = rand_q(len(lens), h, d, torch.float32)
+    with backend_override("triton"):
+        out = pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125, max_context_len)
+    bound = table.shape[1] * bs if max_context_len < 0 else max_context_len
+    want_splits = min(4, -(-bound // kpa._block_n(bs, d)))
+    assert kpa._num_splits(len(lens), hkv, bound, kpa._block_n(bs, d), q.device) == want_splits
+    ref = pa.paged_decode_reference(q.double(), kc.double(), vc.double(), table, ctx, 0.125, dtype=torch.float64)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.triton_cpu
+def test_prefill_grid_follows_max_query_len(nan_empty):
+    """The grid comes from the host int, not a device sync: a value above the real longest q_len
+    gives the same result; one below it leaves the rows past it unwritten (NaN-poisoned here),
+    which is why the scheduler's exact value is passed; the reference refuses it."""
+    q_lens, lens, h, hkv, d, bs = [40, 3], [45, 3], 4, 2, 64, 16
+    kc, vc, table, ctx = make_cache(lens, hkv, d, bs, torch.float32)
+    q = rand_q(sum(q_lens), h, d, torch.float32)
+    cu = torch.tensor([0, 40, 43], dtype=torch.int32)
+    want = pa.paged_prefill_reference(q, kc, vc, table, cu, ctx, 0.125)
+    with backend_override("triton"):
+        exact = pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, 0.125, 40)
+        larger = pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, 0.125, 100)
+        short = pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, 0.125, 20)
+    torch.testing.assert_close(exact, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(larger, exact)
+    assert not short[:32].isnan().any() and short[32:40].isnan().all()  # one 32-row tile of sequence 0
+    with pytest.raises(ValueError, match="max_query_len"):
+        pa.paged_prefill_attention(q, kc, vc, table, cu, ctx, 0.125, 20)
+
+
+@pytest.mark.triton_gpu
+def test_cuda_launchers_do_not_sync_with_host_maxima():
+    """With the maxima passed as host ints, decode and prefill issue no device-to-host sync
+    (torch's sync debug mode raises on one); the -1 fallback of prefill does sync."""
+    lens, q_lens, h, hkv, d, bs = [40, 3], [40, 3], 8, 2, 128, 16
+    kc, vc, table, ctx = (t.cuda() for t in make_cache(lens, hkv, d, bs, torch.bfloat16))
+    q = torch.randn(2, h, d, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(sum(q_lens), h, d, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 40, 43], dtype=torch.int32, device="cuda")
+    with backend_override("triton"):
+        pa.paged_decode_attention(q, kc, vc, table, ctx, 0.1, 40)  # compile outside the check
+        pa.paged_prefill_attention(qp, kc, vc, table, cu, ctx, 0.1, 40)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pa.paged_decode_attention(q, kc, vc, table, ctx, 0.1, 40)
+            pa.paged_prefill_attention(qp, kc, vc, table, cu, ctx, 0.1, 40)
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                pa.paged_prefill_attention(qp, kc, vc, table, cu, ctx, 0.1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cpu_decode_path_checks_max_context_len():
+    kc, vc, table, ctx = make_cache([5, 20], 2, 64, 16, torch.float32)
+    q = torch.randn(2, 4, 64)
+    want = pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125)
+    assert torch.equal(pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125, 20), want)
+    assert torch.equal(pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125, 1000), want)
+    with pytest.raises(ValueError, match="max_context_len"):
+        pa.paged_decode_attention(q, kc, vc, table, ctx, 0.125, 19)
+
+
 def test_cpu_default_backend_is_the_reference():
     kc, vc, table, ctx = make_cache([5, 20], 2, 64, 16, torch.float32)
     q = torch.randn(2, 4, 64)
@@ -183,9 +262,11 @@ def test_opcheck_fake_tensors():
     kc, vc, table, ctx = make_cache([5, 20], 2, 64, 16, torch.float32)
     q = torch.randn(2, 4, 64)
     torch.library.opcheck(torch.ops.unimlm.paged_decode_attention.default, (q, kc, vc, table, ctx, 0.125))
+    torch.library.opcheck(torch.ops.unimlm.paged_decode_attention.default, (q, kc, vc, table, ctx, 0.125, 20))
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     qp = torch.randn(7, 4, 64)
     torch.library.opcheck(torch.ops.unimlm.paged_prefill_attention.default, (qp, kc, vc, table, cu, ctx, 0.125))
+    torch.library.opcheck(torch.ops.unimlm.paged_prefill_attention.default, (qp, kc, vc, table, cu, ctx, 0.125, 4))
 
 
 AOT_SCRIPT = r'''

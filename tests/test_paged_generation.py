@@ -77,10 +77,11 @@ def paged_generate(model, prompts, processors, max_new: int, block_size: int, ch
                 s.payloads.append(hidden[end - q + 1:end])
             if s.fed >= len(s.prompt):
                 logits = s.processor(len(s.out), model.llm.logits(hidden[end - 1]))
-                s.out.append(sample_token(logits, params, None))
+                s.out.append(sample_token(logits, params, 0))
     return seqs
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("block_size,chunk", [(16, 64), (32, 7)], ids=["bs16-whole-prompt", "bs32-chunked-prefill"])
 def test_paged_triton_generation_matches_reference(model, block_size, chunk):
     """Three prompts batched; sequence 1 emits a routing token at step 1, so the next step mixes
@@ -104,6 +105,7 @@ def test_metadata_slots_and_flags():
     assert meta.slot_mapping.tolist() == [9 * 16 + 0, 32, 33, 34]
     assert meta.cu_seqlens_q.tolist() == [0, 1, 4] and not meta.is_all_decode
     assert meta.block_tables.tolist() == [[4, 9], [2, -1]]
+    assert (meta.max_query_len, meta.max_context_len) == (3, 17)  # host ints: the launchers never sync for them
     assert PagedAttentionMetadata.build([1, 1], [5, 2], [[0], [1]], 16).is_all_decode
 
 

@@ -269,3 +269,16 @@ def test_hf_side_file_disagrees_with_tokenizer_json(tmp_path):
     (tmp_path / "added_tokens.json").write_text(json.dumps({"[DET]": tok.token_to_id("[DET]") + 1}))
     with pytest.raises(ValueError, match="disagree"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("skip_special", [True, False], ids=["skip-special", "keep-special"])
+def test_stream_random_ids_equal_decode(hf_dir, sp_dir, skip_special):
+    """Random id streams (invalid UTF-8, specials, EOS mid-stream): deltas + flush == decode, per tokenizer."""
+    import random
+
+    rng = random.Random(0)
+    for tok in (ByteTokenizer(), load_tokenizer(hf_dir), load_tokenizer(sp_dir)):
+        for _ in range(30):
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 24))]
+            deltas, tail = _stream(tok, ids, skip_special=skip_special)
+            assert "".join(deltas) + tail == tok.decode(ids, skip_special=skip_special), (type(tok).__name__, ids)

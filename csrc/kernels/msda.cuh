@@ -13,7 +13,8 @@
 //
 // Mapping: a group of D / V threads owns one (n, q, m); each thread owns V consecutive
 // channels and reads them with one vector load per bilinear corner (16 bytes when D and
-// the pointers allow, else V = 1 with runtime (L, P) loops). L and P are template
+// the pointers allow, else V = 1 with runtime (L, P) loops). The corners of a sample are
+// branch-free (clamped rows, zero weight outside), so its four loads are in flight together. L and P are template
 // constants for (4, 4) and (4, 8) so the sample loops unroll; other (L, P) take the
 // runtime-loop instance (kL = kP = 0).
 // Accumulation, sampling-location math and the optional softmax are fp32 for every T.
@@ -65,16 +66,28 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-// acc += w * value[row, channels of this thread]; `base` already points at (n, m, c0).
+// The V channels of this thread in row `row`; `base` already points at (n, m, c0).
 template <typename T, int V>
-__host__ __device__ __forceinline__ void add_corner(const T* __restrict__ base, int64_t row, int64_t row_stride,
-                                                    float w, float (&acc)[V]) {
-  const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(base + row * row_stride);
+__host__ __device__ __forceinline__ Vec<T, V> load_row(const T* __restrict__ base, int64_t row, int64_t row_stride) {
+  return *reinterpret_cast<const Vec<T, V>*>(base + row * row_stride);
+}
+
+// i clamped into [0, n): an out-of-range corner reads an in-range row (its weight is 0).
+__host__ __device__ __forceinline__ int64_t clamp_index(int i, int n) {
+  return static_cast<int64_t>(i < 0 ? 0 : (i >= n ? n - 1 : i));
+}
+
+// acc += w * x (fp32).
+template <typename T, int V>
+__host__ __device__ __forceinline__ void fma_row(const Vec<T, V>& x, float w, float (&acc)[V]) {
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = fmaf(w, to_f32(x.v[i]), acc[i]);
 }
 
 // One bilinear sample (align_corners=False, zero padding) of level (h, w, start), scaled by a.
+// Branch-free: each corner index is clamped into the level (so every load is in bounds) and an
+// out-of-range corner gets weight 0. The four loads are issued before any FMA, so all four are in
+// flight at once (a load behind its own branch writing shared registers serialises them).
 template <typename T, int V>
 __host__ __device__ __forceinline__ void add_sample(const T* __restrict__ base, int64_t row_stride, int64_t start,
                                                     int h, int w, float lx, float ly, float a, float (&acc)[V]) {
@@ -85,13 +98,19 @@ __host__ __device__ __forceinline__ void add_sample(const T* __restrict__ base, 
   const float x0f = floorf(x), y0f = floorf(y);
   const float fx = x - x0f, fy = y - y0f;
   const int x0 = static_cast<int>(x0f), y0 = static_cast<int>(y0f);
-  const bool in_x0 = x0 >= 0 && x0 < w, in_x1 = x0 + 1 >= 0 && x0 + 1 < w;
-  const bool in_y0 = y0 >= 0 && y0 < h, in_y1 = y0 + 1 >= 0 && y0 + 1 < h;
-  const int64_t r0 = start + static_cast<int64_t>(y0) * w + x0;  // row of corner (y0, x0)
-  if (in_y0 && in_x0) add_corner<T, V>(base, r0, row_stride, a * (1.f - fy) * (1.f - fx), acc);
-  if (in_y0 && in_x1) add_corner<T, V>(base, r0 + 1, row_stride, a * (1.f - fy) * fx, acc);
-  if (in_y1 && in_x0) add_corner<T, V>(base, r0 + w, row_stride, a * fy * (1.f - fx), acc);
-  if (in_y1 && in_x1) add_corner<T, V>(base, r0 + w + 1, row_stride, a * fy * fx, acc);
+  const int x1 = x0 + 1, y1 = y0 + 1;
+  const float wx0 = (x0 >= 0 && x0 < w) ? 1.f - fx : 0.f, wx1 = (x1 >= 0 && x1 < w) ? fx : 0.f;
+  const float wy0 = (y0 >= 0 && y0 < h) ? a * (1.f - fy) : 0.f, wy1 = (y1 >= 0 && y1 < h) ? a * fy : 0.f;
+  const int64_t cx0 = clamp_index(x0, w), cx1 = clamp_index(x1, w);
+  const int64_t ry0 = start + clamp_index(y0, h) * w, ry1 = start + clamp_index(y1, h) * w;
+  const Vec<T, V> v00 = load_row<T, V>(base, ry0 + cx0, row_stride);
+  const Vec<T, V> v01 = load_row<T, V>(base, ry0 + cx1, row_stride);
+  const Vec<T, V> v10 = load_row<T, V>(base, ry1 + cx0, row_stride);
+  const Vec<T, V> v11 = load_row<T, V>(base, ry1 + cx1, row_stride);
+  fma_row<T, V>(v00, wy0 * wx0, acc);
+  fma_row<T, V>(v01, wy0 * wx1, acc);
+  fma_row<T, V>(v10, wy1 * wx0, acc);
+  fma_row<T, V>(v11, wy1 * wx1, acc);
 }
 
 // Softmax statistics over the L*P logits of one (n, q, m): max and 1 / sum(exp(x - max)).

@@ -222,6 +222,25 @@ int64_t Scheduler::update_batch(const std::vector<int64_t>& ids, const std::vect
   return n;
 }
 
+int64_t Scheduler::resolve_batch(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
+                                 const std::vector<int32_t>& values) {
+  if (ids.size() != positions.size() || ids.size() != values.size())
+    throw std::invalid_argument("resolve_batch: ids, positions and values differ in length");
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t n = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    auto it = seqs_.find(ids[i]);
+    if (it == seqs_.end()) continue;
+    Seq& s = *it->second;
+    if (positions[i] < 0 || positions[i] >= static_cast<int64_t>(s.tokens.size()))
+      throw std::out_of_range("resolve_batch: position " + std::to_string(positions[i]) + " outside sequence " +
+                              std::to_string(ids[i]) + " of " + std::to_string(s.tokens.size()) + " tokens");
+    s.tokens[static_cast<size_t>(positions[i])] = values[i];
+    ++n;
+  }
+  return n;
+}
+
 void Scheduler::finish(int64_t seq_id) {
   std::lock_guard<std::mutex> lock(mu_);
   remove(get(seq_id));

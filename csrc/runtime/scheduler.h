@@ -97,6 +97,13 @@ class Scheduler {
   bool update(int64_t seq_id, const std::vector<int32_t>& appended);
   // update(ids[i], {tokens[i]}) for each i under one lock; returns how many were known.
   int64_t update_batch(const std::vector<int64_t>& ids, const std::vector<int32_t>& tokens);
+  // Overlapped scheduling: a sampled token can be appended (update) as a placeholder before its
+  // value is known, so the next step schedules it; resolve_batch sets tokens[positions[i]] =
+  // values[i] of sequence ids[i] once known. Resolve before the sequence's next update(): update
+  // hashes full computed blocks with their token values. Returns how many ids were known; throws
+  // std::out_of_range for a position past a known sequence's tokens.
+  int64_t resolve_batch(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
+                        const std::vector<int32_t>& values);
   // Removes a sequence and frees its blocks. finish throws for an unknown id; abort
   // returns false.
   void finish(int64_t seq_id);

@@ -2,6 +2,7 @@
 // priority, abort, queue limits, and a randomized engine loop checked against a fake
 // KV store (every computed position read through the step's block table must hold
 // the sequence's token) with the scheduler's invariants after every step.
+#include <climits>
 #include <algorithm>
 #include <map>
 #include <random>
@@ -314,8 +315,41 @@ static void test_concurrent_submit_abort() {
   CHECK(s.num_free_blocks() == 64 && s.num_running() == 0 && s.num_waiting() == 0);
 }
 
+// Overlapped scheduling: a sampled token goes in as a placeholder, is scheduled, then resolved before
+// the next update(); the prefix cache hashes the resolved value, never the placeholder.
+static void test_placeholder_resolve() {
+  const int32_t kPlaceholder = INT32_MIN;
+  Scheduler s(cfg(64, 4, 100));
+  s.add_request(1, toks(3));
+  StepOutput o = s.step();
+  CHECK(o.do_sample[0]);
+  s.update(1, {kPlaceholder});  // before its value is known
+  o = s.step();                 // the placeholder is position 3, the last of block 0
+  CHECK(o.size() == 1 && o.num_computed[0] == 3 && o.num_new_tokens[0] == 1 && o.do_sample[0]);
+  CHECK(s.resolve_batch({1, 99}, {3, 0}, {7, 1}) == 1);  // unknown id 99 is skipped
+  s.update(1, {kPlaceholder});  // commits block 0 = toks(3) + 7
+  std::vector<int32_t> hit = toks(3), miss = toks(3);
+  hit.push_back(7);
+  hit.push_back(1);
+  miss.push_back(kPlaceholder);
+  miss.push_back(1);
+  s.add_request(2, hit);
+  s.add_request(3, miss);
+  o = s.step();
+  CHECK(o.num_computed[static_cast<size_t>(find(o, 2))] == 4 && s.num_cached_tokens(3) == 0);
+  bool threw = false;
+  try {
+    s.resolve_batch({1}, {100}, {1});
+  } catch (const std::out_of_range&) {
+    threw = true;
+  }
+  CHECK(threw);
+  s.check_invariants();
+}
+
 int main() {
   test_chunked_prefill_and_decode();
+  test_placeholder_resolve();
   test_budget_shared_decode_first();
   test_prefix_cache_hit();
   test_preemption_recompute();

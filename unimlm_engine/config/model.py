@@ -108,9 +108,17 @@ class LLMConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
+# The one definition of the LoRA-MoE limits: LoRAMoEConfig validates against them and the fused
+# Triton kernel (kernels/lora_moe.py) asserts them, so a config that validates runs on a GPU too.
+LORA_MOE_MAX_EXPERTS = 64
+LORA_MOE_MAX_RANK = 256
+
+
 @dataclass(slots=True)
 class LoRAMoEConfig:
-    """Dense-router LoRA-MoE on the FFN linears: o = W0 x + (alpha/r) sum_i softmax(x Wg)_i B_i A_i x."""
+    """Dense-router LoRA-MoE on the FFN linears: o = W0 x + (alpha/r) sum_i softmax(x Wg)_i B_i A_i x.
+    Limits: 1 <= num_experts <= LORA_MOE_MAX_EXPERTS, 1 <= rank <= LORA_MOE_MAX_RANK (the fused
+    kernel, kernels/lora_moe.py, imports the same constants)."""
 
     num_experts: int = 8
     rank: int = 4
@@ -119,8 +127,9 @@ class LoRAMoEConfig:
 
     def __post_init__(self) -> None:
         o = "LoRAMoEConfig"
-        require(1 <= self.num_experts <= 64, o, f"num_experts must be in [1, 64], got {self.num_experts}")
-        require(1 <= self.rank <= 256, o, f"rank must be in [1, 256], got {self.rank}")
+        require(1 <= self.num_experts <= LORA_MOE_MAX_EXPERTS, o,
+                f"num_experts must be in [1, {LORA_MOE_MAX_EXPERTS}], got {self.num_experts}")
+        require(1 <= self.rank <= LORA_MOE_MAX_RANK, o, f"rank must be in [1, {LORA_MOE_MAX_RANK}], got {self.rank}")
         require(self.alpha > 0, o, "alpha must be positive")
         self.target_modules = tuple(self.target_modules)
         bad = set(self.target_modules) - {"gate_proj", "up_proj", "down_proj"}

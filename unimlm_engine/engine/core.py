@@ -1,45 +1,89 @@
-"""EngineCore: the loop thread. Admit, expire/cancel, schedule, run the model, collect super-link
-payloads, sample, feed routing tokens' queries, hand finished text to the decoders.
+"""EngineCore: the loop thread. Admit, expire/cancel, schedule, run the model, sample, feed super links.
 
-Threads: callers put sequences in (`add`) and ask for cancels (any thread); the loop thread owns the
-scheduler, the model runner and every Sequence until its text is done; decoder workers report through
-`on_task` (any thread, under the lock). What the caller sees (text, stream events, the final output)
-is the OutputProcessor's (output.py).
+Overlapped scheduling (like SGLang's overlap scheduler and vLLM's async scheduling): step N+1 is
+scheduled and launched before the host has looked at step N's sampled tokens. Each sampled token goes
+into the scheduler as PLACEHOLDER right away, so the next step schedules it; the next step reads its value
+from the device tensor step N sampled into (no host sync before launching). One iteration:
+
+    schedule N+1 -> launch N+1 (forward + sampling, asynchronous on a GPU)
+    -> process N (wait for its one device-to-host copy; resolve its placeholders; payloads; stops; routing)
+    -> append N+1's samples as placeholders
+
+so on a GPU the host work of N and N+1 runs while the device computes. A request that ended at step N
+was also computed in N+1 (its result is dropped). A sampled routing token R was fed to N+1 as an
+ordinary token (its KV is what the 1 + K step would compute, since attention is causal), but N+1's
+sample for it came from R's position: that sample is discarded and N+2 feeds the K query positions and
+samples from the last one. Forced-prefix tokens are known on the host, so they go in resolved (and a
+forced routing token with its K queries at once). On the CPU the forward runs synchronously; the
+pipeline and its results are the same.
+
+What the caller sees (text, stop strings, stream events, the final output) is the output thread's
+(output.py); it reports stop strings back through `request_stop`.
 """
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import _C
-from ..sampling import sample_token
 from .output import OutputProcessor
 from .routing import DecoderRouter
 from .runner import ModelRunner
-from .sequence import Sequence
+from .sampler import BatchSampler, h2d, to_host, wait
+from .sequence import PLACEHOLDER, Sequence
 from .superlink import SuperLinks
 from .types import EngineError, PromptTooLongError, QueueFullError, TaskResult
 
 log = logging.getLogger("unimlm_engine")
 
 
+@dataclass
+class Step:
+    """One launched step: what the scheduler gave, the model's outputs, the sampled ids (on the device,
+    and their host copy once `event` completes)."""
+
+    seqs: list[Sequence]
+    starts: list[int]
+    counts: list[int]
+    row_starts: list[int]
+    hidden: torch.Tensor
+    samplers: list[Sequence] = field(default_factory=list)  # rows of `sampled`
+    sampler_ids: set = field(default_factory=set)
+    chunks: list[Sequence] = field(default_factory=list)  # scheduled but not sampling (prefill chunks)
+    sampled: Optional[torch.Tensor] = None
+    forced: Optional[np.ndarray] = None
+    host: Optional[torch.Tensor] = None
+    event: object = None
+    discard: set = field(default_factory=set)  # seq ids whose sample here is invalid (routing split)
+
+    def row_of(self) -> dict[int, int]:
+        return {s.seq_id: i for i, s in enumerate(self.samplers)}
+
+
 class EngineCore:
-    def __init__(self, model, scheduler, runner: ModelRunner, superlinks: SuperLinks, intake, cfg,
-                 output: OutputProcessor):
+    def __init__(self, model, scheduler, runner: ModelRunner, superlinks: SuperLinks, intake, cfg):
         self.model, self.scheduler, self.runner, self.superlinks = model, scheduler, runner, superlinks
-        self.intake, self.cfg, self.output = intake, cfg, output
+        self.intake, self.cfg = intake, cfg
+        self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch)
         self.router = DecoderRouter(model, cfg, self.on_task)
+        self.sampler = BatchSampler(model.device)
         self.eos = model.cfg.llm.eos_token_id
         self.queue = _C.RequestQueue(cfg.max_queue_size)
         self.lock = threading.Lock()
         self.incoming: dict[int, Sequence] = {}
         self.seqs: dict[int, Sequence] = {}
         self._cancels: collections.deque[int] = collections.deque()
+        self._stops: collections.deque[Sequence] = collections.deque()
+        self._inflight: Optional[Step] = None
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, seq_id) of admitted requests
         self._stop = threading.Event()
         self.iter_times: collections.deque[float] = collections.deque(maxlen=256)
         self.steps = 0
@@ -60,8 +104,12 @@ class EngineCore:
     def cancel(self, seq_id: int) -> None:
         self._cancels.append(seq_id)
 
+    def request_stop(self, s: Sequence) -> None:
+        """The output thread found a stop string: end the text at the next iteration."""
+        self._stops.append(s)
+
     def shutdown(self, timeout: float) -> None:
-        """Stop the loop, then end every request left as cancelled and stop the decoder workers."""
+        """Stop the loop, end every request left as cancelled, stop the decoder workers and the output thread."""
         self._stop.set()
         self.queue.close()
         self._thread.join(timeout=timeout)
@@ -70,22 +118,29 @@ class EngineCore:
         for s in left:
             self.end(s, "cancelled")
         self.router.close(timeout=timeout)
+        self.output.close(timeout=timeout)
 
     def busy(self) -> bool:
         return bool(self.seqs or self.incoming)
 
     def on_task(self, s: Sequence, idx: int, task: TaskResult) -> None:
         """Decoder worker callback (any thread)."""
-        if self.output.on_task(s, idx, task):
+        with self.lock:
+            s.tasks[idx] = task
+            s.decoders_pending -= 1
+            done = s.decoders_pending == 0
+        self.output.task(s, idx, task)
+        if done:
             self.end(s, s.finish_reason or "stop")
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                worked = self._step()
+                worked = self._iteration()
             except Exception as e:  # noqa: BLE001 - an internal failure ends the batch, not the engine
                 log.exception("engine step failed")
+                self._inflight = None
                 self._fail_running(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
                 worked = True
             if not worked:
@@ -99,6 +154,8 @@ class EngineCore:
             if seq is None:
                 return
             self.seqs[seq_id] = seq
+        if seq.deadline is not None:
+            heapq.heappush(self._deadlines, (seq.deadline, seq_id))
         try:
             self.scheduler.add_request(seq_id, seq.tokens, seq.request.priority, self.intake.extra_keys(seq))
         except _C.QueueFullError as e:
@@ -106,29 +163,44 @@ class EngineCore:
         except ValueError as e:
             self.end(seq, "error", PromptTooLongError(str(e)))
 
-    def _expire_and_cancel(self) -> None:
+    def _housekeeping(self) -> None:
         while (seq_id := self.queue.pop(0.0)) is not None:
             self._admit_one(seq_id)
         while self._cancels:
-            seq_id = self._cancels.popleft()
-            seq = self.seqs.get(seq_id) or self.incoming.get(seq_id)
+            seq = self.seqs.get(sid := self._cancels.popleft()) or self.incoming.get(sid)
             if seq is not None:
                 self.end(seq, "cancelled")
+        while self._stops:
+            s = self._stops.popleft()
+            if s.seq_id in self.seqs and not s.text_done:
+                self.end_text(s, "stop")
         now = time.monotonic()
-        with self.lock:
-            late = [s for s in self.seqs.values() if s.deadline is not None and now >= s.deadline]
-        for s in late:
-            self.end(s, "timeout")
+        while self._deadlines and self._deadlines[0][0] <= now:
+            s = self.seqs.get(heapq.heappop(self._deadlines)[1])
+            if s is not None:
+                self.end(s, "timeout")
 
-    def _step(self) -> bool:
-        self._expire_and_cancel()
+    def _iteration(self) -> bool:
+        self._housekeeping()
         t0 = time.perf_counter()
         out = self.scheduler.step()
         for seq_id in out.rejected:
             if (s := self.seqs.get(seq_id)) is not None:
                 self.end_text(s, "length", in_scheduler=False)
-        if len(out) == 0:
+        prev = self._inflight
+        self._inflight = self._launch(out) if len(out) else None
+        if prev is not None:
+            self._process(prev)
+        if self._inflight is not None:
+            self._append_samples(self._inflight)
+        if self._inflight is None and prev is None:
             return False
+        self.steps += 1
+        self.iter_times.append(time.perf_counter() - t0)
+        return True
+
+    def _launch(self, out) -> Step:
+        """Run step `out` on the device and sample; placeholders read the in-flight step's samples."""
         seqs = [self.seqs[i] for i in out.seq_ids.tolist()]
         now = time.monotonic()
         for s in seqs:
@@ -137,57 +209,130 @@ class EngineCore:
                 s.num_cached_tokens = self.scheduler.num_cached_tokens(s.seq_id)
         if out.cow:
             self.runner.copy_blocks(out.cow)
-        hidden, last_rows = self.runner.execute(out, seqs)
-        self.superlinks.collect(seqs, out.num_computed.tolist(), out.num_new_tokens.tolist(),
-                                out.query_start_loc.tolist(), hidden)
+        prev = self._inflight
+        feed = (prev.sampled, prev.row_of()) if prev is not None and prev.sampled is not None else None
+        hidden, last_rows = self.runner.execute(out, seqs, placeholders=feed)
         do_sample = out.do_sample
-        rows = last_rows[torch.from_numpy(do_sample)]
-        logits = self.runner.logits(hidden[rows.to(hidden.device)]) if rows.numel() else None
-        j = 0
-        for s, sample in zip(seqs, do_sample.tolist()):
-            if not sample:
-                self.scheduler.update(s.seq_id, [])
-                continue
-            lg, j = logits[j], j + 1
-            if s.finish_after_payload:
-                self.end_text(s, s.finish_after_payload)
-                continue
-            self._on_token(s, sample_token(lg, s.request.sampling, s.generator, step=len(s.generated)))
-        self.steps += 1
-        self.iter_times.append(time.perf_counter() - t0)
-        return True
+        step = Step(seqs, out.num_computed.tolist(), out.num_new_tokens.tolist(), out.query_start_loc.tolist(),
+                    hidden)
+        flags = do_sample.tolist()
+        step.chunks = [s for s, d in zip(seqs, flags) if not d]
+        if do_sample.any():
+            step.samplers = [s for s, d in zip(seqs, flags) if d]
+            step.sampler_ids = {s.seq_id for s in step.samplers}
+            rows = h2d(last_rows.numpy()[do_sample.astype(bool)], hidden.device)
+            logits = self.runner.logits(hidden[rows])
+            step.sampled, step.forced = self.sampler.sample(logits, step.samplers)
+            step.host, step.event = to_host(step.sampled)
+        return step
 
-    def _on_token(self, s: Sequence, tok: int) -> None:
-        params = s.request.sampling
-        s.generated.append(tok)
-        stop = self.output.on_token(s, tok)
-        stop = stop or (tok == self.eos and not params.ignore_eos) or tok in params.stop_token_ids
-        at_length = len(s.generated) >= params.max_tokens
-        feed = None if stop else self.superlinks.on_token(s, tok)
-        if feed is not None:  # a routing token: its K queries are fed next step, even at max_tokens
+    def _append_samples(self, step: Step) -> None:
+        """Each sample of the just-launched step enters the scheduler: forced tokens resolved (a forced
+        routing token with its queries), sampled ones as PLACEHOLDER."""
+        if not step.samplers:
+            return
+        ids, toks = [], []
+        for s, forced, tok in zip(step.samplers, step.forced.tolist(), self._forced_values(step)):
+            if s.text_done or s.seq_id in step.discard or s.finish_after_payload:
+                continue
+            if not forced:
+                s.placeholder_pos = len(s.tokens)
+                s.tokens.append(PLACEHOLDER)
+                ids.append(s.seq_id)
+                toks.append(PLACEHOLDER)
+                continue
+            if tok not in self.superlinks.route_ids:
+                s.tokens.append(tok)
+                ids.append(s.seq_id)
+                toks.append(tok)
+                continue
+            feed = [tok] + self.superlinks.open_payload(s, tok, s.num_sampled - 1, len(s.tokens) + 1)
             s.tokens += feed
             self.scheduler.update(s.seq_id, feed)
+        if ids:
+            self.scheduler.update_batch(ids, toks)
+
+    @staticmethod
+    def _forced_values(step: Step) -> list[int]:
+        return [s.request.sampling.forced_prefix[s.num_sampled - 1] if f else 0
+                for s, f in zip(step.samplers, step.forced.tolist())]
+
+    def _process(self, step: Step) -> None:
+        """The host's turn on a finished step: payloads, then each sample's token."""
+        self.superlinks.collect(step.seqs, step.starts, step.counts, step.row_starts, step.hidden)
+        for s in step.chunks:
+            if not s.text_done:
+                self.scheduler.update(s.seq_id, [])  # a prefill chunk: commit its computed blocks
+        if not step.samplers:
+            return
+        wait(step.event)
+        values = step.host.tolist()
+        live = [(s, tok, f) for s, tok, f in zip(step.samplers, values, step.forced.tolist())
+                if not s.text_done and s.seq_id not in step.discard]
+        res = [(s, tok) for s, tok, f in live if not f and s.placeholder_pos is not None]
+        if res:
+            self.scheduler.resolve_batch([s.seq_id for s, _ in res], [s.placeholder_pos for s, _ in res],
+                                         [t for _, t in res])
+            for s, tok in res:
+                s.tokens[s.placeholder_pos], s.placeholder_pos = tok, None
+        now = time.monotonic()
+        learned = []
+        for s, tok, forced in live:
+            if s.finish_after_payload:  # the queries of a final routing token are computed: done
+                self.end_text(s, s.finish_after_payload)
+                continue
+            s.first_token = s.first_token or now
+            s.last_token = now
+            s.generated.append(tok)
+            learned.append((s, tok, forced))
+        self.output.tokens([(s, tok) for s, tok, _ in learned])  # before any end of text below
+        for s, tok, forced in learned:
+            self._on_token(s, tok, forced)
+
+    def _on_token(self, s: Sequence, tok: int, forced: bool) -> None:
+        """Token-level rules for a token the host just learned: EOS / stop ids / max_tokens, routing."""
+        params = s.request.sampling
+        stop = (tok == self.eos and not params.ignore_eos) or tok in params.stop_token_ids
+        at_length = len(s.generated) >= params.max_tokens
+        if not stop and not forced and tok in self.superlinks.route_ids:
+            self._route(s, tok)
+            if at_length:
+                s.finish_after_payload = "length"
+            return
+        if forced and tok in self.superlinks.route_ids and not stop:
             if at_length:
                 s.finish_after_payload = "length"
             return
         if stop or at_length:
             self.end_text(s, "stop" if stop else "length")
-            return
-        s.tokens.append(tok)
-        self.scheduler.update(s.seq_id, [tok])
+
+    def _route(self, s: Sequence, tok: int) -> None:
+        """A sampled routing token: its K queries are fed next. If the in-flight step already fed the token
+        (from the device) and sampled from its position, that sample is dropped."""
+        inflight = self._inflight
+        fed = inflight is not None and s.seq_id in inflight.sampler_ids
+        markers = self.superlinks.open_payload(s, tok, len(s.generated) - 1, len(s.tokens))
+        if fed:
+            inflight.discard.add(s.seq_id)
+            s.num_sampled -= 1
+        s.tokens += markers
+        self.scheduler.update(s.seq_id, markers)
 
     # ---- endings -----------------------------------------------------------------------------------
     def end_text(self, s: Sequence, reason: str, in_scheduler: bool = True) -> None:
-        """Text is done: free the KV blocks, flush the text, then hand the payloads to the decoders."""
+        """Text is done: free the KV blocks; the output thread flushes the text, then `_dispatch`es."""
         if in_scheduler:
             self.scheduler.abort(s.seq_id)
         s.text_done, s.finish_reason = True, reason
-        self.output.finish_text(s)
+        self.output.text_done(s)
+
+    def _dispatch(self, s: Sequence) -> None:
+        """On the output thread, after the text is final: hand the payloads to the decoders."""
         jobs = self.router.plan(s)
         with self.lock:
             s.decoders_pending = len(jobs)
         if not jobs:
-            self.end(s, reason)
+            self.end(s, s.finish_reason)
             return
         for idx, spec in jobs:
             self.router.submit(s, idx, spec)
@@ -199,12 +344,10 @@ class EngineCore:
             known = self.seqs.pop(s.seq_id, None) is not None
         if known and not s.text_done:
             self.scheduler.abort(s.seq_id)
-        if not s.text_done:
-            s.text_done = True
-            self.output.finish_text(s)
+        s.text_done = True
         if reason in ("cancelled", "timeout"):
             self.router.cancel(s)
-        self.output.complete(s, reason, error)
+        self.output.end(s, reason, error)
 
     def _fail_running(self, error: EngineError) -> None:
         with self.lock:

@@ -23,7 +23,6 @@ from .core import EngineCore
 from .handle import RequestHandle
 from .intake import Intake
 from .memory import plan_kv_blocks
-from .output import OutputProcessor
 from .runner import ModelRunner
 from .superlink import SuperLinks
 from .types import EngineClosedError, EngineError, QueueFullError, Request, RequestOutput
@@ -46,8 +45,8 @@ class Engine:
                                   cuda_graphs=cfg.cuda_graphs, cuda_graph_batch_sizes=cfg.cuda_graph_batch_sizes,
                                   cuda_graph_max_context=cfg.cuda_graph_max_context, superlinks=self.superlinks)
         self.intake = Intake(model, tokenizer, cfg, self.max_model_len, self.superlinks)
-        self.output = OutputProcessor()
-        self.core = EngineCore(model, self.scheduler, self.runner, self.superlinks, self.intake, cfg, self.output)
+        self.core = EngineCore(model, self.scheduler, self.runner, self.superlinks, self.intake, cfg)
+        self.output = self.core.output
         self.router = self.core.router
         self._ids = itertools.count(1)
         self._closed = False

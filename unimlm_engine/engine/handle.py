@@ -17,6 +17,7 @@ class RequestHandle:
         self._events: "queue.SimpleQueue[StreamEvent]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._canceller = canceller
+        self._ended = False  # a plain flag: emit() is on the hot path (one call per token)
         self.seq_id: Optional[int] = None
 
     # ---- user side -------------------------------------------------------------
@@ -49,7 +50,7 @@ class RequestHandle:
 
     # ---- engine side ------------------------------------------------------------
     def emit(self, event: StreamEvent) -> None:
-        if not self.future.done():
+        if not self._ended:
             self._events.put(event)
 
     def finish(self, output: RequestOutput) -> bool:
@@ -57,6 +58,7 @@ class RequestHandle:
         with self._lock:
             if self.future.done():
                 return False
+            self._ended = True
             self._events.put(StreamEvent(finished=True, output=output))
             self.future.set_result(output)
             return True

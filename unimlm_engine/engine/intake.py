@@ -52,7 +52,7 @@ class Intake:
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         seq = Sequence(seq_id=seq_id, request=req, handle=handle, tokens=list(ids), prompt_len=len(ids),
-                       pixel_values=pixels, images=images, generator=params.make_generator(),
+                       pixel_values=pixels, images=images, seed=params.resolved_seed(),
                        detok=IncrementalDetokenizer(self.tokenizer), pending=pending)
         if spans:
             idx = torch.full((len(ids),), -1, dtype=torch.long)

@@ -1,53 +1,127 @@
-"""Output processing: token ids -> text deltas, stop strings, stream events, task results, the final output.
+"""Output processing on its own thread: token ids -> text deltas, stop strings, stream events, task
+results, the final output. The engine core (core.py) decides what to compute; this thread decides what
+the caller sees, the way vLLM v1 separates its engine core from output processing.
 
-The engine core (core.py) decides what to compute; this module decides what the caller sees, the way
-vLLM v1 separates its engine core from output processing. Guarantees:
+The core hands over, in order: each step's new tokens (`tokens`), a request's end of text (`text_done`),
+decoder results (`task`) and a request's end (`end`). One queue, one thread, so a request's events keep
+their order. Guarantees:
 
-- The text deltas a handle streams concatenate to exactly `RequestOutput.text`. With stop strings, the
-  last `max(len(stop)) - 1` characters are held back until they cannot start a stop string, so text
-  that a stop string later cuts is never streamed; the held-back text and whatever the detokenizer
-  holds at the end (an unfinished multi-byte character) go out as one last delta before the end.
-- Every handle ends exactly once (`complete`), with the tasks collected so far.
+- The text deltas a handle streams concatenate to exactly `RequestOutput.text`. With stop strings the
+  last `max(len(stop)) - 1` characters are held back until they cannot start a stop string; what the
+  hold-back and the detokenizer keep at the end goes out as one last delta.
+- A stop string is found here, a step or two after its token was sampled: the thread cuts the text, asks
+  the core to stop the request (`on_stop`), and when the text is done drops what was generated after the
+  cut (tokens, and payloads of routing tokens past it) before the decoders are planned (`on_text_done`).
+- Every handle ends exactly once (`end`).
 """
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from ..routes import get_route
 from .sequence import Sequence
 from .types import RequestOutput, StreamEvent, TaskResult
 
+log = logging.getLogger("unimlm_engine")
+_STOP = object()
+
 
 class OutputProcessor:
-    def __init__(self):
+    def __init__(self, on_stop: Callable[[Sequence], None], on_text_done: Callable[[Sequence], None]):
+        self.on_stop, self.on_text_done = on_stop, on_text_done
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="unimlm-output", daemon=True)
+        self._thread.start()
 
-    # ---- text -------------------------------------------------------------------------------------
-    def on_token(self, s: Sequence, tok: int) -> bool:
-        """A generated token (already appended to `s.generated`): detokenize, look for stop strings, stream
-        what is safe. Returns True when a stop string ended the text (the text is cut before it)."""
-        now = time.monotonic()
-        s.first_token = s.first_token or now
-        s.last_token = now
-        delta = s.detok.step(s.generated)
-        hit = False
-        if delta:
-            s.text += delta
-            hit = self._cut_stop_string(s, len(delta))
-        self._stream(s, [tok], final=hit)
-        return hit
+    # ---- producers (any thread; cheap) -------------------------------------------------------------
+    def tokens(self, items: list[tuple[Sequence, int]]) -> None:
+        """One step's new tokens, already appended to each sequence's `generated`."""
+        if items:
+            self._q.put((self._tokens, items))
 
-    def finish_text(self, s: Sequence) -> None:
-        """The text is done (stop, length, cancel...): flush what the detokenizer and the stop-string
-        hold-back kept, as one last delta."""
+    def text_done(self, s: Sequence) -> None:
+        self._q.put((self._text_done, s))
+
+    def task(self, s: Sequence, idx: int, task: TaskResult) -> None:
+        self._q.put((self._task, s, idx, task))
+
+    def end(self, s: Sequence, reason: str, error: Optional[BaseException] = None) -> None:
+        self._q.put((self._end, s, reason, error))
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Process what is queued, then stop the thread."""
+        self._q.put((_STOP,))
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item[0] is _STOP:
+                return
+            try:
+                item[0](*item[1:])
+            except Exception:  # noqa: BLE001 - one request's output problem must not stop the thread
+                log.exception("output processing failed")
+
+    # ---- the thread ---------------------------------------------------------------------------------
+    def _tokens(self, items: list[tuple[Sequence, int]]) -> None:
+        for s, tok in items:
+            if s.stop_string_hit or s.text_finalized:
+                continue  # generated after the cut: dropped when the text is done
+            delta = s.detok.step_one(tok)
+            if not s.request.sampling.stop:  # the common case, kept short: one event per token
+                s.text += delta
+                s.emitted += len(delta)
+                s.handle.emit(StreamEvent(delta, (tok,)))
+                continue
+            if delta:
+                s.text += delta
+                if self._cut_stop_string(s, len(delta)):
+                    s.stop_cut = len(s.detok.ids) - 1
+                    self._stream(s, (tok,), final=True)
+                    self.on_stop(s)
+                    continue
+            self._stream(s, (tok,), final=False)
+
+    def _text_done(self, s: Sequence) -> None:
+        self._finalize_text(s)
+        self.on_text_done(s)
+
+    def _task(self, s: Sequence, idx: int, task: TaskResult) -> None:
+        s.handle.emit(StreamEvent(task=task))
+
+    def _end(self, s: Sequence, reason: str, error: Optional[BaseException]) -> None:
+        self._finalize_text(s)
+        out = self.output(s, "stop" if s.stop_string_hit and reason == "length" else reason)
+        if error is not None:
+            s.handle.fail(out, error)
+        else:
+            s.handle.finish(out)
+
+    def _finalize_text(self, s: Sequence) -> None:
+        """Flush the detokenizer and the hold-back; apply a stop-string cut to tokens and payloads."""
+        if s.text_finalized:
+            return
+        s.text_finalized = True
         if not s.stop_string_hit:
             tail = s.detok.flush()
             if tail:
                 s.text += tail
-                self._cut_stop_string(s, len(tail))
-        self._stream(s, [], final=True)
+                if self._cut_stop_string(s, len(tail)):
+                    s.stop_cut = len(s.detok.ids) - 1
+        if s.stop_cut is not None:
+            cut = s.stop_cut
+            del s.generated[cut + 1:]
+            s.payloads = [p for p in s.payloads if p.source == "prompt" or p.token_index <= cut]
+            s.pending = [p for p in s.pending if p.source == "prompt" or p.token_index <= cut]
+            if s.finish_reason in ("length", None):
+                s.finish_reason = "stop"
+        self._stream(s, (), final=True)
 
     @staticmethod
     def _cut_stop_string(s: Sequence, new: int) -> bool:
@@ -60,32 +134,15 @@ class OutputProcessor:
         return False
 
     @staticmethod
-    def _stream(s: Sequence, token_ids: list[int], final: bool) -> None:
+    def _stream(s: Sequence, token_ids: tuple[int, ...], final: bool) -> None:
         """Emit the text that is safe to show (all of it when final) with these token ids."""
         end = len(s.text)
-        if not final and s.request.sampling.stop:
-            end = max(s.emitted, end - max(len(x) for x in s.request.sampling.stop) + 1)
+        stops = s.request.sampling.stop
+        if not final and stops:
+            end = max(s.emitted, end - max(len(x) for x in stops) + 1)
         if end > s.emitted or token_ids:
             s.handle.emit(StreamEvent(text=s.text[s.emitted:end], token_ids=token_ids))
             s.emitted = end
-
-    # ---- tasks and the end ------------------------------------------------------------------------
-    def on_task(self, s: Sequence, idx: int, task: TaskResult) -> bool:
-        """A decoder result for task `idx` (any thread); True when it was the request's last one."""
-        with self._lock:
-            s.tasks[idx] = task
-            s.decoders_pending -= 1
-            done = s.decoders_pending == 0
-        s.handle.emit(StreamEvent(task=task))
-        return done
-
-    def complete(self, s: Sequence, reason: str, error: Optional[BaseException] = None) -> None:
-        """End the handle with the assembled output (a second call does nothing)."""
-        out = self.output(s, reason)
-        if error is not None:
-            s.handle.fail(out, error)
-        else:
-            s.handle.finish(out)
 
     @staticmethod
     def output(s: Sequence, reason: str) -> RequestOutput:

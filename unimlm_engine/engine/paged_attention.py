@@ -45,6 +45,10 @@ class PagedAttentionMetadata:
 
     cu_seqlens_q: [B+1] int32, context_lens: [B] int32, block_tables: [B, max_blocks] int32
     (-1 padded), slot_mapping: [T] int64, is_all_decode: every sequence feeds one token.
+    max_query_len / max_context_len: the longest q_len / context_len, host ints from the
+    scheduler's arrays, so the attention launchers size their grids without a device sync
+    (max_query_len must not be smaller than the real one; a captured decode graph passes its
+    context bound as max_context_len).
     """
     cu_seqlens_q: torch.Tensor
     context_lens: torch.Tensor
@@ -52,6 +56,8 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor
     is_all_decode: bool
     num_tokens: int
+    max_query_len: int
+    max_context_len: int
 
     @classmethod
     def build(cls, q_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
@@ -75,7 +81,8 @@ class PagedAttentionMetadata:
         cu = torch.tensor([0, *q_lens], dtype=torch.int64).cumsum(0).to(torch.int32)
         return cls(cu_seqlens_q=cu.to(device), context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
                    block_tables=table.to(device), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-                   is_all_decode=all(q == 1 for q in q_lens), num_tokens=len(slots))
+                   is_all_decode=all(q == 1 for q in q_lens), num_tokens=len(slots), max_query_len=max(q_lens),
+                   max_context_len=max(context_lens))
 
 
 class PagedAttention:
@@ -100,7 +107,9 @@ class PagedAttention:
         write_kv_cache(k.to(dt).contiguous(), v.to(dt).contiguous(), kc, vc, meta.slot_mapping)
         qc = q.to(dt).contiguous()
         if meta.is_all_decode:
-            out = paged_decode_attention(qc, kc, vc, meta.block_tables, meta.context_lens, scale)
+            out = paged_decode_attention(qc, kc, vc, meta.block_tables, meta.context_lens, scale,
+                                         meta.max_context_len)
         else:
-            out = paged_prefill_attention(qc, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale)
+            out = paged_prefill_attention(qc, kc, vc, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
+                                          meta.max_query_len)
         return out.to(q.dtype)

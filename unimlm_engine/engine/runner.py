@@ -1,13 +1,16 @@
 """ModelRunner: one batched forward per scheduler step over the paged KV cache.
 
-Input embeddings come from three sources, by position: vocabulary ids (embedding table),
+Input embeddings come from four sources, by position: vocabulary ids (embedding table),
 `<im_patch>` positions (vision features, computed once per request, batched across the
-requests that need them this step), and super-link query markers (query tables).
+requests that need them this step), super-link query markers (query tables), and PLACEHOLDER:
+a token the in-flight step sampled, read from its device tensor (overlapped scheduling, core.py).
+Host arrays go to the device through pinned, non-blocking copies (`sampler.h2d`).
 
-All-decode steps (every sequence feeds one vocabulary id, no image position) of at most the
-largest bucket's size take `DecodeGraphRunner` (engine/cuda_graphs.py): a CUDA graph per
-batch-size bucket when the model is on CUDA and `cuda_graphs` is on (capture untested on a GPU
-here). `graph_capture=False` runs that padded static-buffer path eagerly on any device (tests).
+All-decode steps (every sequence feeds one vocabulary id or placeholder, no image position) of at
+most the largest bucket's size take `DecodeGraphRunner` (engine/cuda_graphs.py): a CUDA graph per
+batch-size bucket when the model is on CUDA and `cuda_graphs` is on (capture and replay ran on an
+H100 in tests/test_cuda_graphs.py; the engine's use of it with placeholders has not run on a GPU).
+`graph_capture=False` runs that padded static-buffer path eagerly on any device (tests).
 Logits stay outside the graph: they run only for the sampled rows.
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ from ..config import EngineConfig
 from ..model.vlm import VisionLLM
 from .cuda_graphs import DecodeGraphRunner
 from .paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
-from .sequence import Sequence
+from .sampler import h2d
+from .sequence import PLACEHOLDER, Sequence
 from .superlink import SuperLinks
 
 
@@ -74,14 +78,29 @@ class ModelRunner:
             s.image_features = feats[offset:offset + n]
             offset += n
 
-    def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence."""
+    def _input_ids(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
+                   placeholders) -> tuple[np.ndarray, torch.Tensor]:
+        """-> (host ids [T] with markers and PLACEHOLDER, device ids [T] >= 0 for the embedding table:
+        a PLACEHOLDER row reads the in-flight step's sampled id of its sequence, on the device)."""
         ids = np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64) for s, a, n in zip(seqs, starts, counts)])
-        ids_t = torch.from_numpy(ids).to(self.device)
-        embeds = self.model.llm.embed(ids_t.clamp(min=0))
+        ph = np.flatnonzero(ids == PLACEHOLDER)
+        ids_t = h2d(np.maximum(ids, 0), self.device)
+        if ph.size:
+            sampled, row_of = placeholders
+            owner = np.searchsorted(np.cumsum(counts), ph, side="right")
+            src = np.asarray([row_of[seqs[i].seq_id] for i in owner], dtype=np.int64)
+            ids_t = ids_t.clone() if ids_t.device.type == "cpu" else ids_t
+            ids_t[h2d(ph, self.device)] = sampled[h2d(src, sampled.device)].to(ids_t.device)
+        return ids, ids_t
+
+    def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
+                    placeholders=None) -> torch.Tensor:
+        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence."""
+        ids, ids_t = self._input_ids(seqs, starts, counts, placeholders)
+        embeds = self.model.llm.embed(ids_t)
         has_images = any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts))
-        if (ids >= 0).all() and not has_images:
-            return embeds  # the decode fast path: vocabulary ids only
+        if not has_images and not ((ids < 0) & (ids != PLACEHOLDER)).any():
+            return embeds  # the decode fast path: vocabulary ids (or in-flight samples) only
         embeds = embeds.clone()
         row = 0
         for s, a, n in zip(seqs, starts, counts) if has_images else ():
@@ -95,33 +114,35 @@ class ModelRunner:
         return self.superlinks.override_embeddings(embeds, ids)
 
     @torch.inference_mode()
-    def execute(self, out, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one scheduled step. -> (hidden [T, hidden] final-norm, last_rows [N] row of each
-        sequence's last new token)."""
+    def execute(self, out, seqs: list[Sequence], placeholders=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one scheduled step. placeholders: (sampled ids [m] on the device, seq_id -> row) of the
+        in-flight step, for tokens still PLACEHOLDER on the host. -> (hidden [T, hidden] final-norm,
+        last_rows [N] row of each sequence's last new token)."""
         counts = np.asarray(out.num_new_tokens, dtype=np.int64)
         starts = np.asarray(out.num_computed, dtype=np.int64)
         need = [s for s, a, n in zip(seqs, starts, counts) if s.needs_images(int(a), int(a + n))]
         if need:
             self.encode_images(need)
         qsl = np.asarray(out.query_start_loc, dtype=np.int64)
-        hidden = self._decode_graph(out, seqs, starts, counts)
+        hidden = self._decode_graph(out, seqs, starts, counts, placeholders)
         if hidden is not None:
             return hidden, torch.from_numpy(qsl[1:] - 1)
         total = int(qsl[-1])
         positions = np.repeat(starts - qsl[:-1], counts) + np.arange(total)
         meta = PagedAttentionMetadata(
-            cu_seqlens_q=torch.from_numpy(qsl.astype(np.int32)).to(self.device),
-            context_lens=torch.from_numpy((starts + counts).astype(np.int32)).to(self.device),
-            block_tables=torch.from_numpy(np.asarray(out.block_tables(-1), dtype=np.int32)).to(self.device),
-            slot_mapping=torch.from_numpy(np.asarray(out.slot_mapping, dtype=np.int64)).to(self.device),
-            is_all_decode=bool((counts == 1).all()), num_tokens=total)
+            cu_seqlens_q=h2d(qsl.astype(np.int32), self.device),
+            context_lens=h2d((starts + counts).astype(np.int32), self.device),
+            block_tables=h2d(np.asarray(out.block_tables(-1), dtype=np.int32), self.device),
+            slot_mapping=h2d(np.asarray(out.slot_mapping, dtype=np.int64), self.device),
+            is_all_decode=bool((counts == 1).all()), num_tokens=total, max_query_len=int(counts.max()),
+            max_context_len=int((starts + counts).max()))
         self.attn.set_metadata(meta)
-        embeds = self._embeddings(seqs, starts, counts)
-        hidden = self.model.llm.forward(embeds, torch.from_numpy(positions).to(self.device), self.attn)
+        embeds = self._embeddings(seqs, starts, counts, placeholders)
+        hidden = self.model.llm.forward(embeds, h2d(positions, self.device), self.attn)
         return hidden, torch.from_numpy(qsl[1:] - 1)
 
-    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray,
-                      counts: np.ndarray) -> Optional[torch.Tensor]:
+    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
+                      placeholders=None) -> Optional[torch.Tensor]:
         """The bucketed static-buffer decode (CUDA graph) when the step qualifies, else None (eager).
         -> hidden [N, hidden] final-norm."""
         g = self.graphs
@@ -130,16 +151,24 @@ class ModelRunner:
         if any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts)):
             return None  # a prompt position of an image request: maybe an image token
         ids = np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
-        if (ids < 0).any():
+        ph = ids == PLACEHOLDER
+        if (ids[~ph] < 0).any():
             return None  # super-link query markers take the embedding override
+        device_ids = None
+        if ph.any():  # the in-flight step's samples, read on the device
+            sampled, row_of = placeholders
+            rows = np.flatnonzero(ph)
+            src = np.asarray([row_of[seqs[i].seq_id] for i in rows], dtype=np.int64)
+            device_ids = (h2d(rows, self.device), sampled[h2d(src, sampled.device)])
+            ids = np.where(ph, 0, ids)
         slots = np.asarray(out.slot_mapping, dtype=np.int64)
         try:
-            return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32))
+            return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32), device_ids)
         except RuntimeError as e:
             if not g.capture:
                 raise
-            # capture is untested on GPUs here: a failure (made before any KV write: warm-up and
-            # capture run on padding) switches this runner to eager decode instead of failing the step
+            # a capture failure (made before any KV write: warm-up and capture run on padding)
+            # switches this runner to eager decode instead of failing the step
             warnings.warn(f"ModelRunner: CUDA graph decode disabled after an error: {e}", RuntimeWarning)
             self.graphs = None
             return None

@@ -3,7 +3,12 @@
 `tokens` is everything fed (or to be fed) to the LLM, in position order: prompt ids,
 generated ids, and super-link query markers (negative ints, see engine/superlink.py). The C++
 scheduler holds the same list for block accounting and prefix hashing; preemption
-recomputes from it, so it must be enough to rebuild every input embedding.
+recomputes from it, so it must be enough to rebuild every input embedding. With overlapped
+scheduling (core.py) the last token can be PLACEHOLDER for one step: sampled on the device,
+fed to the next step from there, and resolved when the host learns its value.
+
+Ownership: the engine loop thread owns the sequence until its text is done (`text_done`);
+the output thread owns `text`, `emitted`, `detok`, `stop_cut` and, after text_done, the rest.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch
 from ..model.superlink import RoutedPayload
 from .handle import RequestHandle
 from .types import Request, TaskResult
+
+PLACEHOLDER = -(1 << 31)  # a sampled token whose value the host does not know yet (never a marker)
 
 
 @dataclass(eq=False)
@@ -30,7 +37,9 @@ class Sequence:
     image_features: Optional[torch.Tensor] = None  # [P, hidden]
     images: list[Any] = field(default_factory=list)  # decoded PIL images (decoders need them)
     image_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, image key)
-    generator: Optional[torch.Generator] = None
+    seed: int = 0  # SamplingParams.resolved_seed(): the counter-based sampler's key
+    num_sampled: int = 0  # valid samples drawn, in flight included (the next sample's index)
+    placeholder_pos: Optional[int] = None  # position of the unresolved PLACEHOLDER in tokens
     detok: Any = None
     deadline: Optional[float] = None
     arrival: float = field(default_factory=time.monotonic)
@@ -44,6 +53,8 @@ class Sequence:
     payloads: list[RoutedPayload] = field(default_factory=list)
     finish_after_payload: Optional[str] = None
     stop_string_hit: bool = False
+    stop_cut: Optional[int] = None  # index in `generated` of the token that completed a stop string
+    text_finalized: bool = False  # the output thread flushed the text and applied stop_cut
     finish_reason: Optional[str] = None
     text_done: bool = False
     tasks: list[Optional[TaskResult]] = field(default_factory=list)

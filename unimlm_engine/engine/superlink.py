@@ -5,7 +5,7 @@ that name (query table, row). They travel through the C++ scheduler like any tok
 prefix hashing, recompute after preemption) and are turned into the model's learned query rows when the
 step's input embeddings are built (`override_embeddings`, through `VisionLLM.query_table`).
 
-- A sampled routing token: the next step feeds [token, K markers] (`on_token`).
+- A generated routing token: its K markers follow it (`open_payload`; core.py decides when they are fed).
 - A routing token already in the prompt: K markers follow it at prefill (`expand_prompt`). When the
   prompt already spells the K query positions ([EMB] [EMB2] ... or K x [EMB], the official training
   format) those ids become the markers; otherwise K markers are inserted right after the token. This is
@@ -25,7 +25,7 @@ import torch
 
 from ..model.superlink import RoutedPayload, table_param_name
 from ..routes import all_routes, get_route, query_tables
-from .sequence import Sequence
+from .sequence import PLACEHOLDER, Sequence
 
 _STRIDE = 1 << 16  # markers of table t are -(1 + t * _STRIDE + row)
 
@@ -98,13 +98,12 @@ class SuperLinks:
             out += self.markers(route)
         return out, pending, where
 
-    def on_token(self, seq: Sequence, tok: int) -> Optional[list[int]]:
-        """A sampled token: for a routing token, open its payload and return [tok] + markers to feed."""
-        route = self.route_ids.get(tok)
-        if route is None:
-            return None
-        seq.pending.append(self._pending(route, len(seq.generated) - 1, len(seq.tokens) + 1, "generated"))
-        return [tok] + self.markers(route)
+    def open_payload(self, seq: Sequence, tok: int, token_index: int, start: int) -> list[int]:
+        """A generated routing token `tok` (index `token_index` among the generated tokens) whose K query
+        positions start at `start`: open its pending payload and return the K markers to feed."""
+        route = self.route_ids[tok]
+        seq.pending.append(self._pending(route, token_index, start, "generated"))
+        return self.markers(route)
 
     # ---- payload collection --------------------------------------------------------------------
     @staticmethod
@@ -128,8 +127,8 @@ class SuperLinks:
     # ---- embedding override --------------------------------------------------------------------
     def override_embeddings(self, embeds: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
         """embeds: [T, hidden] (marker rows hold garbage), ids: [T] int64 -> embeds with every marker row
-        replaced by its query row (in place when there are markers)."""
-        neg = np.flatnonzero(ids < 0)
+        replaced by its query row (in place when there are markers; PLACEHOLDER is not a marker)."""
+        neg = np.flatnonzero((ids < 0) & (ids != PLACEHOLDER))
         if neg.size == 0:
             return embeds
         code = -ids[neg] - 1

@@ -121,12 +121,12 @@ class RequestOutput:
                 "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}"}
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamEvent:
-    """One item of `handle.stream()`: new text, a task result, or the end."""
+    """One item of `handle.stream()`: new text (and the token ids it came from), a task result, or the end."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: Sequence[int] = ()
     task: Optional[TaskResult] = None
     finished: bool = False
     output: Optional[RequestOutput] = None  # set on the final event

@@ -9,6 +9,7 @@ for streaming without splitting a multi-byte UTF-8 character.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from abc import ABC, abstractmethod
@@ -322,26 +323,108 @@ def detokenize_step(tokenizer: Tokenizer, ids: Sequence[int], prefix_offset: int
     return "", prefix_offset, read_offset
 
 
+class _WindowDecoder:
+    """Any tokenizer: decode a window of recent ids twice per token (`detokenize_step`)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+
+    def step(self, tok: int) -> str:
+        self.ids.append(tok)
+        delta, self.prefix_offset, self.read_offset = detokenize_step(
+            self.tokenizer, self.ids, self.prefix_offset, self.read_offset, self.skip_special)
+        return delta
+
+    def flush(self) -> str:
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix_text):]
+
+
+_BYTES = tuple(bytes((b,)) for b in range(256))
+
+
+class _ByteDecoder:
+    """ByteTokenizer: an incremental UTF-8 decoder, O(1) per token; a control id ends a byte run (as in
+    `decode`, which decodes each run of plain ids on its own)."""
+
+    def __init__(self, tokenizer: "ByteTokenizer", skip_special: bool):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decode = self._utf8.decode
+        self._control = tokenizer.control_ids
+        self._vocab = tokenizer.vocab_size
+
+    def step(self, tok: int) -> str:
+        if tok not in self._control:
+            if not 0 <= tok < self._vocab:
+                raise IndexError(f"ByteTokenizer: id {tok} out of range [0, {self._vocab})")
+            return self._decode(_BYTES[tok - ByteTokenizer.BYTE_OFFSET])
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text if self.skip_special else text + self.tokenizer.id_to_token(tok)
+
+    def flush(self) -> str:
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+class _HFStreamDecoder:
+    """HFTokenizer: the `tokenizers` DecodeStream (Rust) over the ids `decode` keeps; the end flushes what
+    it still holds (an unfinished character) by one full decode."""
+
+    def __init__(self, tokenizer: "HFTokenizer", skip_special: bool):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self._stream = DecodeStream(skip_special_tokens=False)
+        self._control = tokenizer.control_ids if skip_special else frozenset()
+        self._kept: list[int] = []
+        self._emitted = 0
+
+    def step(self, tok: int) -> str:
+        if tok in self._control:
+            return ""
+        self._kept.append(tok)
+        text = self._stream.step(self.tokenizer._tok, tok) or ""
+        self._emitted += len(text)
+        return text
+
+    def flush(self) -> str:
+        full = self.tokenizer._tok.decode(self._kept, skip_special_tokens=False)
+        tail, self._emitted = full[self._emitted:], len(full)
+        return tail
+
+
 class IncrementalDetokenizer:
-    """Stateful wrapper over `detokenize_step`: feed all ids so far, get the new text."""
+    """Streaming text of a growing id list, without splitting a multi-byte UTF-8 character: feed ids one
+    at a time (`step_one`) or all ids so far (`step`); `flush` at the end returns what is held back. The
+    deltas plus the flush equal `tokenizer.decode(ids)`. Fast paths for the byte and HF tokenizers."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self._ids: list[int] = []
+        self.ids: list[int] = []
+        if isinstance(tokenizer, ByteTokenizer):
+            self._impl = _ByteDecoder(tokenizer, skip_special)
+        elif isinstance(tokenizer, HFTokenizer):
+            self._impl = _HFStreamDecoder(tokenizer, skip_special)
+        else:
+            self._impl = _WindowDecoder(tokenizer, skip_special)
+
+    def step_one(self, tok: int) -> str:
+        """One more id -> the new text (may be empty while a character is unfinished)."""
+        self.ids.append(tok)
+        return self._impl.step(tok)
 
     def step(self, ids: Sequence[int]) -> str:
         """ids: every id generated so far (the previous call's ids plus new ones)."""
-        self._ids = [int(i) for i in ids]
-        delta, self.prefix_offset, self.read_offset = detokenize_step(
-            self.tokenizer, self._ids, self.prefix_offset, self.read_offset, self.skip_special)
-        return delta
+        return "".join(self.step_one(t) for t in list(ids)[len(self.ids):])
 
     def flush(self) -> str:
         """Text still held back at the end of the stream (an unfinished character shows as U+FFFD)."""
-        prefix_text = self.tokenizer.decode(self._ids[self.prefix_offset:self.read_offset], self.skip_special)
-        full = self.tokenizer.decode(self._ids[self.prefix_offset:], self.skip_special)
-        self.prefix_offset = self.read_offset = len(self._ids)
-        return full[len(prefix_text):]
+        return self._impl.flush()

@@ -89,13 +89,13 @@ def reference_generate(model, input_ids: Sequence[int] | torch.Tensor,
     embeds, spans = prompt_embeddings(model, ids, feats, route_ids)
     hidden = model.llm.forward(embeds, torch.arange(embeds.shape[0], device=ids.device), cache)
     logits = model.llm.logits(hidden[-1])
-    gen = params.make_generator()
+    seed = params.resolved_seed()
     out = GenerationOutput()
     out.payloads = [RoutedPayload(r, i, hidden[a:a + k].clone(), source="prompt") for r, i, a, k in spans]
     while True:
         if logits_processor is not None:
             logits = logits_processor(len(out.token_ids), logits)
-        tok = sample_token(logits, params, gen, step=len(out.token_ids))
+        tok = sample_token(logits, params, seed, step=len(out.token_ids))
         out.token_ids.append(tok)
         if (tok == eos and not params.ignore_eos) or tok in params.stop_token_ids:
             out.finish_reason = "stop"

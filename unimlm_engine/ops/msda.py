@@ -17,10 +17,12 @@ Shapes:
     attention_weights:  [N, Lq, M, L, P]
     returns             [N, Lq, M*D]        in value.dtype
 
-Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CUDA tensors take the CUDA kernel of
-unimlm_engine._C when the module was built with CUDA, else the Triton kernel; CPU tensors
-take the reference. On CUDA the kernels trust `spatial_shapes` / `level_start_index`
-(checking them against S would need a device-to-host copy each call).
+Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CPU tensors take the reference. CUDA
+tensors take the CUDA kernel of unimlm_engine._C (when built with CUDA) or the Triton kernel:
+the one the GPU benchmark measured fastest for this device and dtype (the dispatch table),
+else CUDA first (`_dispatch.DEFAULT_ORDER`); kernels/README_msda.md states the rule. On CUDA
+the kernels trust `spatial_shapes` / `level_start_index` (checking them against S would need
+a device-to-host copy each call).
 """
 from __future__ import annotations
 
@@ -132,6 +134,20 @@ def _cuda_module():
     return _C if getattr(_C, "with_cuda", False) and hasattr(_C, "msda_forward") else None
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA kernel cannot run here (a skip reason for tests and benchmarks), or None."""
+    try:
+        from unimlm_engine import _C
+    except ImportError as e:
+        return f"unimlm_engine._C cannot be imported ({e}): build the package (pip install -e .)"
+    if not getattr(_C, "with_cuda", False) or not hasattr(_C, "msda_forward"):
+        return ("unimlm_engine._C was built without CUDA (UNIMLM_CUDA=AUTO found no nvcc / CUDA toolkit, or "
+                "UNIMLM_CUDA=OFF): rebuild with UNIMLM_CUDA=ON")
+    if not torch.cuda.is_available():
+        return "no CUDA device (unimlm_engine._C has the CUDA kernel)"
+    return None
+
+
 def _triton_module():
     try:
         from unimlm_engine.kernels import msda as kmod
@@ -161,7 +177,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     cuda_mod = _cuda_module()
     triton_mod = _triton_module()
-    backend = pick(value, has_triton=triton_mod is not None, has_cuda=cuda_mod is not None)
+    backend = pick(value, has_triton=triton_mod is not None, has_cuda=cuda_mod is not None, op="ms_deform_attn")
     if backend == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights, softmax_weights)

@@ -6,6 +6,15 @@ block_tables: [B, max_blocks] int32 (entries past a sequence's pages are padding
 Query head h reads KV head h // (H // Hkv); every context length must be >= 1. The references gather through the block table
 and compute in fp32; they are the CPU path (tensors on CPU never launch Triton unless
 UNIMLM_KERNEL_BACKEND=triton forces it).
+
+Host-side maxima (ints the scheduler already has, so no op syncs with the device for them):
+- decode `max_context_len`: the longest live context_lens entry. It sizes the Triton split
+  count (any value gives the same result) and the gather width of the CPU path (there it must
+  be >= every context length; checked, CPU tensors only). -1: derived without a device sync
+  (Triton: the block-table width; CPU path: context_lens.max() on the host tensor).
+- prefill `max_query_len`: the longest q_len; it sizes the Triton grid and must not be smaller
+  than the real one (rows past it are left unwritten on CUDA; the reference raises). -1:
+  computed from cu_seqlens_q (one device-to-host sync on CUDA).
 """
 from __future__ import annotations
 
@@ -57,13 +66,19 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
     return out
 
 
-def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale,
+                         max_context_len: int = -1) -> torch.Tensor:
     """The CPU serving path of decode: the same fp32 math as `paged_decode_reference`, for all
     sequences at once (padded gather through the block tables, GQA heads grouped, no repeat).
-    q: [B, H, D] -> [B, H, D] (q.dtype)."""
+    q: [B, H, D] -> [B, H, D] (q.dtype); max_context_len: see the module doc."""
     b, h, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
-    width = int((context_lens.max().item() + bs - 1) // bs)
+    if max_context_len < 0:
+        max_context_len = int(context_lens.max())
+    elif not context_lens.is_cuda and max_context_len < int(context_lens.max()):
+        raise ValueError(f"paged_decode: max_context_len={max_context_len} is smaller than the longest context "
+                         f"{int(context_lens.max())}")
+    width = min((max_context_len + bs - 1) // bs, block_tables.shape[1])
     pages = block_tables[:, :width].long().clamp(min=0)  # padding entries read block 0, masked below
     k = k_cache[pages].reshape(b, width * bs, hkv, d).float()  # [B, L, Hkv, D]
     v = v_cache[pages].reshape(b, width * bs, hkv, d).float()
@@ -77,10 +92,14 @@ def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q: [T, H, D] packed -> [T, H, D]; query i of seq b sits at context_lens[b] - q_len + i."""
+                            dtype: torch.dtype = torch.float32, max_query_len: int = -1) -> torch.Tensor:
+    """q: [T, H, D] packed -> [T, H, D]; query i of seq b sits at context_lens[b] - q_len + i.
+    max_query_len (>= 0) is checked against the real longest q_len (see the module doc)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
+    longest = max((hi - lo for lo, hi in zip(cu, cu[1:])), default=0)
+    if 0 <= max_query_len < longest:
+        raise ValueError(f"paged_prefill: max_query_len={max_query_len} is smaller than the longest q_len {longest}")
     for b, length in enumerate(context_lens.tolist()):
         lo, hi = cu[b], cu[b + 1]
         if hi == lo:
@@ -94,33 +113,37 @@ def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
 
 @torch.library.custom_op("unimlm::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D], block_tables: [B, max_blocks] int32, context_lens: [B] int32 -> [B, H, D]."""
+                           context_lens: torch.Tensor, scale: float, max_context_len: int = -1) -> torch.Tensor:
+    """q: [B, H, D], block_tables: [B, max_blocks] int32, context_lens: [B] int32 -> [B, H, D].
+    max_context_len: the longest context (host int; -1: derived without a sync, see the module doc)."""
     mod = _kernel()
     if pick(q, has_triton=mod is not None) == "triton":
         with triton_launch_guard():
-            return mod.paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
+            return mod.paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+    return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
 
 
 @paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=-1):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("unimlm::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """q: [T, H, D] packed, cu_seqlens_q: [B+1] int32, context_lens: [B] int32 (incl. new) -> [T, H, D]."""
+                            scale: float, max_query_len: int = -1) -> torch.Tensor:
+    """q: [T, H, D] packed, cu_seqlens_q: [B+1] int32, context_lens: [B] int32 (incl. new) -> [T, H, D].
+    max_query_len: the longest q_len (host int; must not be smaller than the real one; -1: computed,
+    one sync on CUDA)."""
     mod = _kernel()
     if pick(q, has_triton=mod is not None) == "triton":
         with triton_launch_guard():
             return mod.paged_prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-                                                scale)
-    return paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+                                            scale, max_query_len)
+    return paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                   max_query_len=max_query_len)
 
 
 @paged_prefill_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_query_len=-1):
     return torch.empty_like(q)
