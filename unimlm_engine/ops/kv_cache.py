@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from ._dispatch import pick, triton_launch_guard
+from ._dispatch import custom_op, pick, triton_launch_guard
 
 
 @functools.cache
@@ -34,7 +34,7 @@ def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache[slots // bs, slots % bs] = v[keep].to(v_cache.dtype)
 
 
-@torch.library.custom_op("unimlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+@custom_op("unimlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D]; k_cache, v_cache: [NB, BS, Hkv, D] (mutated); slot_mapping: [T] int64."""

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ._dispatch import pick, triton_launch_guard
+from ._dispatch import custom_op, pick, triton_launch_guard
 
 
 def lora_moe_reference(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
@@ -60,7 +60,7 @@ def _check(x, w0, w_router, lora_a, lora_b) -> None:
                          f"E={e}, K={k}, N={n}")
 
 
-@torch.library.custom_op("unimlm::lora_moe_linear", mutates_args=())
+@custom_op("unimlm::lora_moe_linear", mutates_args=())
 def lora_moe_linear(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     _check(x, w0, w_router, lora_a, lora_b)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import pick, triton_launch_guard
+from ._dispatch import custom_op, pick, triton_launch_guard
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Mirrors the dtype enum of csrc/kernels/msda.cuh (MsdaDtype).
@@ -169,7 +169,7 @@ def _cuda_forward(mod, value, spatial_shapes, level_start_index, loc, attn, soft
     return out
 
 
-@torch.library.custom_op("unimlm::ms_deform_attn", mutates_args=())
+@custom_op("unimlm::ms_deform_attn", mutates_args=())
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                    softmax_weights: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ._dispatch import pick, triton_launch_guard
+from ._dispatch import custom_op, pick, triton_launch_guard
 
 
 @functools.cache
@@ -111,7 +111,7 @@ def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     return out
 
 
-@torch.library.custom_op("unimlm::paged_decode_attention", mutates_args=())
+@custom_op("unimlm::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int = -1) -> torch.Tensor:
     """q: [B, H, D], block_tables: [B, max_blocks] int32, context_lens: [B] int32 -> [B, H, D].
@@ -128,7 +128,7 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=-1
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("unimlm::paged_prefill_attention", mutates_args=())
+@custom_op("unimlm::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, max_query_len: int = -1) -> torch.Tensor:
