@@ -1,43 +1,48 @@
 """AOTInductor packages (.pt2) of the detector / pose tensor forward.
 
-`torch.export` specialises the image size (wrappers.py), so a package is one fixed (batch, canvas,
-classes) bucket, exactly like the ONNX export; callers pad up to it. The package calls MSDA as a fallback
-op: the grid_sample reference on the CPU, the op's CUDA/Triton path on CUDA (not run here: no GPU).
+Like the ONNX export: one package per canvas (the image size cannot be dynamic, README.md), batch and class
+count dynamic (`wrappers.dynamic_shapes`) unless a range pins them. A package runs on the device the decoder
+was on when it was compiled (`unimlm export` compiles on the CPU). It calls MSDA as a fallback op: the
+grid_sample reference on the CPU, the op's CUDA/Triton path on CUDA.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from .wrappers import ExportShape, example_inputs, wrap
+from .buckets import Range
+from .onnx_export import input_profiles
+from .wrappers import ExportShape, dynamic_shapes, example_inputs, wrap
 
 
 def export_aoti(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: str | Path,
-                with_masks: bool = False) -> dict:
-    """Compile `decoder` ("detector" / "pose") at `shape` into the package `path` (.pt2) plus a JSON record
-    beside it. Returns the record (with "export_s" and "compile_s")."""
+                with_masks: bool = False, batch: Range | None = None, classes: Range | None = None) -> dict:
+    """Compile `decoder` ("detector" / "pose") on shape's canvas into the package `path` (.pt2), batch / classes
+    dynamic over the ranges (default: static at shape.batch / shape.classes), for the device the decoder is
+    on. Returns the bucket entry: height, width, inputs (profiles), export_s, compile_s."""
     from torch._inductor import aoti_compile_and_package
 
+    batch = batch or Range(shape.batch, shape.batch, shape.batch)
+    classes = classes or Range(shape.classes, shape.classes, shape.classes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = wrap(kind, decoder, with_masks)
-    inputs = example_inputs(kind, decoder.cfg, shape)
+    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.keypoints,
+                          shape.queries)
+    device = next(decoder.parameters()).device
+    inputs = tuple(x.to(device) for x in example_inputs(kind, decoder.cfg, example))
     t0 = time.perf_counter()
     with torch.no_grad():
-        program = torch.export.export(module, inputs)
+        program = torch.export.export(module, inputs,
+                                      dynamic_shapes=dynamic_shapes(kind, not batch.static, not classes.static))
     t1 = time.perf_counter()
     aoti_compile_and_package(program, package_path=str(path))
     t2 = time.perf_counter()
-    record = {"decoder": kind, "format": "aoti", "with_masks": with_masks,
-              "inputs": {f"input{i}": list(t.shape) for i, t in enumerate(inputs)},
-              "shape": {"batch": shape.batch, "height": shape.height, "width": shape.width,
-                        "classes": shape.classes, "keypoints": shape.keypoints, "queries": shape.queries},
-              "export_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return record
+    return {"height": shape.height, "width": shape.width,
+            "inputs": input_profiles(kind, decoder.cfg, shape, batch, classes),
+            "export_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
 def load_aoti(path: str | Path):

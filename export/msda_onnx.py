@@ -7,7 +7,8 @@ level_start_index [L] int32, sampling_locations [N,Lq,M,L,P,2], attention_weight
 registry for an unknown op type, where the built-in plugin is registered under that name (version 1).
 
 `to_gridsample` rewrites each plugin node into a pure-ONNX subgraph (opset >= 16): per level a Slice of
-value, GridSample (bilinear, zeros padding, align_corners=0) at 2*loc-1, times the level's weights, summed
+value, GridSample (bilinear: mode "bilinear", or "linear" from opset 20 on; zeros padding, align_corners=0)
+at 2*loc-1, times the level's weights, summed
 over points and levels. The level sizes come from the constant spatial_shapes the exporter folds in.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ class _Builder:
 
 
 def _plugin_to_subgraph(node: onnx.NodeProto, shapes: np.ndarray, starts: np.ndarray, m: int, d: int,
-                        prefix: str) -> _Builder:
+                        prefix: str, mode: str = "bilinear") -> _Builder:
     """Nodes computing the plugin's [N, Lq, M, D] output under the plugin's output name."""
     b = _Builder(prefix)
     value, _, _, loc, attn = node.input
@@ -76,7 +77,7 @@ def _plugin_to_subgraph(node: onnx.NodeProto, shapes: np.ndarray, starts: np.nda
         a = b.op("Transpose", [b.op("Gather", [attn, b.const(lvl)], axis=3)], perm=[0, 2, 1, 3])  # [N,M,Lq,P]
         lq_p = b.op("Shape", [a], start=2)  # [Lq, P]
         g = b.op("Reshape", [g, b.op("Concat", [b.const([-1]), lq_p, b.const([2])], axis=0)])  # [N*M, Lq, P, 2]
-        s = b.op("GridSample", [v, g], mode="bilinear", padding_mode="zeros", align_corners=0)  # [N*M,D,Lq,P]
+        s = b.op("GridSample", [v, g], mode=mode, padding_mode="zeros", align_corners=0)  # [N*M,D,Lq,P]
         a = b.op("Reshape", [a, b.op("Concat", [b.const([-1, 1]), lq_p], axis=0)])  # [N*M, 1, Lq, P]
         part = b.op("ReduceSum", [b.op("Mul", [s, a]), b.const([-1])], keepdims=0)  # [N*M, D, Lq]
         acc = part if acc is None else b.op("Add", [acc, part])
@@ -110,6 +111,8 @@ def to_gridsample(model: onnx.ModelProto, level_sizes: list[tuple[int, int]] | N
     out.CopyFrom(model)
     graph = out.graph
     consts = _constants(graph)
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    mode = "linear" if opset >= 20 else "bilinear"
     new_nodes = []
     for i, node in enumerate(graph.node):
         if node.op_type != PLUGIN_OP or node.domain != PLUGIN_DOMAIN:
@@ -122,7 +125,7 @@ def to_gridsample(model: onnx.ModelProto, level_sizes: list[tuple[int, int]] | N
         sizes = shapes[:, 0] * shapes[:, 1]
         starts = np.cumsum(sizes) - sizes
         m, d = _value_md(model, node)
-        b = _plugin_to_subgraph(node, shapes, starts, m, d, f"msda{i}")
+        b = _plugin_to_subgraph(node, shapes, starts, m, d, f"msda{i}", mode)
         new_nodes.extend(b.nodes)
         graph.initializer.extend(b.inits)
     del graph.node[:]

@@ -5,28 +5,25 @@ one node, so a `custom_translation_table` entry turns it into the TensorRT plugi
 GridSample form is then an ONNX-level rewrite of that node. At opset >= 17 LayerNorm stays one
 LayerNormalization node (TensorRT can keep it fp32).
 
-Dynamic axes: none. `torch.export` specialises the image size (see wrappers.py) and the batch / class
-dims with it, so an export is one fixed (batch, canvas, classes) bucket. The decoders are padding-invariant,
-so callers pad smaller batches, images and class lists up to the bucket (decoder_backends.py). The shapes are
-written to `<name>.json` beside the .onnx as min = opt = max profiles for TensorRT.
+Dynamic axes: batch and classes (dim_params "batch" / "classes", `wrappers.dynamic_shapes`); the canvas is
+fixed per file (README.md). `export_onnx` writes one canvas and returns its bucket entry (per-input
+min / opt / max profiles for TensorRT); cli.py writes the JSON record that lists every canvas file. The
+opset written is the one requested (opset.py: 17 is converted down from the exporter's 18).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import onnx
 import torch
 
+from .buckets import Range
 from .msda_onnx import PLUGIN_DOMAIN, PLUGIN_OP, plugin_nodes, to_gridsample
+from .opset import DEFAULT_OPSET, EXPORTER_OPSET, check_opset, model_opset, to_opset17
 from .wrappers import (DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS, DETECTOR_OUTPUTS, POSE_INPUTS, POSE_OUTPUTS,
-                       ExportShape, example_inputs, wrap)
+                       ExportShape, dynamic_shapes, example_inputs, input_shapes, wrap)
 
-MIN_OPSET = 17
-# torch 2.13's exporter implements opset 18 and fails to down-convert these graphs (ReduceSum axes input),
-# so a request for 17 gets 18; the JSON records the opset the file holds.
-EXPORTER_MIN_OPSET = 18
 MSDA_FORMS = ("onnx", "plugin")
 
 
@@ -72,47 +69,51 @@ def io_names(kind: str, with_masks: bool = False) -> tuple[tuple[str, ...], tupl
     return POSE_INPUTS, POSE_OUTPUTS
 
 
-def shape_record(kind: str, shape: ExportShape, inputs: tuple[torch.Tensor, ...], msda: str, opset: int,
-                 with_masks: bool) -> dict:
-    """The JSON written beside the .onnx: per input min / opt / max shapes (all equal: a fixed bucket)."""
-    names, outputs = io_names(kind, with_masks)
-    prof = {n: {"min": list(t.shape), "opt": list(t.shape), "max": list(t.shape), "dtype": str(t.dtype)[6:]}
-            for n, t in zip(names, inputs)}
-    return {"decoder": kind, "msda": msda, "opset": opset, "with_masks": with_masks, "inputs": prof,
-            "outputs": list(outputs), "shape": {"batch": shape.batch, "height": shape.height,
-                                                "width": shape.width, "classes": shape.classes,
-                                                "keypoints": shape.keypoints, "queries": shape.queries}}
+def input_profiles(kind: str, cfg, shape: ExportShape, batch: Range, classes: Range) -> dict:
+    """{input name: {min, opt, max, dtype}} of one canvas over the batch / class ranges."""
+    names, _ = io_names(kind)
+    at = {k: input_shapes(kind, cfg, shape, getattr(batch, k), getattr(classes, k)) for k in ("min", "opt", "max")}
+    dtypes = ("float32", "bool", "float32", "bool", "float32")
+    return {n: {"min": at["min"][i], "opt": at["opt"][i], "max": at["max"][i], "dtype": dtypes[i]}
+            for i, n in enumerate(names)}
 
 
 def export_onnx(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: str | Path, msda: str = "onnx",
-                opset: int = MIN_OPSET, with_masks: bool = False) -> dict:
-    """Export `decoder` ("detector" / "pose") at `shape` to `path` (.onnx) plus `path.with_suffix('.json')`.
-    msda: "onnx" (GridSample decomposition) or "plugin" (MultiscaleDeformableAttnPlugin_TRT nodes).
-    Returns the JSON record (with "export_s")."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"ONNX export needs opset >= {MIN_OPSET} (LayerNorm as LayerNormalization, GridSample), "
-                         f"got {opset}")
+                opset: int = DEFAULT_OPSET, with_masks: bool = False, batch: Range | None = None,
+                classes: Range | None = None) -> dict:
+    """Export `decoder` ("detector" / "pose") on shape's canvas to `path` (.onnx), batch / classes dynamic
+    over the ranges (default: static at shape.batch / shape.classes). msda: "onnx" (GridSample decomposition)
+    or "plugin" (MultiscaleDeformableAttnPlugin_TRT nodes). Returns the bucket entry: height, width, inputs
+    (profiles), opset, export_s."""
+    check_opset(opset)
     if msda not in MSDA_FORMS:
         raise ValueError(f"--msda must be one of {MSDA_FORMS}, got {msda!r}")
+    batch = batch or Range(shape.batch, shape.batch, shape.batch)
+    classes = classes or Range(shape.classes, shape.classes, shape.classes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = wrap(kind, decoder, with_masks)
-    inputs = example_inputs(kind, decoder.cfg, shape)
+    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.keypoints,
+                          shape.queries)
+    inputs = example_inputs(kind, decoder.cfg, example)
     names, outputs = io_names(kind, with_masks)
     t0 = time.perf_counter()
     with torch.no_grad():
-        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=max(opset, EXPORTER_MIN_OPSET),
+        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=max(opset, EXPORTER_OPSET),
+                                    dynamic_shapes=dynamic_shapes(kind, not batch.static, not classes.static),
                                     input_names=list(names), output_names=list(outputs), optimize=True,
                                     verbose=False, custom_translation_table=_TRANSLATIONS)
     model = program.model_proto
     if not plugin_nodes(model):
         raise RuntimeError("ONNX export: no MSDA plugin node in the exported graph")
+    if opset == 17:
+        model = to_opset17(model)
     if msda == "onnx":
         model = to_gridsample(model)
+    if model_opset(model) != opset:
+        raise RuntimeError(f"ONNX export: asked for opset {opset}, the exporter wrote {model_opset(model)}")
+    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    # The exporter may keep a newer opset when it cannot down-convert; record what the file holds.
-    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    record = shape_record(kind, shape, inputs, msda, opset, with_masks)
-    record["export_s"] = round(time.perf_counter() - t0, 2)
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return record
+    return {"height": shape.height, "width": shape.width, "opset": opset,
+            "inputs": input_profiles(kind, decoder.cfg, shape, batch, classes),
+            "export_s": round(time.perf_counter() - t0, 2)}

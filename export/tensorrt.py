@@ -3,8 +3,9 @@ on the build machine (no GPU). Written against the documented TensorRT 10 API (B
 IBuilderConfig, IOptimizationProfile, Runtime, IExecutionContext.execute_async_v3); only the pure-Python
 profile planning below is tested.
 
-- `plan_profiles(record)`: the JSON written beside the .onnx -> optimization profile shapes (min/opt/max per
-  input), validated (same rank, min <= opt <= max).
+- `plan_profiles(entry)`: a bucket entry of the export record (its "inputs": min/opt/max per input; the
+  batch and class dims range over the export's --batch / --classes) -> optimization profile shapes,
+  validated (same rank, min <= opt <= max).
 - `build_engine(onnx_path, out_path, precision=...)`: parses the ONNX (plugin registry initialised first so a
   `MultiscaleDeformableAttnPlugin_TRT` node maps to TensorRT's built-in plugin), adds the profiles, sets the
   fp16 / bf16 flag and keeps normalization layers (LayerNormalization) in fp32 with precision constraints.
@@ -48,10 +49,28 @@ def _trt():
     return trt
 
 
-def plan_profiles(record: dict | str | Path) -> list[Profile]:
-    """record: the export JSON (dict or path) with inputs {name: {min, opt, max}} -> one Profile per input."""
+def require_tensorrt() -> None:
+    """Fail before any export work when TensorRT cannot be imported (`unimlm export --format tensorrt`)."""
+    try:
+        _trt()
+    except RuntimeError as e:
+        raise RuntimeError(f"--format tensorrt: {e}; nothing was exported (use --format onnx here and build the "
+                           f"engine on the GPU machine)") from None
+
+
+def plan_profiles(record: dict | str | Path, artifact: str | None = None) -> list[Profile]:
+    """record: a dict or JSON file with inputs {name: {min, opt, max}} (a bucket entry of the export record),
+    or the whole export record (then the bucket whose files include `artifact`, a file name; the only one
+    when artifact is None) -> one Profile per input."""
     if not isinstance(record, dict):
         record = json.loads(Path(record).read_text())
+    if "buckets" in record:
+        entries = record["buckets"]
+        found = [b for b in entries if (artifact is None and len(entries) == 1)
+                 or artifact in b.get("files", {}).values()]
+        if not found:
+            raise ValueError(f"export record: no bucket with the file {artifact!r}")
+        record = found[0]
     inputs = record.get("inputs")
     if not isinstance(inputs, dict) or not inputs:
         raise ValueError("export record has no 'inputs' table of min/opt/max shapes")
@@ -65,8 +84,8 @@ def plan_profiles(record: dict | str | Path) -> list[Profile]:
 
 
 def widen_batch(profiles: list[Profile], max_batch: int) -> list[Profile]:
-    """Profiles whose leading (batch) dim ranges 1..max_batch, opt at the recorded batch (for an ONNX file
-    exported with a dynamic batch; the fixed-bucket exports of this package keep min = opt = max)."""
+    """Profiles whose leading (batch) dim ranges 1..max_batch, opt at the recorded batch (to re-plan a bucket
+    for another batch range; the file must have a dynamic batch, the default of this package's exports)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     out = []
@@ -91,7 +110,8 @@ def _keep_norms_fp32(trt, network) -> int:
 
 def build_engine(onnx_path: str | Path, out_path: str | Path, precision: str = "fp16",
                  profiles: list[Profile] | None = None, workspace_gib: float = 4.0) -> Path:
-    """Build and serialize an engine. profiles: default plan_profiles(<onnx>.json). Untested (no TensorRT)."""
+    """Build and serialize an engine. profiles: default the bucket of `onnx_path` in the export record
+    (<decoder>.json beside it, <decoder> = the file name up to its first dot). Untested (no TensorRT)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt = _trt()
@@ -110,7 +130,10 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, precision: str = "
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         _keep_norms_fp32(trt, network)
     profile = builder.create_optimization_profile()
-    for p in profiles if profiles is not None else plan_profiles(Path(onnx_path).with_suffix(".json")):
+    if profiles is None:
+        onnx_path = Path(onnx_path)
+        profiles = plan_profiles(onnx_path.with_name(onnx_path.name.split(".")[0] + ".json"), onnx_path.name)
+    for p in profiles:
         profile.set_shape(p.name, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)

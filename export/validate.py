@@ -62,15 +62,19 @@ def compare(kind: str, decoder: torch.nn.Module, runner, shape: ExportShape, val
 
 
 DET_SHAPE = ExportShape(batch=2, height=128, width=128, classes=4)
+DET_BUCKETS = {"canvases": "64x128,128x128", "batch": "1:2:2"}
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_detector_export(msda: str = "plugin") -> tuple[torch.nn.Module, Path, dict]:
-    """(decoder, .onnx path, record): the tiny-preset detector (seed 0) exported once per process at
-    DET_SHAPE into a temporary directory (tests share it: an export takes about a minute on 2 cores)."""
-    from .cli import build_decoder
-    from .onnx_export import export_onnx
+    """(decoder, main .onnx path, record): the tiny preset's detector (the engine's weights) exported once per
+    process at opset 17 into a temporary directory, canvases 64x128 and 128x128 (the main file), batch 1..2
+    (so three images run in two chunks), classes dynamic. Tests share it: it takes about a minute on 2 cores."""
+    from .cli import export_decoder
+    from .source import load_decoder
 
-    decoder = build_decoder("detector", "tiny")
-    path = Path(tempfile.mkdtemp(prefix="unimlm_export_")) / f"detector_{msda}.onnx"
-    return decoder, path, export_onnx("detector", decoder, DET_SHAPE, path, msda=msda, opset=17)
+    decoder = load_decoder("detector", "tiny")
+    out = Path(tempfile.mkdtemp(prefix="unimlm_export_"))
+    record = export_decoder("detector", "tiny", "onnx", msda, 17, out, decoder=decoder, progress=False,
+                            **DET_BUCKETS)
+    return decoder, Path(record["path"]), record

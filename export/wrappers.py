@@ -1,11 +1,10 @@
-"""Tensor-level export wrappers of the detector and pose decoders, and their example inputs.
+"""Tensor-level export wrappers of the detector and pose decoders, their example inputs and dynamic dims.
 
-An export is made for one fixed *canvas* [B, 3, H, W] (H, W multiples of the decoder's `pad_multiple`) and a
-fixed class count C. The decoders are padding-invariant by construction (every padded pixel and class is
-masked), so one canvas serves every image that fits in it: callers pad pixels / classes up to the exported
-shape and mark the padding invalid (`engine/decoder_backends.py` does this). `torch.export` specialises the
-image size (the level table and reference grids are built from Python ints), which is why the image size
-is not a dynamic ONNX axis.
+An export is made for one fixed *canvas* [B, 3, H, W] (H, W multiples of the decoder's `pad_multiple`); the
+batch B and the class count C are dynamic (`dynamic_shapes`, `torch.export.Dim`) unless a range pins them.
+The decoders are padding-invariant by construction (every padded pixel and class is masked), so one canvas
+serves every image that fits in it: callers pad pixels up to the canvas and mark the padding invalid
+(`unimlm_engine/model/decoders/backends.py` does this). The image size cannot be dynamic (README.md).
 """
 from __future__ import annotations
 
@@ -97,3 +96,25 @@ def example_inputs(kind: str, cfg, shape: ExportShape, valid_hw: tuple[int, int]
         return pixels, valid, payloads, cvalid
     kps = torch.randn(b, shape.keypoints or cfg.num_keypoints, k, cfg.llm_hidden_size, generator=g)
     return pixels, valid, payloads, cvalid, kps
+
+
+def input_shapes(kind: str, cfg, shape: ExportShape, batch: int, classes: int) -> list[list[int]]:
+    """Per input (DETECTOR_INPUTS / POSE_INPUTS order) its shape at `batch` and `classes` on shape's canvas."""
+    h, w, k, hidden = shape.height, shape.width, shape.queries, cfg.llm_hidden_size
+    out = [[batch, 3, h, w], [batch, h, w], [batch, classes, k, hidden], [batch, classes]]
+    if kind == "pose":
+        out.append([batch, shape.keypoints or cfg.num_keypoints, k, hidden])
+    return out
+
+
+def dynamic_shapes(kind: str, batch_dynamic: bool, classes_dynamic: bool) -> tuple | None:
+    """`torch.export` dynamic_shapes for the tensor forward: dim 0 of every input is "batch", dim 1 of
+    class_payloads / class_valid is "classes" (each only when dynamic); None when both are static."""
+    if not (batch_dynamic or classes_dynamic):
+        return None
+    from torch.export import Dim
+
+    b = {0: Dim("batch", min=1)} if batch_dynamic else {}
+    c = {1: Dim("classes", min=1)} if classes_dynamic else {}
+    spec = (dict(b), dict(b), {**b, **c}, {**b, **c})
+    return spec + (dict(b),) if kind == "pose" else spec

@@ -1,11 +1,12 @@
 """Decoder backends: DET results through the ONNX Runtime backend equal the eager backend's (tiny model,
-DecoderSet.run_decoder with random payloads), plus the bucket padding and attach/detach logic."""
+DecoderSet.run_decoder with random payloads, images of sizes no export was made at), plus the canvas bucket
+selection, padding / cropping and batch chunking of BucketedBackend."""
 import numpy as np
 import pytest
 import torch
 
-from unimlm_engine.model.decoders.backends import (BACKEND_KINDS, DecoderBackend, FixedBucket, load_route_backend,
-                                                  make_backend, parse_backend_spec)
+from unimlm_engine.model.decoders.backends import (BACKEND_KINDS, Bucket, BucketedBackend, DecoderBackend,
+                                                  load_route_backend, make_backend, parse_backend_spec)
 from unimlm_engine.export.validate import tiny_detector_export
 from unimlm_engine.model.decoders import DecoderInput, DecoderSet
 from unimlm_engine.config.presets import get_preset
@@ -38,11 +39,15 @@ def _assert_same_detections(got, want):
         torch.testing.assert_close(a.boxes, b.boxes, atol=1e-2, rtol=1e-4)  # pixels
 
 
-@pytest.mark.parametrize("n_classes,sizes", [
-    pytest.param([3], [(50, 70)], id="one_request"),
-    pytest.param([1, 4, 2], [(80, 61), (33, 97), (64, 64)], id="three_requests_batch_chunks"),
+@pytest.mark.parametrize("n_classes,sizes,canvases", [
+    pytest.param([3], [(50, 70)], [(64, 128)], id="one_request_small_canvas"),
+    pytest.param([7], [(40, 300)], [(64, 128)], id="wide_image_7_classes"),
+    pytest.param([1, 4, 2], [(80, 61), (33, 97), (64, 64)], [(128, 128), (64, 128)], id="three_requests_chunks"),
+    pytest.param([2, 11], [(90, 50), (70, 70)], [(128, 128)], id="portrait_11_classes"),
 ])
-def test_det_onnxruntime_equals_eager(decoder_set, n_classes, sizes):
+def test_det_onnxruntime_equals_eager(decoder_set, monkeypatch, n_classes, sizes, canvases):
+    """The export has canvases 64x128 and 128x128, batch 1..2: each chunk runs on the smallest canvas that
+    holds its images (128x64 / 64x64 images included, for which nothing was exported)."""
     _, path, _ = tiny_detector_export()
     payloads, images = _requests(n_classes, sizes)
     det = [get_route("[DET]")]
@@ -50,7 +55,16 @@ def test_det_onnxruntime_equals_eager(decoder_set, n_classes, sizes):
                                    backend=load_route_backend(decoder_set.gdino, det, "eager"))
     backend = load_route_backend(decoder_set.gdino, det, "onnxruntime", path)
     assert backend.kind == "onnxruntime"
+    used, select = [], BucketedBackend.select
+
+    def spy(self, *need):
+        bucket = select(self, *need)
+        used.append((bucket.height, bucket.width))
+        return bucket
+
+    monkeypatch.setattr(BucketedBackend, "select", spy)
     got = decoder_set.run_decoder("[DET]", payloads, images, backend=backend)
+    assert used == canvases
     assert any(len(r.scores) for r in want), "threshold left no detection to compare"
     _assert_same_detections(got, want)
 
@@ -70,24 +84,38 @@ def test_seg_falls_back_to_eager_without_mask_export(decoder_set):
 
 
 class _Echo(DecoderBackend):
-    """Records the padded inputs; returns outputs whose values encode their position."""
+    """Records the padded inputs; returns outputs whose values encode their position (and masks)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, name=""):
+        self.calls, self.name = [], name
 
     def run(self, *inputs):
+        assert all(x.is_contiguous() for x in inputs)  # AOTI packages read inputs with the traced strides
         self.calls.append(inputs)
         b, c = inputs[3].shape
+        h, w = inputs[0].shape[-2:]
         logits = torch.arange(b * 5 * c, dtype=torch.float32).view(b, 5, c)
-        return logits, torch.full((b, 5, 4), float(len(self.calls)))
+        return logits, torch.full((b, 5, 4), float(len(self.calls))), torch.ones(b, 5, h // 4, w // 4)
 
 
-def test_fixed_bucket_pads_chunks_and_slices():
+def _inputs(b, h, w, c, valid_hw=None, valid_c=None):
+    pv, valid = torch.zeros(b, 3, h, w), torch.zeros(b, h, w, dtype=torch.bool)
+    vh, vw = valid_hw or (h, w)
+    valid[:, :vh, :vw] = True
+    pv[:, :, :vh, :vw] = 1.0
+    cv = torch.zeros(b, c, dtype=torch.bool)
+    cv[:, :valid_c or c] = True
+    return pv, valid, torch.ones(b, c, 2, 8), cv
+
+
+def _buckets(canvases, batch=(1, 8), classes=(1, 256)):
+    return [Bucket(_Echo(f"{h}x{w}"), h, w, batch, classes) for h, w in canvases]
+
+
+def test_bucketed_pads_chunks_and_slices():
     echo = _Echo()
-    bucket = FixedBucket(echo, "detector", {"batch": 2, "height": 128, "width": 64, "classes": 6}, False)
-    pv, valid = torch.ones(3, 3, 64, 64), torch.ones(3, 64, 64, dtype=torch.bool)
-    cp, cv = torch.ones(3, 4, 2, 8), torch.ones(3, 4, dtype=torch.bool)
-    logits, boxes = bucket(pv, valid, cp, cv)
+    bucket = BucketedBackend([Bucket(echo, 128, 64, (2, 2), (6, 6))], "detector", False)
+    logits, boxes = bucket(*_inputs(3, 64, 64, 4))
     assert [tuple(c[0].shape) for c in echo.calls] == [(2, 3, 128, 64)] * 2
     first = echo.calls[0]
     assert not first[1][:, 64:].any() and first[1][:, :64].all()  # padded pixels invalid
@@ -97,11 +125,70 @@ def test_fixed_bucket_pads_chunks_and_slices():
     assert torch.equal(boxes[:, 0, 0], torch.tensor([1.0, 1.0, 2.0]))
 
 
-def test_fixed_bucket_rejects_larger_canvas():
-    bucket = FixedBucket(_Echo(), "detector", {"batch": 1, "height": 64, "width": 64, "classes": 2}, False)
-    with pytest.raises(ValueError, match="does not fit the exported bucket"):
-        bucket(torch.ones(1, 3, 128, 64), torch.ones(1, 128, 64, dtype=torch.bool), torch.ones(1, 2, 2, 8),
-               torch.ones(1, 2, dtype=torch.bool))
+@pytest.mark.parametrize("canvas,valid_hw,want", [
+    pytest.param((64, 64), (64, 64), "64x64", id="square_exact"),
+    pytest.param((128, 128), (40, 100), "64x128", id="landscape_extent_in_big_canvas"),
+    pytest.param((128, 64), (100, 64), "128x64", id="portrait"),
+    pytest.param((128, 128), (65, 64), "128x64", id="one_row_over"),
+    pytest.param((128, 128), (100, 100), "128x128", id="largest"),
+])
+def test_bucket_selection_by_valid_extent(canvas, valid_hw, want):
+    buckets = _buckets([(128, 128), (64, 128), (64, 64), (128, 64)])
+    runner = BucketedBackend(buckets, "detector", True)
+    logits, boxes, masks = runner(*_inputs(2, *canvas, 3, valid_hw))
+    ran = [b.backend.name for b in buckets if b.backend.calls]
+    assert ran == [want]
+    h, w = (int(x) for x in want.split("x"))
+    (call,) = next(b.backend for b in buckets if b.backend.calls).calls
+    assert tuple(call[0].shape) == (2, 3, h, w) and int(call[1].sum()) == 2 * valid_hw[0] * valid_hw[1]
+    assert tuple(masks.shape) == (2, 5, canvas[0] // 4, canvas[1] // 4)  # back to the call's canvas
+    assert masks[:, :, :h // 4, :w // 4].eq(1).all() and masks[:, :, h // 4:].eq(0).all()
+
+
+def test_unused_classes_dropped_and_logits_restored():
+    (bucket,) = _buckets([(64, 64)])
+    runner = BucketedBackend([bucket], "detector", False)
+    logits, _ = runner(*_inputs(2, 64, 64, 6, valid_c=3))
+    assert tuple(bucket.backend.calls[0][3].shape) == (2, 3)  # invalid trailing classes not sent
+    assert tuple(logits.shape) == (2, 5, 6)
+    assert torch.isinf(logits[..., 3:]).all() and (logits[..., 3:] < 0).all()  # like eager's padded classes
+    assert torch.equal(logits[..., :3], torch.arange(30, dtype=torch.float32).view(2, 5, 3))
+
+
+def test_batch_chunks_choose_buckets_per_chunk():
+    buckets = _buckets([(64, 64), (128, 128)], batch=(1, 2))
+    runner = BucketedBackend(buckets, "detector", False)
+    pv, valid, cp, cv = _inputs(5, 128, 128, 2, (64, 64))
+    valid[2, :100, :100] = True  # only the second chunk (rows 2, 3) needs the big canvas
+    logits, boxes = runner(pv, valid, cp, cv)
+    small, big = buckets[0].backend, buckets[1].backend
+    assert [tuple(c[0].shape) for c in small.calls] == [(2, 3, 64, 64), (1, 3, 64, 64)]
+    assert [tuple(c[0].shape) for c in big.calls] == [(2, 3, 128, 128)]
+    assert tuple(logits.shape) == (5, 5, 2) and tuple(boxes.shape) == (5, 5, 4)
+
+
+def test_static_min_batch_and_classes_padded():
+    (bucket,) = _buckets([(64, 64)], batch=(4, 4), classes=(8, 8))
+    logits, boxes = BucketedBackend([bucket], "detector", False)(*_inputs(1, 64, 64, 3))
+    (call,) = bucket.backend.calls
+    assert tuple(call[2].shape) == (4, 8, 2, 8) and tuple(call[3].shape) == (4, 8)
+    assert tuple(logits.shape) == (1, 5, 3) and tuple(boxes.shape) == (1, 5, 4)
+
+
+@pytest.mark.parametrize("canvas,valid_hw,classes", [
+    pytest.param((128, 64), (128, 64), 2, id="canvas"), pytest.param((64, 64), (64, 64), 9, id="classes"),
+])
+def test_bucketed_rejects_what_fits_no_bucket(canvas, valid_hw, classes):
+    runner = BucketedBackend(_buckets([(64, 64), (64, 128)], classes=(1, 8)), "detector", False)
+    with pytest.raises(ValueError, match="do not fit the exported buckets"):
+        runner(*_inputs(1, *canvas, classes, valid_hw))
+
+
+def test_record_without_buckets_rejected(tmp_path, decoder_set):
+    (tmp_path / "det.onnx").write_bytes(b"")
+    (tmp_path / "det.json").write_text('{"decoder": "detector", "shape": {"batch": 1}}')
+    with pytest.raises(ValueError, match="export again"):
+        load_route_backend(decoder_set.gdino, [get_route("[DET]")], "onnxruntime", tmp_path / "det.onnx")
 
 
 def test_make_backend_errors(tmp_path):

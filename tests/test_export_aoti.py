@@ -1,11 +1,15 @@
-"""AOTInductor packages of the tiny detector and pose, loaded back and checked against eager at an image size
-other than the one exported with (the package is one fixed canvas; smaller images are padded + masked).
-A compile takes minutes on 2 shared CPU cores: both cases are marked slow. These tests caught the MSDA output
-layout mismatch (non-contiguous reference output vs contiguous fake) that export/aoti.py works around."""
+"""AOTInductor packages of the tiny detector and pose, loaded back and checked against eager at image sizes,
+batch sizes and class counts other than the ones traced (one canvas per package, batch and classes dynamic;
+smaller images are padded + masked). A compile takes minutes on 2 shared CPU cores: every case is marked
+slow. These tests caught the MSDA output layout mismatch (non-contiguous reference output vs contiguous
+fake) that ops/msda.py now avoids."""
+import json
+
 import pytest
 
 from unimlm_engine.export.aoti import export_aoti, load_aoti
-from unimlm_engine.export.cli import build_decoder
+from unimlm_engine.export.buckets import Range
+from unimlm_engine.export.source import load_decoder
 from unimlm_engine.export.validate import compare
 from unimlm_engine.export.wrappers import ExportShape
 
@@ -13,17 +17,49 @@ TOL = 1e-4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,shape", [
-    pytest.param("detector", ExportShape(1, 128, 128, 3), id="detector_b1_c3"),
-    pytest.param("pose", ExportShape(2, 128, 64, 2, keypoints=17), id="pose_b2_c2"),
+@pytest.mark.parametrize("kind,canvas,runs", [
+    pytest.param("detector", (128, 128), [(1, 1, (64, 96)), (3, 7, (128, 100))], id="detector_128x128"),
+    pytest.param("pose", (128, 64), [(2, 2, (100, 64)), (1, 9, (64, 64))], id="pose_128x64"),
 ])
-def test_aoti_package_matches_eager(tmp_path, kind, shape):
-    decoder = build_decoder(kind, "tiny")
+def test_aoti_package_matches_eager(tmp_path, kind, canvas, runs):
+    decoder = load_decoder(kind, "tiny")
+    keypoints = 17 if kind == "pose" else 0
     path = tmp_path / f"{kind}.pt2"
-    record = export_aoti(kind, decoder, shape, path)
-    assert path.exists() and path.with_suffix(".json").exists() and record["compile_s"] > 0
+    entry = export_aoti(kind, decoder, ExportShape(2, *canvas, 4, keypoints), path, batch=Range(1, 2, 4),
+                        classes=Range(1, 4, 256))
+    assert path.exists() and entry["compile_s"] > 0 and entry["inputs"]["class_valid"]["max"] == [4, 256]
     run = load_aoti(path)
-    res = compare(kind, decoder, lambda x: run(*x), shape, (64, 64) if shape.width == 64 else (64, 96))
-    assert res["max_diff"] < TOL, res
-    if kind == "pose":
-        assert res["labels_equal"], res
+    for batch, classes, valid_hw in runs:
+        res = compare(kind, decoder, lambda x: run(*x), ExportShape(batch, *canvas, classes, keypoints), valid_hw)
+        assert res["max_diff"] < TOL, (batch, classes, res)
+        if kind == "pose":
+            assert res["labels_equal"], res
+
+
+@pytest.mark.slow
+def test_aoti_cli_export_serves_through_backend(tmp_path):
+    """`unimlm export det --format aoti`: the record names the package, the runtime loads it and runs
+    images in a 128x128 canvas (valid 50x100) cropped to the package's 64x128."""
+    import torch
+
+    from unimlm_engine.export.cli import export_decoder
+    from unimlm_engine.export.validate import max_scaled_diff
+    from unimlm_engine.model.decoders.backends import load_route_backend
+    from unimlm_engine.routes import get_route
+
+    rec = export_decoder("det", "tiny", "aoti", out=tmp_path, canvases="64x128", progress=False)
+    assert rec["path"] == str(tmp_path / "det.pt2") and "opset" not in rec
+    meta = json.loads((tmp_path / "det.json").read_text())
+    assert meta["buckets"][0]["files"] == {"aoti": "det.pt2"}
+    decoder = load_decoder("detector", "tiny")
+    backend = load_route_backend(decoder, [get_route("[DET]")], "aoti", rec["path"])
+    g = torch.Generator().manual_seed(0)
+    pixels, valid = torch.zeros(3, 3, 128, 128), torch.zeros(3, 128, 128, dtype=torch.bool)
+    valid[:, :50, :100] = True
+    pixels[:, :, :50, :100] = torch.randn(3, 3, 50, 100, generator=g)
+    payloads, cvalid = torch.randn(3, 5, 4, 256, generator=g), torch.ones(3, 5, dtype=torch.bool)
+    cvalid[0, 3:] = False
+    with torch.no_grad():
+        want = decoder.forward_tensors(pixels, valid, payloads, cvalid)
+    got = backend.forward(pixels, valid, payloads, cvalid)  # cropped to 64x128: non-contiguous views made contiguous
+    assert max_scaled_diff(list(got[:2]), list(want[:2])) < TOL

@@ -219,9 +219,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, tokenizer=N
     return path
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_shards: Optional[int] = None) -> Path:
-    """Rewrite any accepted checkpoint directory as safetensors shards (same keys, same config)."""
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_shards: Optional[int] = None,
+                       progress: bool = True) -> Path:
+    """Rewrite any accepted checkpoint directory as safetensors shards (same keys, same config).
+    progress: a tqdm bar on stderr (one step per shard read when re-sharding, and per shard written)."""
+    import sys
+
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -231,19 +236,26 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_shard
     dst.mkdir(parents=True, exist_ok=True)
     n = num_shards or len(shards)
     weight_map, total = {}, 0
+    bar = tqdm(total=n if n == len(shards) else len(shards) + n, desc=f"convert {src.name}", unit="shard",
+               file=sys.stderr, disable=not progress)
     if n == len(shards):
-        plan = [(i, read_shard(f)) for i, f in enumerate(shards, 1)]
+        plan = ((i, read_shard(f)) for i, f in enumerate(shards, 1))  # one shard in memory at a time
     else:
         merged: dict[str, torch.Tensor] = {}
         for f in shards:
             merged.update(read_shard(f))
-        plan = [(i, {k: merged[k] for k in keys}) for i, keys in enumerate(_split(sorted(merged), n), 1)]
+            bar.update()
+        groups = _split(sorted(merged), n)
+        n, bar.total = len(groups), len(shards) + len(groups)
+        plan = ((i, {k: merged[k] for k in keys}) for i, keys in enumerate(groups, 1))
     for i, sd in plan:
-        name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
         sd = {k: v.contiguous().clone() for k, v in sd.items()}  # drop shared storage (tied weights)
         save_file(sd, str(dst / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in sd})
         total += sum(t.numel() * t.element_size() for t in sd.values())
+        bar.update()
+    bar.close()
     (dst / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     for name in ("config.json",) + TOKENIZER_FILES:

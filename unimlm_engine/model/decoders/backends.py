@@ -14,8 +14,9 @@ Kinds:
 - "aoti": an AOTInductor .pt2 package.
 - "tensorrt": a serialized engine through export/tensorrt.py (UNTESTED: TensorRT is not installable here).
 
-Exported artifacts are one fixed (batch, canvas, classes) bucket (export/onnx_export.py); `FixedBucket` pads
-a call up to it (invalid pixels / classes, repeated batch rows) and slices the outputs back. The decoders are
+An export is one artifact per canvas bucket (dynamic batch and class count) plus one JSON record beside the
+main artifact that lists them (export/README.md); `BucketedBackend` runs each call on the smallest canvas
+its images fit, padding / cropping inputs to it and mapping the outputs back. The decoders are
 padding-invariant, so results match the eager module's up to float error.
 """
 from __future__ import annotations
@@ -121,57 +122,125 @@ def make_backend(kind: str, path: str | Path | None = None, fn: Callable | None 
     return {"onnxruntime": OnnxRuntimeBackend, "aoti": AotiBackend, "tensorrt": TensorRTBackend}[kind](path)
 
 
-def _pad_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Pad x with zeros / False at the end of every non-batch dim up to `size`, then repeat the last batch row
-    up to size[0] (an all-invalid row would divide by a zero valid extent). Never shrinks."""
+def _fit(x: torch.Tensor, size: Sequence[int], fill: float = 0.0) -> torch.Tensor:
+    """Crop or pad (`fill`; False for bool) every non-batch dim of x to `size[1:]`, then repeat the last batch
+    row up to size[0] (an all-invalid row would divide by a zero valid extent). Contiguous: AOTI packages
+    read their inputs with the traced (contiguous) strides."""
+    x = x[(slice(None),) + tuple(slice(0, s) for s in size[1:])]
     pad = []
-    for have, want in zip(reversed(x.shape), reversed(list(size))):
-        if have > want:
-            raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported bucket {tuple(size)}")
+    for have, want in zip(reversed(x.shape[1:]), reversed(list(size[1:]))):
         pad += [0, want - have]
-    pad[-1] = 0
-    x = F.pad(x.to(torch.uint8), pad).bool() if x.dtype == torch.bool else F.pad(x, pad)
+    if any(pad):
+        x = F.pad(x.to(torch.uint8), pad).bool() if x.dtype == torch.bool else F.pad(x, pad, value=fill)
     if x.shape[0] < size[0]:
         x = torch.cat([x, x[-1:].expand(size[0] - x.shape[0], *x.shape[1:])], 0)
-    return x
+    return x.contiguous()
 
 
-class FixedBucket:
-    """Runs a backend exported at one fixed shape: pads each call (chunks of the exported batch) and slices
-    the outputs back. kind: "detector" | "pose"; shape: the export record's "shape"."""
+def _extent(valid: torch.Tensor, dim: int) -> int:
+    """1 + the last index along `dim` where any entry of the bool tensor `valid` is True (1 when none is)."""
+    hit = valid.any(dim=tuple(d for d in range(valid.dim()) if d != dim)).nonzero()
+    return int(hit[-1]) + 1 if len(hit) else 1
 
-    def __init__(self, backend: DecoderBackend, kind: str, shape: dict, with_masks: bool):
-        self.backend, self.kind, self.shape, self.with_masks = backend, kind, shape, with_masks
 
-    def _sizes(self, inputs: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
-        s = self.shape
-        b, h, w, c = s["batch"], s["height"], s["width"], s["classes"]
-        sizes = [(b, 3, h, w), (b, h, w), (b, c) + tuple(inputs[2].shape[2:]), (b, c)]
-        if self.kind == "pose":
-            sizes.append((b,) + tuple(inputs[4].shape[1:]))
-        return sizes
+@dataclass
+class Bucket:
+    """One exported canvas: its artifact's backend, the canvas (height, width) and the (min, max) batch and
+    class counts the artifact accepts (min == max: a static dim)."""
 
-    def _chunk(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    backend: DecoderBackend
+    height: int
+    width: int
+    batch: tuple[int, int]
+    classes: tuple[int, int]
+
+    def fits(self, height: int, width: int, classes: int) -> bool:
+        return height <= self.height and width <= self.width and classes <= self.classes[1]
+
+
+class BucketedBackend:
+    """Runs an export made of per-canvas artifacts (buckets) behind the `forward_tensors` signature.
+
+    A call is split into chunks of at most the largest exported batch; each chunk runs on the smallest canvas
+    that holds every valid pixel of its images (their extent, not the call's canvas: images of a size no
+    export was made at fit the next larger canvas) and whose class range holds its classes. Inputs are
+    cropped / padded to that canvas and class count (padding invalid, the last batch row repeated up to the
+    bucket's min batch) and the outputs are mapped back: logits to the call's classes (-inf where padded,
+    like the eager module), mask logits to the call's canvas / 4 (0 outside the images, like eager). The
+    decoders are padding-invariant, so results match the eager module's up to float error.
+    kind: "detector" | "pose"."""
+
+    def __init__(self, buckets: Sequence[Bucket], kind: str, with_masks: bool):
+        if not buckets:
+            raise ValueError("an export needs at least one bucket")
+        self.buckets = sorted(buckets, key=lambda b: (b.height * b.width, b.height, b.classes[1]))
+        self.kind, self.with_masks = kind, with_masks
+        self.max_batch = max(b.batch[1] for b in self.buckets)
+
+    def select(self, height: int, width: int, classes: int) -> Bucket:
+        """The smallest bucket holding a `height` x `width` valid extent and `classes` classes."""
+        for b in self.buckets:
+            if b.fits(height, width, classes):
+                return b
+        have = ", ".join(f"{b.height}x{b.width} (classes <= {b.classes[1]})" for b in self.buckets)
+        raise ValueError(f"images of {height}x{width} valid pixels with {classes} classes do not fit the exported "
+                         f"buckets: {have}; export a larger --canvas / --classes")
+
+    def _run(self, bucket: Bucket, inputs: Sequence[torch.Tensor], canvas: tuple[int, int], classes: int):
         n = inputs[0].shape[0]
-        padded = [_pad_to(x, size) for x, size in zip(inputs, self._sizes(inputs))]
-        outs = self.backend.run(*padded)
+        rows = max(n, bucket.batch[0])
+        c = max(_extent(inputs[3], 1), bucket.classes[0])
+        h, w = bucket.height, bucket.width
+        sizes = [(rows, 3, h, w), (rows, h, w), (rows, c) + tuple(inputs[2].shape[2:]), (rows, c)]
+        if self.kind == "pose":
+            sizes.append((rows,) + tuple(inputs[4].shape[1:]))
+        outs = bucket.backend.run(*(_fit(x, size) for x, size in zip(inputs, sizes)))
         if self.kind == "pose":
             return tuple(o[:n] for o in outs)
-        c, (h, w) = inputs[3].shape[1], inputs[0].shape[-2:]
-        logits, boxes = outs[0][:n, :, :c], outs[1][:n]
-        return (logits, boxes, outs[2][:n, :, :h // 4, :w // 4]) if self.with_masks else (logits, boxes)
+        logits = _fit(outs[0][:n], (n, outs[0].shape[1], classes), float("-inf"))
+        if not self.with_masks:
+            return logits, outs[1][:n]
+        masks = outs[2][:n]
+        return logits, outs[1][:n], _fit(masks, (n, masks.shape[1], canvas[0] // 4, canvas[1] // 4))
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        step = self.shape["batch"]
-        parts = [self._chunk(tuple(x[i:i + step] for x in inputs)) for i in range(0, inputs[0].shape[0], step)]
+        n, canvas, classes = inputs[0].shape[0], tuple(inputs[0].shape[-2:]), inputs[3].shape[1]
+        parts, i = [], 0
+        while i < n:
+            chunk = [x[i:i + self.max_batch] for x in inputs]
+            bucket = self.select(_extent(chunk[1], 1), _extent(chunk[1], 2), _extent(chunk[3], 1))
+            take = min(chunk[0].shape[0], bucket.batch[1])
+            parts.append(self._run(bucket, [x[:take] for x in chunk], canvas, classes))
+            i += take
         return tuple(torch.cat(p, 0) for p in zip(*parts))
+
+
+_FILE_KEYS = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}
 
 
 def _record(path: str | Path) -> dict:
     meta = Path(path).with_suffix(".json")
     if not meta.exists():
         raise FileNotFoundError(f"export record {meta} (written by unimlm export beside the artifact) not found")
-    return json.loads(meta.read_text())
+    rec = json.loads(meta.read_text())
+    if not isinstance(rec.get("buckets"), list) or not rec["buckets"]:
+        raise ValueError(f"export record {meta} lists no canvas buckets (written by an older unimlm export?); "
+                         f"export again")
+    return rec
+
+
+def _load_buckets(rec: dict, kind: str, path: str | Path) -> list[Bucket]:
+    """One Bucket per canvas of the record, its artifact (of back end `kind`) beside `path`."""
+    path, key = Path(path), _FILE_KEYS[kind]
+    out = []
+    for b in rec["buckets"]:
+        name = b.get("files", {}).get(key)
+        if name is None:
+            raise ValueError(f"{path}: the export record has no {key} artifacts (it was exported with --format "
+                             f"{rec.get('format')})")
+        out.append(Bucket(make_backend(kind, path.parent / name), b["height"], b["width"],
+                          (rec["batch"]["min"], rec["batch"]["max"]), (rec["classes"]["min"], rec["classes"]["max"])))
+    return out
 
 
 def parse_backend_spec(spec: str) -> tuple[str, str, Optional[str]]:
@@ -227,7 +296,7 @@ def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | 
         if rec.get("decoder") != ekind:
             raise ValueError(f"{path} is a {rec.get('decoder')} export; {routes[0].token} is served by the {ekind}")
         with_masks = bool(rec.get("with_masks", False))
-        call = FixedBucket(make_backend(kind, path), ekind, rec["shape"], with_masks)
+        call = BucketedBackend(_load_buckets(rec, kind, path), ekind, with_masks)
         if ekind == "pose":
             return RouteBackend(kind, call, tokens, decoder, rec, str(path))
         calls = {False: call, True: call}

@@ -1,0 +1,96 @@
+"""The decoder an export is made from: the one the engine serves for `--model M`.
+
+- a preset name: the engine's `load_pretrained(M)` builds the whole model with `build_model(get_preset(M),
+  seed=TINY_SEED)` (every weight drawn from one seeded stream, so the decoder's weights depend on the modules
+  built before it); this does the same build on the CPU in fp32 and takes the decoder (no tokenizer, no
+  diffusers pipelines: they draw no weights the decoder uses);
+- a checkpoint directory: only the decoder is loaded. `config.json` gives its config; the weights are the
+  keys under the decoder's prefix (`gdino.` / `unipose.`, as `checkpoint.loader` maps them into
+  `model.decoders`), read from the shards the index lists for them (safetensors: only those tensors), cast
+  to fp32 like `load_checkpoint` on the CPU, loaded strictly (a missing or unexpected key raises
+  CheckpointError).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+PREFIXES = {"detector": "gdino", "pose": "unipose"}
+
+
+def model_config(model: str | os.PathLike):
+    """ModelConfig of a preset or checkpoint directory (ValueError for anything else)."""
+    from unimlm_engine.checkpoint.loader import read_config
+    from unimlm_engine.config.presets import PRESETS, get_preset
+
+    name = str(model)
+    if name in PRESETS:
+        return get_preset(name)
+    if not Path(name).is_dir():
+        raise ValueError(f"--model {name}: neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint "
+                         f"directory")
+    return read_config(Path(name))
+
+
+def _decoder_config(kind: str, cfg, model) -> object:
+    sub = cfg.detector if kind == "detector" else cfg.pose
+    if sub is None:
+        raise ValueError(f"--model {model}: its config has no {kind} decoder ({PREFIXES[kind]})")
+    return sub
+
+
+def _prefixed_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """{key without prefix: tensor} for every checkpoint key under `prefix`."""
+    from unimlm_engine.checkpoint.loader import find_shards, read_shard
+
+    shards = find_shards(path)
+    index = next((path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (path / n).is_file()), None)
+    if index is not None:
+        wanted = {f for k, f in json.loads(index.read_text())["weight_map"].items() if k.startswith(prefix)}
+        shards = [s for s in shards if s.name in wanted]
+    out = {}
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(shard), framework="pt") as f:
+                out.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        else:
+            out.update({k[len(prefix):]: v for k, v in read_shard(shard).items() if k.startswith(prefix)})
+    return out
+
+
+def load_decoder(kind: str, model: str | os.PathLike) -> torch.nn.Module:
+    """kind: "detector" | "pose"; model: preset name or checkpoint directory -> the decoder in eval mode,
+    fp32 on the CPU, with the weights the engine serves for `model`."""
+    from unimlm_engine.checkpoint.loader import CheckpointError
+    from unimlm_engine.config.presets import PRESETS, TINY_SEED
+    from unimlm_engine.model import build_model
+
+    cfg = model_config(model)
+    sub = _decoder_config(kind, cfg, model)
+    if str(model) in PRESETS:
+        full = build_model(cfg, seed=TINY_SEED, dtype=torch.float32, device="cpu")
+        return getattr(full.decoders, PREFIXES[kind]).eval()
+    if kind == "detector":
+        from unimlm_engine.model.decoders.detector import DetectorDecoder as cls
+    else:
+        from unimlm_engine.model.decoders.pose import PoseDecoder as cls
+    decoder = cls(sub)
+    prefix = PREFIXES[kind] + "."
+    state = _prefixed_state(Path(model), prefix)
+    own = decoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{model}: {prefix}* weights do not match the {kind} decoder of config.json: "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{model}: shape mismatch for {prefix}{k}: checkpoint {tuple(v.shape)}, model "
+                                  f"{tuple(own[k].shape)}")
+    decoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return decoder.eval()

@@ -1,0 +1,123 @@
+"""`unimlm export det --model CHECKPOINT_DIR`: the exported artifacts compute what the engine's decoder for
+that directory computes (`load_pretrained(DIR)`), at image sizes and class counts no export was made at; the
+decoder-only load equals the engine's load; the export and `convert_checkpoint` show tqdm bars on stderr."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unimlm_engine.checkpoint.loader import convert_checkpoint, save_checkpoint
+from unimlm_engine.checkpoint.pretrained import load_pretrained
+from unimlm_engine.cli.main import main
+from unimlm_engine.config.presets import TINY_SEED, get_preset
+from unimlm_engine.export.source import load_decoder
+from unimlm_engine.export.validate import max_scaled_diff
+from unimlm_engine.inputs.tokenizer import ByteTokenizer
+from unimlm_engine.model import build_model
+from unimlm_engine.model.decoders.backends import load_route_backend
+from unimlm_engine.model.decoders.detector import pad_payloads
+from unimlm_engine.model.decoders.images import prepare_images
+from unimlm_engine.routes import get_route
+
+TOL = 1e-4
+
+
+def _tiny_with_own_detector():
+    """The tiny model with its detector weights moved away from the preset's (so an export of the preset
+    instead of the checkpoint would fail the comparison)."""
+    model = build_model(get_preset("tiny"), seed=TINY_SEED)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.decoders.gdino.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _save(path, fmt):
+    """fmt "bin": save_checkpoint's .bin shards; "safetensors": those converted by convert_checkpoint
+    (save_checkpoint(fmt="safetensors") refuses the detector's shared bbox_embed tensors)."""
+    bin_dir = save_checkpoint(_tiny_with_own_detector(), path / "tiny-bin", ByteTokenizer())
+    return bin_dir if fmt == "bin" else convert_checkpoint(bin_dir, path / "tiny-st", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("ckpt"), "safetensors")
+
+
+@pytest.fixture(scope="module")
+def cli_export(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", "det", "--model", str(ckpt), "--out", str(out), "--canvas", "128x128"])
+    return rc, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_cli_export_of_checkpoint_dir(cli_export):
+    rc, stdout, stderr, out = cli_export
+    assert rc == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["path"] == str(out / "det.onnx") and summary["canvases"] == ["128x128"]
+    assert summary["opset"] == 17 and summary["classes"]["max"] == get_preset("tiny").detector.max_classes
+    assert sorted(p.name for p in out.iterdir()) == ["det.json", "det.onnx"]
+    assert "export det (onnx)" in stderr and "canvas" in stderr  # the tqdm bar
+
+
+@pytest.mark.parametrize("sizes,n_classes", [
+    pytest.param([(30, 50), (70, 41), (64, 64)], [3, 9, 1], id="three_images_mixed"),
+    pytest.param([(200, 90)], [17], id="portrait_17_classes"),
+    pytest.param([(45, 45), (100, 100), (80, 80)], [2, 5, 1], id="square_images_64x64_canvas"),
+    pytest.param([(20, 31)], [4], id="landscape_64x128_canvas"),
+])
+def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
+    """One 128x128 canvas exported (the multi-canvas selection is test_decoder_backends'), batch and classes
+    dynamic: smaller canvases are padded up to it."""
+    rc, _, stderr, out = cli_export
+    assert rc == 0, stderr
+    decoder = load_pretrained(ckpt, device="cpu")[0].decoders.gdino
+    preset = build_model(get_preset("tiny"), seed=TINY_SEED).decoders.gdino
+    assert not torch.equal(decoder.patch2query.layers[0].weight, preset.patch2query.layers[0].weight)
+    backend = load_route_backend(decoder, [get_route("[DET]")], "onnxruntime", out / "det.onnx")
+    g = torch.Generator().manual_seed(len(sizes))
+    images = [torch.from_numpy(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for i, (h, w) in enumerate(sizes)]
+    batch = prepare_images(images, decoder.cfg.image_short, decoder.cfg.image_long, decoder.pad_multiple,
+                           torch.device("cpu"), torch.float32)
+    payloads, valid = pad_payloads([torch.randn(c, 4, decoder.cfg.llm_hidden_size, generator=g) for c in n_classes],
+                                   torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        want = decoder.forward_tensors(batch.pixel_values, batch.pixel_valid, payloads, valid)
+    got = backend.forward(batch.pixel_values, batch.pixel_valid, payloads, valid)
+    assert got[2] is None and want[2] is None
+    assert max_scaled_diff(list(got[:2]), list(want[:2])) < TOL
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_decoder_only_load_equals_engine_load(tmp_path, fmt):
+    path = _save(tmp_path, fmt)
+    model = load_pretrained(path, device="cpu")[0]
+    for kind, name in (("detector", "gdino"), ("pose", "unipose")):
+        want = getattr(model.decoders, name).state_dict()
+        got = load_decoder(kind, path).state_dict()
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_preset_decoder_equals_engine_load():
+    model = load_pretrained("tiny", device="cpu")[0]
+    got, want = load_decoder("pose", "tiny").state_dict(), model.decoders.unipose.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_unknown_model_rejected(tmp_path, capsys):
+    assert main(["export", "det", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_convert_shows_progress(ckpt, tmp_path, capsys):
+    convert_checkpoint(ckpt.parent / "tiny-bin", tmp_path / "converted", num_shards=3)
+    err = capsys.readouterr().err
+    assert "convert tiny-bin" in err and "5/5" in err  # 2 shards read + 3 written
