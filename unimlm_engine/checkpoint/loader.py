@@ -24,10 +24,17 @@ import torch
 
 from ..config import ModelConfig
 
-DECODER_PREFIXES = ("gdino.", "unipose.", "sd.", "ip2p.")
 UNSERVED_PREFIXES = ("region_encoder.",)
-# the official checkpoint also stores the diffusers pipelines; they come from pipeline_dir instead
-PIPELINE_PREFIXES = tuple(f"{p}.sd_{c}." for p in ("sd", "ip2p") for c in ("unet", "vae", "text_encoder"))
+
+
+def _decoder_prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every registered decoder's checkpoint prefix "gdino." ..., the keys of theirs this engine does not
+    load: TaskDecoder.unserved_keys, e.g. the diffusers pipelines the official sd./ip2p. store)."""
+    from ..model.decoders.base import decoder_classes
+
+    classes = decoder_classes()
+    return (tuple(f"{n}." for n in classes),
+            tuple(f"{n}.{k}" for n, cls in classes.items() for k in cls.unserved_keys))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -99,8 +106,8 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _target_key(key: str, model_keys: set[str]) -> Optional[str]:
-    if key.startswith(DECODER_PREFIXES):
+def _target_key(key: str, model_keys: set[str], decoder_prefixes: tuple[str, ...]) -> Optional[str]:
+    if key.startswith(decoder_prefixes):
         k = "decoders." + key
         return k if k in model_keys else None
     return key
@@ -116,17 +123,18 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
     model_keys = set(own)
     seen: set[str] = set()
     unexpected: dict[str, str] = {}
+    decoders, unserved = _decoder_prefixes()
     for file in shards:
         sd = read_shard(file)
         report.files.append(file.name)
         for key, tensor in sd.items():
-            if key.startswith(UNSERVED_PREFIXES + PIPELINE_PREFIXES) or (key.startswith(DECODER_PREFIXES)
+            if key.startswith(UNSERVED_PREFIXES + unserved) or (key.startswith(decoders)
                                                       and not any(k.startswith("decoders." + _skip_prefix(key) + ".")
                                                                   for k in model_keys)):
                 p = _skip_prefix(key)
                 report.not_loaded[p] = report.not_loaded.get(p, 0) + 1
                 continue
-            target = _target_key(key, model_keys)
+            target = _target_key(key, model_keys, decoders)
             if target is None or target not in model_keys:
                 unexpected[key] = file.name
                 continue
@@ -209,7 +217,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, tokenizer=N
             from safetensors.torch import save_file
 
             name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            save_file({k: sd[k] for k in keys}, str(path / name), metadata={"format": "pt"})
+            # safetensors refuses tensors that share storage (the detector's shared bbox_embed heads)
+            save_file({k: sd[k].clone() for k in keys}, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in keys})
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
     total = sum(t.numel() * t.element_size() for t in sd.values())

@@ -72,8 +72,8 @@ class EngineCore:
     def __init__(self, model, scheduler, runner: ModelRunner, superlinks: SuperLinks, intake, cfg):
         self.model, self.scheduler, self.runner, self.superlinks = model, scheduler, runner, superlinks
         self.intake, self.cfg = intake, cfg
+        self.router = DecoderRouter(model, cfg, self.on_task)  # first: a bad back-end spec raises here
         self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch)
-        self.router = DecoderRouter(model, cfg, self.on_task)
         self.sampler = BatchSampler(model.device)
         self.eos = model.cfg.llm.eos_token_id
         self.queue = _C.RequestQueue(cfg.max_queue_size)

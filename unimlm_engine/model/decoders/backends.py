@@ -92,7 +92,8 @@ class AotiBackend(DecoderBackend):
         self.fn = load_aoti(path)
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.fn(*inputs))
+        # a package reads its inputs with the traced (contiguous) strides
+        return tuple(self.fn(*(x.contiguous() for x in inputs)))
 
 
 class TensorRTBackend(DecoderBackend):

@@ -49,6 +49,8 @@ class TaskDecoder(nn.Module):
 
     name: ClassVar[str] = ""
     export_kind: ClassVar[Optional[str]] = None
+    # checkpoint keys under this decoder's prefix that the engine does not load (reported as skipped)
+    unserved_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kw) -> None:
         # only a class that names itself registers: subclasses made by tools (torch.export's module

@@ -55,6 +55,9 @@ class GenerationDecoder(TaskDecoder):
     `SDDecoder` ("sd") and `IP2PDecoder` ("ip2p") below.
     """
 
+    # the official checkpoint also stores the diffusers pipeline; it comes from pipeline_dir instead
+    unserved_keys = ("sd_unet.", "sd_vae.", "sd_text_encoder.")
+
     def __init__(self, cfg: GenConfig, edit: bool = False) -> None:
         super().__init__()
         if not isinstance(cfg, GenConfig):

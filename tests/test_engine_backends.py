@@ -1,0 +1,84 @@
+"""Decoder back ends selected in the engine (issue 11): a checkpoint directory exported with
+`unimlm export det --model DIR` serves [DET] through ONNX Runtime, chosen by EngineConfig.decoder_backends
+or the CLI's --decoder-backend, and equals the eager engine for concurrent requests with different
+class counts and image sizes (none of them the exported canvas)."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import unimlm_engine as ue
+from unimlm_engine.checkpoint.loader import save_checkpoint
+from unimlm_engine.checkpoint.pretrained import load_pretrained
+from unimlm_engine.cli.main import main
+from unimlm_engine.inputs.tokenizer import ByteTokenizer
+
+IMAGES = [(41, 97), (80, 61), (300, 451)]  # (h, w): resized into the tiny detector's 64..96 range
+CLASSES = [1, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model saved as a checkpoint directory, and its detector exported from that directory."""
+    root = tmp_path_factory.mktemp("engine_backends")
+    model, _ = load_pretrained("tiny", device="cpu")
+    ckpt = save_checkpoint(model, root / "ckpt", ByteTokenizer())
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(["export", "det", "--model", str(ckpt), "--out", str(root / "export"), "--canvas", "128x128"])
+    assert rc == 0, err.getvalue()
+    return ckpt, root / "export" / "det.onnx"
+
+
+def _requests(tok):
+    det = tok.special_ids["[DET]"]
+    rng = np.random.default_rng(0)
+    return [ue.Request(prompt=f"Find {c} things.", images=[rng.integers(0, 256, (h, w, 3), dtype=np.uint8)],
+                       sampling=ue.SamplingParams(max_tokens=c + 1, forced_prefix=(det,) * c))
+            for c, (h, w) in zip(CLASSES, IMAGES)]
+
+
+def _serve(ckpt, **cfg):
+    model, tok = load_pretrained(str(ckpt), device="cpu")
+    with ue.Engine(model, tok, ue.EngineConfig(decoder_max_batch_size=4, decoder_max_queue_delay_ms=200, **cfg)) as e:
+        outs = e.generate_batch(_requests(tok))
+        stats = e.stats()
+    return outs, stats
+
+
+def test_det_through_onnxruntime_equals_eager(exported):
+    ckpt, onnx_path = exported
+    eager, _ = _serve(ckpt)
+    ort, stats = _serve(ckpt, decoder_backends={"det": f"onnxruntime:{onnx_path}"})
+    assert stats["decoder_backends"] == {"[DET]": "onnxruntime"}
+    assert stats["decoder_mean_batch_size"]["det"] > 1  # the requests really shared a decoder call
+    for a, b, c in zip(ort, eager, CLASSES):
+        (ta,), (tb,) = a.tasks, b.tasks
+        assert ta.backend == "onnxruntime" and tb.backend == "eager" and ta.num_groups == c
+        assert torch.equal(ta.labels, tb.labels)
+        torch.testing.assert_close(ta.scores, tb.scores, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ta.boxes, tb.boxes, atol=1e-2, rtol=1e-4)  # pixels
+    assert sum(len(o.tasks[0].boxes) for o in eager) > 0, "no detection left to compare"
+
+
+def test_cli_decoder_backend(exported, capsys):
+    ckpt, onnx_path = exported
+    argv = ["generate", "--model", str(ckpt), "--image", "examples/images/coffee.png", "--prompt", "Find it.",
+            "--route", "DET", "--json"]
+    assert main(argv) == 0
+    eager = json.loads(capsys.readouterr().out)["tasks"][0]
+    assert main(argv + ["--decoder-backend", f"det=onnxruntime:{onnx_path}"]) == 0
+    ort = json.loads(capsys.readouterr().out)["tasks"][0]
+    assert (eager["backend"], ort["backend"]) == ("eager", "onnxruntime")
+    assert ort["labels"] == eager["labels"]
+    np.testing.assert_allclose(ort["boxes"], eager["boxes"], atol=1e-2)
+
+
+def test_backend_that_cannot_serve_a_route_is_refused(exported):
+    ckpt, onnx_path = exported
+    model, tok = load_pretrained(str(ckpt), device="cpu")
+    with pytest.raises(ValueError, match="cannot serve \\[SEG\\]"):
+        ue.Engine(model, tok, ue.EngineConfig(decoder_backends={"seg": f"onnxruntime:{onnx_path}"}))
