@@ -24,14 +24,15 @@ TOKENS = (1, 16, 64, 256, 1024, 4096)
 RANKS = (4, 16)
 
 
-def make_inputs(t: int, r: int, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def make_inputs(t: int, r: int, dtype=torch.bfloat16, device: str = "cuda", k: int = K_IN, n: int = N_OUT,
+                e: int = EXPERTS):
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, std):
-        return (torch.randn(*shape, device="cuda", generator=g) * std).to(dtype)
+        return (torch.randn(*shape, device=device, generator=g) * std).to(dtype)
 
-    return (rnd(t, K_IN, std=1.0), rnd(N_OUT, K_IN, std=K_IN ** -0.5), rnd(EXPERTS, K_IN, std=K_IN ** -0.5),
-            rnd(EXPERTS * r, K_IN, std=K_IN ** -0.5), rnd(N_OUT, EXPERTS * r, std=(EXPERTS * r) ** -0.5))
+    return (rnd(t, k, std=1.0), rnd(n, k, std=k ** -0.5), rnd(e, k, std=k ** -0.5),
+            rnd(e * r, k, std=k ** -0.5), rnd(n, e * r, std=(e * r) ** -0.5))
 
 
 def per_expert_loop(x, w0, wg, a, b, scaling):
@@ -60,19 +61,21 @@ def launch_split(x, w0, wg, a, b, scaling, splits=None) -> dict:
             "out": out, "splits": plan.splits, "gated": plan.gated}
 
 
-def run_case(t, r, op, reference):
-    x, w0, wg, a, b = make_inputs(t, r)
+def run_case(t, r, op, reference, timer=time_cuda, device="cuda", dtype=torch.bfloat16, k=K_IN, n=N_OUT, e=EXPERTS):
+    """One row of the table. timer/device/dtype/k/n/e: a CPU smoke run (benchmarks/gpu_suite.py, dry)
+    passes a wall-clock timer, "cpu", float16 and small shapes."""
+    x, w0, wg, a, b = make_inputs(t, r, dtype, device, k, n, e)
     scaling = ALPHA / r
     out = op(x, w0, wg, a, b, scaling)
     ref = reference(x, w0, wg, a, b, scaling).float()
     err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
     ok = err <= 2e-2
-    t_fused = time_cuda(lambda: op(x, w0, wg, a, b, scaling))
-    t_base = time_cuda(lambda: torch.matmul(x, w0.t()))
-    t_loop = time_cuda(lambda: per_expert_loop(x, w0, wg, a, b, scaling))
+    t_fused = timer(lambda: op(x, w0, wg, a, b, scaling))
+    t_base = timer(lambda: torch.matmul(x, w0.t()))
+    t_loop = timer(lambda: per_expert_loop(x, w0, wg, a, b, scaling))
     split = launch_split(x, w0, wg, a, b, scaling)
-    t_launch1, t_launch2 = time_cuda(split["router_shrink"]), time_cuda(split["base_gate_expand"])
-    flops = 2 * t * K_IN * N_OUT + 2 * t * K_IN * EXPERTS * (r + 1) + 2 * t * EXPERTS * r * N_OUT
+    t_launch1, t_launch2 = timer(split["router_shrink"]), timer(split["base_gate_expand"])
+    flops = 2 * t * k * n + 2 * t * k * e * (r + 1) + 2 * t * e * r * n
     return {"tokens": t, "rank": r, "rel_err": err, "check": "ok" if ok else "FAIL", "fused_ms": t_fused,
             "base_gemm_ms": t_base, "loop_ms": t_loop, "fused/base": t_fused / t_base if ok else None,
             "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12,

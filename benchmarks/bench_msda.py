@@ -136,8 +136,11 @@ def _ours_cuda(mod):
     return run
 
 
-def bench_shape(shape: Shape, dtype, impls: dict, warmup: int, iters: int, copy_gbs: float) -> list[dict]:
-    args = make_inputs(shape, dtype, "cuda")
+def bench_shape(shape: Shape, dtype, impls: dict, warmup: int, iters: int, copy_gbs: float, device: str = "cuda",
+                timer=None) -> list[dict]:
+    """Rows for one shape. device/timer (ms per call of fn): a CPU smoke run (benchmarks/gpu_suite.py,
+    dry) passes "cpu" and a wall-clock timer; by default CUDA events (`cuda_time_ms`)."""
+    args = make_inputs(shape, dtype, device)
     expected = ms_deform_attn_reference(*args).float()
     nbytes = compulsory_bytes(args)
     rows = []
@@ -148,7 +151,7 @@ def bench_shape(shape: Shape, dtype, impls: dict, warmup: int, iters: int, copy_
             print(f"{shape.name} {name}: failed to run: {exc}")
             continue
         ok = err <= TOL[dtype] * max(1.0, expected.abs().max().item())
-        ms = cuda_time_ms(lambda: fn(*args), warmup, iters)
+        ms = (timer or cuda_time_ms)(lambda: fn(*args), warmup, iters)
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(shape=shape.name, impl=name, ms=ms, max_abs_err=err, correct=ok, gbs=gbs,
                          copy_fraction=gbs / copy_gbs, bytes=nbytes))
@@ -156,6 +159,30 @@ def bench_shape(shape: Shape, dtype, impls: dict, warmup: int, iters: int, copy_
     for r in rows:
         r["speedup_vs_classic"] = base["ms"] / r["ms"] if (base and r["correct"]) else None
     return rows
+
+
+def fastest_backend(rows: list[dict]) -> tuple[str | None, dict]:
+    """The faster of our two kernels ("triton", "cuda") over the shapes where both ran and passed:
+    (winner or None when either is missing there, {impl: total ms over those shapes})."""
+    by_shape: dict[str, dict] = {}
+    for r in rows:
+        if r["impl"] in ("triton", "cuda") and r["correct"]:
+            by_shape.setdefault(r["shape"], {})[r["impl"]] = r["ms"]
+    both = [v for v in by_shape.values() if len(v) == 2]
+    totals = {impl: sum(v[impl] for v in both) for impl in ("triton", "cuda")} if both else {}
+    return (min(totals, key=totals.get) if totals else None), totals
+
+
+def record_dispatch(rows: list[dict], dtype: torch.dtype, device_name: str, path: Path | None = None):
+    """Store the measured winner for (device, "ms_deform_attn", dtype) in the dispatch table that
+    `unimlm_engine.ops._dispatch.pick` reads; -> (winner, table path), or (None, None) when the rows do
+    not have both kernels correct on a common shape."""
+    from unimlm_engine.ops._dispatch import record_fastest
+
+    winner, _ = fastest_backend(rows)
+    if winner is None:
+        return None, None
+    return winner, record_fastest("ms_deform_attn", device_name, dtype, winner, path)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -180,7 +207,13 @@ def run_gpu(opts) -> dict:
         rows += bench_shape(shape, dtype, impls, opts.warmup, opts.iters, copy_gbs)
         torch.cuda.empty_cache()
     print_table(rows)
-    return dict(device=torch.cuda.get_device_name(), dtype=opts.dtype, copy_gbs=copy_gbs, rows=rows)
+    result = dict(device=torch.cuda.get_device_name(), dtype=opts.dtype, copy_gbs=copy_gbs, rows=rows)
+    if opts.record_dispatch:
+        winner, path = record_dispatch(rows, dtype, torch.cuda.get_device_name())
+        print(f"dispatch table: {winner} for ms_deform_attn/{opts.dtype} -> {path}" if winner else
+              "dispatch table unchanged: Triton and CUDA did not both pass on a common shape")
+        result["dispatch"] = winner
+    return result
 
 
 def run_cpu(opts) -> dict:
@@ -208,6 +241,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-classic", action="store_true", help="skip the JIT-built classic CUDA baseline")
+    ap.add_argument("--record-dispatch", action="store_true",
+                    help="write the faster of triton/cuda into the dispatch table (ops/_dispatch.py)")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "bench_msda.json")
     opts = ap.parse_args(argv)
     result = run_gpu(opts) if torch.cuda.is_available() else run_cpu(opts)

@@ -27,14 +27,14 @@ MAX_KV_BYTES = 24 << 30  # skip cases whose cache (plus the gathered copy) would
 LOOP_MAX_BATCH = 64  # the per-sequence loop is slow; time it only up to here
 
 
-def make_case(batch: int, ctx: int, hkv: int, dtype=torch.bfloat16):
+def make_case(batch: int, ctx: int, hkv: int, dtype=torch.bfloat16, device: str = "cuda"):
     pages = -(-ctx // BLOCK_SIZE)
     nb = batch * pages
-    k_cache = torch.randn(nb, BLOCK_SIZE, hkv, HEAD_DIM, device="cuda", dtype=dtype)
+    k_cache = torch.randn(nb, BLOCK_SIZE, hkv, HEAD_DIM, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    table = torch.randperm(nb, device="cuda", dtype=torch.int32).view(batch, pages)
-    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    table = torch.randperm(nb, device=device, dtype=torch.int32).view(batch, pages)
+    ctx_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=dtype)
     return q, k_cache, v_cache, table, ctx_lens
 
 
@@ -49,17 +49,19 @@ def sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)[:, :, 0]
 
 
-def run_case(batch, ctx, hkv, copy_gbs, ops, ref_fn):
-    q, kc, vc, table, lens = make_case(batch, ctx, hkv)
+def run_case(batch, ctx, hkv, copy_gbs, ops, ref_fn, timer=time_cuda, device="cuda", dtype=torch.bfloat16):
+    """One row of the table. timer/device/dtype: a CPU smoke run (benchmarks/gpu_suite.py, dry) passes a
+    wall-clock timer, "cpu" and float16 (the Triton interpreter gets bf16 wrong)."""
+    q, kc, vc, table, lens = make_case(batch, ctx, hkv, dtype, device)
     scale = HEAD_DIM ** -0.5
     out = ops.paged_decode_attention(q, kc, vc, table, lens, scale)
     n = min(batch, 4)  # the fp32 reference gathers per sequence: check a few sequences
     ref = ref_fn(q[:n].float(), kc, vc, table[:n], lens[:n], scale)
     err = (out[:n].float() - ref).abs().max().item()
     ok = err <= 2e-2
-    t_kernel = time_cuda(lambda: ops.paged_decode_attention(q, kc, vc, table, lens, scale))
+    t_kernel = timer(lambda: ops.paged_decode_attention(q, kc, vc, table, lens, scale))
     kg, vg = gathered(kc, table, ctx), gathered(vc, table, ctx)
-    t_sdpa = time_cuda(lambda: sdpa(q, kg, vg, scale))
+    t_sdpa = timer(lambda: sdpa(q, kg, vg, scale))
     del kg, vg
 
     def loop():
@@ -67,7 +69,7 @@ def run_case(batch, ctx, hkv, copy_gbs, ops, ref_fn):
             kb, vb = gathered(kc, table[b:b + 1], ctx), gathered(vc, table[b:b + 1], ctx)
             sdpa(q[b:b + 1], kb, vb, scale)
 
-    t_loop = time_cuda(loop, warmup=1, iters=3) if batch <= LOOP_MAX_BATCH else None
+    t_loop = timer(loop, warmup=1, iters=3) if batch <= LOOP_MAX_BATCH else None
     nbytes = 2 * q.numel() * q.element_size() + 2 * batch * ctx * hkv * HEAD_DIM * kc.element_size()
     gbs = nbytes / (t_kernel * 1e-3) / 1e9
     flops = 4 * batch * HEADS * ctx * HEAD_DIM
