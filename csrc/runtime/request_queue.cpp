@@ -36,7 +36,8 @@ bool RequestQueue::pop(int64_t* id, int64_t timeout_us) {
   std::unique_lock<std::mutex> lock(mu_);
   auto ready = [this] { return !q_.empty() || closed_; };
   if (timeout_us < 0) not_empty_.wait(lock, ready);
-  else if (!not_empty_.wait_for(lock, std::chrono::microseconds(timeout_us), ready)) return false;
+  else if (timeout_us > 0 && !not_empty_.wait_for(lock, std::chrono::microseconds(timeout_us), ready)) return false;
+  // timeout 0 is a poll: no timed wait (a zero-length wait_for still costs a futex round trip)
   if (q_.empty()) return false;
   *id = q_.front();
   q_.pop_front();

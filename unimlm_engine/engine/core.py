@@ -231,7 +231,17 @@ class EngineCore:
         routing token with its queries), sampled ones as PLACEHOLDER."""
         if not step.samplers:
             return
-        ids, toks = [], []
+        ids = []
+        if not step.forced.any():  # the common case: every sample is a placeholder
+            for s in step.samplers:
+                if not (s.text_done or s.seq_id in step.discard or s.finish_after_payload):
+                    s.placeholder_pos = len(s.tokens)
+                    s.tokens.append(PLACEHOLDER)
+                    ids.append(s.seq_id)
+            if ids:
+                self.scheduler.update_batch(ids, [PLACEHOLDER] * len(ids))
+            return
+        toks = []
         for s, forced, tok in zip(step.samplers, step.forced.tolist(), self._forced_values(step)):
             if s.text_done or s.seq_id in step.discard or s.finish_after_payload:
                 continue
@@ -267,27 +277,32 @@ class EngineCore:
             return
         wait(step.event)
         values = step.host.tolist()
-        live = [(s, tok, f) for s, tok, f in zip(step.samplers, values, step.forced.tolist())
-                if not s.text_done and s.seq_id not in step.discard]
-        res = [(s, tok) for s, tok, f in live if not f and s.placeholder_pos is not None]
-        if res:
-            self.scheduler.resolve_batch([s.seq_id for s, _ in res], [s.placeholder_pos for s, _ in res],
-                                         [t for _, t in res])
-            for s, tok in res:
-                s.tokens[s.placeholder_pos], s.placeholder_pos = tok, None
+        forced = step.forced.tolist() if step.forced.any() else None
+        res_ids, res_pos, res_val, learned, ended = [], [], [], [], []
         now = time.monotonic()
-        learned = []
-        for s, tok, forced in live:
+        for i, s in enumerate(step.samplers):
+            if s.text_done or s.seq_id in step.discard:
+                continue
+            tok, was_forced = values[i], forced is not None and forced[i]
+            if s.placeholder_pos is not None and not was_forced:
+                res_ids.append(s.seq_id)
+                res_pos.append(s.placeholder_pos)
+                res_val.append(tok)
+                s.tokens[s.placeholder_pos], s.placeholder_pos = tok, None
             if s.finish_after_payload:  # the queries of a final routing token are computed: done
-                self.end_text(s, s.finish_after_payload)
+                ended.append(s)
                 continue
             s.first_token = s.first_token or now
             s.last_token = now
             s.generated.append(tok)
-            learned.append((s, tok, forced))
+            learned.append((s, tok, was_forced))
+        if res_ids:
+            self.scheduler.resolve_batch(res_ids, res_pos, res_val)
         self.output.tokens([(s, tok) for s, tok, _ in learned])  # before any end of text below
-        for s, tok, forced in learned:
-            self._on_token(s, tok, forced)
+        for s in ended:
+            self.end_text(s, s.finish_after_payload)
+        for s, tok, was_forced in learned:
+            self._on_token(s, tok, was_forced)
 
     def _on_token(self, s: Sequence, tok: int, forced: bool) -> None:
         """Token-level rules for a token the host just learned: EOS / stop ids / max_tokens, routing."""

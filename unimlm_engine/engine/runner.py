@@ -82,15 +82,22 @@ class ModelRunner:
                    placeholders) -> tuple[np.ndarray, torch.Tensor]:
         """-> (host ids [T] with markers and PLACEHOLDER, device ids [T] >= 0 for the embedding table:
         a PLACEHOLDER row reads the in-flight step's sampled id of its sequence, on the device)."""
-        ids = np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64) for s, a, n in zip(seqs, starts, counts)])
+        if (counts == 1).all():  # decode: one token each, no per-sequence slicing
+            ids = np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
+        else:
+            ids = np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64)
+                                  for s, a, n in zip(seqs, starts, counts)])
         ph = np.flatnonzero(ids == PLACEHOLDER)
+        if not ph.size:
+            return ids, h2d(np.maximum(ids, 0), self.device)
+        sampled, row_of = placeholders
+        owner = ph if len(ph) == len(seqs) == len(ids) else np.searchsorted(np.cumsum(counts), ph, side="right")
+        src = h2d(np.fromiter((row_of[seqs[i].seq_id] for i in owner), dtype=np.int64, count=len(owner)),
+                  sampled.device)
+        if len(ph) == len(ids):  # every row is an in-flight sample (a pure decode step)
+            return ids, sampled[src].to(self.device)
         ids_t = h2d(np.maximum(ids, 0), self.device)
-        if ph.size:
-            sampled, row_of = placeholders
-            owner = np.searchsorted(np.cumsum(counts), ph, side="right")
-            src = np.asarray([row_of[seqs[i].seq_id] for i in owner], dtype=np.int64)
-            ids_t = ids_t.clone() if ids_t.device.type == "cpu" else ids_t
-            ids_t[h2d(ph, self.device)] = sampled[h2d(src, sampled.device)].to(ids_t.device)
+        ids_t[h2d(ph, self.device)] = sampled[src].to(ids_t.device)
         return ids, ids_t
 
     def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,

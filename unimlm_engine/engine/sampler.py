@@ -38,6 +38,10 @@ class BatchSampler:
         sequence's `num_sampled`."""
         n = len(seqs)
         dev = logits.device
+        if all(s.plain_greedy for s in seqs):  # the common case: argmax, nothing forced or biased left
+            for s in seqs:
+                s.num_sampled += 1
+            return logits.argmax(-1), np.zeros(n, dtype=bool)
         forced_tok = np.full(n, -1, dtype=np.int64)
         greedy, rand, filt = [], [], []
         bias_rows, bias_cols, bias_vals = [], [], []

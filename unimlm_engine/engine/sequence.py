@@ -61,6 +61,12 @@ class Sequence:
     decoders_pending: int = 0
     num_cached_tokens: int = 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no logit bias and no forced-prefix token left: the sampler's argmax fast path."""
+        p = self.request.sampling
+        return p.temperature == 0 and not p.logit_bias and self.num_sampled >= len(p.forced_prefix)
+
     def needs_images(self, start: int, end: int) -> bool:
         """True if positions [start, end) include image tokens whose features are not computed."""
         if self.image_features is not None or self.patch_index is None or start >= self.prompt_len:
