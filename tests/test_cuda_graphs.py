@@ -272,7 +272,8 @@ def _step(seqs, tables, starts, counts, block_size=BS):
     def block_tables(pad=-1):
         return np.array([t + [pad] * (width - len(t)) for t in tables], dtype=np.int32)
     return SimpleNamespace(num_new_tokens=np.array(counts), num_computed=np.array(starts), query_start_loc=qsl,
-                           slot_mapping=np.array(slots, dtype=np.int64), block_tables=block_tables)
+                           slot_mapping=np.array(slots, dtype=np.int64), block_tables=block_tables,
+                           is_prefill=np.array([a < s.prompt_len for s, a in zip(seqs, starts)]))
 
 
 def _generate(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:

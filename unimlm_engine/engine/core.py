@@ -64,8 +64,24 @@ class Step:
     event: object = None
     discard: set = field(default_factory=set)  # seq ids whose sample here is invalid (routing split)
 
-    def row_of(self) -> dict[int, int]:
-        return {s.seq_id: i for i, s in enumerate(self.samplers)}
+
+class _StepArrays:
+    """The scheduler's StepOutput with each field read once: the binding converts a field to a new numpy
+    array on every access, and the loop and the runner read several of them."""
+
+    __slots__ = ("_out", "_seen", "size")
+
+    def __init__(self, out):
+        self._out, self._seen, self.size = out, {}, len(out)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getattr__(self, name):
+        seen = self._seen
+        if name not in seen:
+            seen[name] = getattr(self._out, name)
+        return seen[name]
 
 
 class EngineCore:
@@ -87,6 +103,7 @@ class EngineCore:
         self._stop = threading.Event()
         self.iter_times: collections.deque[float] = collections.deque(maxlen=256)
         self.steps = 0
+        self.loop_cpu_s = 0.0  # CPU seconds of the loop thread in working iterations (runner.model_cpu_s: of it, the model)
         self._thread = threading.Thread(target=self._loop, name="unimlm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -181,9 +198,10 @@ class EngineCore:
                 self.end(s, "timeout")
 
     def _iteration(self) -> bool:
+        c0 = time.thread_time()
         self._housekeeping()
         t0 = time.perf_counter()
-        out = self.scheduler.step()
+        out = _StepArrays(self.scheduler.step())
         for seq_id in out.rejected:
             if (s := self.seqs.get(seq_id)) is not None:
                 self.end_text(s, "length", in_scheduler=False)
@@ -197,29 +215,36 @@ class EngineCore:
             return False
         self.steps += 1
         self.iter_times.append(time.perf_counter() - t0)
+        self.loop_cpu_s += time.thread_time() - c0
         return True
 
     def _launch(self, out) -> Step:
         """Run step `out` on the device and sample; placeholders read the in-flight step's samples."""
-        seqs = [self.seqs[i] for i in out.seq_ids.tolist()]
-        now = time.monotonic()
-        for s in seqs:
-            if s.first_scheduled is None:
-                s.first_scheduled = now
-                s.num_cached_tokens = self.scheduler.num_cached_tokens(s.seq_id)
+        table = self.seqs
+        seqs = [table[i] for i in out.seq_ids.tolist()]
+        if out.is_prefill.any():
+            now = time.monotonic()
+            for s in seqs:
+                if s.first_scheduled is None:
+                    s.first_scheduled = now
+                    s.num_cached_tokens = self.scheduler.num_cached_tokens(s.seq_id)
         if out.cow:
             self.runner.copy_blocks(out.cow)
         prev = self._inflight
-        feed = (prev.sampled, prev.row_of()) if prev is not None and prev.sampled is not None else None
+        feed = prev.sampled if prev is not None else None  # a PLACEHOLDER reads row s.sample_row of it
         hidden, last_rows = self.runner.execute(out, seqs, placeholders=feed)
         do_sample = out.do_sample
         step = Step(seqs, out.num_computed.tolist(), out.num_new_tokens.tolist(), out.query_start_loc.tolist(),
                     hidden)
         flags = do_sample.tolist()
-        step.chunks = [s for s, d in zip(seqs, flags) if not d]
+        if not all(flags):
+            step.chunks = [s for s, d in zip(seqs, flags) if not d]
         if do_sample.any():
-            step.samplers = [s for s, d in zip(seqs, flags) if d]
-            step.sampler_ids = {s.seq_id for s in step.samplers}
+            step.samplers = [s for s, d in zip(seqs, flags) if d] if step.chunks else seqs
+            ids = step.sampler_ids
+            for i, s in enumerate(step.samplers):
+                s.sample_row = i
+                ids.add(s.seq_id)
             rows = h2d(last_rows.numpy()[do_sample.astype(bool)], hidden.device)
             logits = self.runner.logits(hidden[rows])
             step.sampled, step.forced = self.sampler.sample(logits, step.samplers)
@@ -278,8 +303,9 @@ class EngineCore:
         wait(step.event)
         values = step.host.tolist()
         forced = step.forced.tolist() if step.forced.any() else None
-        res_ids, res_pos, res_val, learned, ended = [], [], [], [], []
+        res_ids, res_pos, res_val, learned, ended, routed = [], [], [], [], [], []
         now = time.monotonic()
+        eos, route_ids = self.eos, self.superlinks.route_ids
         for i, s in enumerate(step.samplers):
             if s.text_done or s.seq_id in step.discard:
                 continue
@@ -290,36 +316,30 @@ class EngineCore:
                 res_val.append(tok)
                 s.tokens[s.placeholder_pos], s.placeholder_pos = tok, None
             if s.finish_after_payload:  # the queries of a final routing token are computed: done
-                ended.append(s)
+                ended.append((s, s.finish_after_payload))
                 continue
             s.first_token = s.first_token or now
             s.last_token = now
             s.generated.append(tok)
-            learned.append((s, tok, was_forced))
+            learned.append((s, tok))
+            # token-level rules: EOS / stop ids / max_tokens, routing
+            p = s.request.sampling
+            stop = (tok == eos and not p.ignore_eos) or tok in p.stop_token_ids
+            at_length = len(s.generated) >= p.max_tokens
+            if not stop and tok in route_ids:  # its queries follow (forced: already appended with them)
+                if not was_forced:
+                    routed.append((s, tok))
+                if at_length:
+                    s.finish_after_payload = "length"
+            elif stop or at_length:
+                ended.append((s, "stop" if stop else "length"))
         if res_ids:
             self.scheduler.resolve_batch(res_ids, res_pos, res_val)
-        self.output.tokens([(s, tok) for s, tok, _ in learned])  # before any end of text below
-        for s in ended:
-            self.end_text(s, s.finish_after_payload)
-        for s, tok, was_forced in learned:
-            self._on_token(s, tok, was_forced)
-
-    def _on_token(self, s: Sequence, tok: int, forced: bool) -> None:
-        """Token-level rules for a token the host just learned: EOS / stop ids / max_tokens, routing."""
-        params = s.request.sampling
-        stop = (tok == self.eos and not params.ignore_eos) or tok in params.stop_token_ids
-        at_length = len(s.generated) >= params.max_tokens
-        if not stop and not forced and tok in self.superlinks.route_ids:
+        self.output.tokens(learned)  # before any end of text below
+        for s, tok in routed:
             self._route(s, tok)
-            if at_length:
-                s.finish_after_payload = "length"
-            return
-        if forced and tok in self.superlinks.route_ids and not stop:
-            if at_length:
-                s.finish_after_payload = "length"
-            return
-        if stop or at_length:
-            self.end_text(s, "stop" if stop else "length")
+        for s, reason in ended:
+            self.end_text(s, reason)
 
     def _route(self, s: Sequence, tok: int) -> None:
         """A sampled routing token: its K queries are fed next. If the in-flight step already fed the token

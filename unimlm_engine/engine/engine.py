@@ -128,6 +128,8 @@ class Engine:
             "decoder_queue_depths": self.router.depths(), "decoder_mean_batch_size": self.router.mean_batch_size(),
             "decoder_backends": {r: b.kind for r, b in self.router.backends.items()},
             "steps": core.steps, "iteration_latency_s": (sum(times) / len(times)) if times else None,
+            # CPU seconds: the loop thread (working iterations), of it the model's forward, the output thread
+            "cpu_s": {"loop": core.loop_cpu_s, "model": self.runner.model_cpu_s, "output": core.output.cpu_s},
             "memory_bytes": dict(self.memory["bytes"]),
         }
 

@@ -1,11 +1,17 @@
 """RequestHandle: what `Engine.submit` returns. Ends exactly once (done, cancelled,
-timed out, or failed); `result()`, `stream()` and `await` all observe that one end."""
+timed out, or failed); `result()`, `stream()` and `await` all observe that one end.
+
+Events are built lazily: until someone calls `stream()`, text deltas are kept as plain strings
+and ids (the output thread emits one per token: most callers of `generate` never stream), and
+the first `stream()` call delivers them as one merged delta, then the task events and the end in
+their order. The deltas a stream yields still concatenate to the output's text and token ids.
+"""
 from __future__ import annotations
 
 import concurrent.futures
 import queue
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from .types import EngineError, RequestOutput, StreamEvent
 
@@ -17,7 +23,11 @@ class RequestHandle:
         self._events: "queue.SimpleQueue[StreamEvent]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._canceller = canceller
-        self._ended = False  # a plain flag: emit() is on the hot path (one call per token)
+        self._ended = False
+        self._streaming = False  # set once, under the lock, after the backlog went into _events
+        self._text: list[str] = []  # backlog while nobody streams: text deltas and their ids,
+        self._ids: list[int] = []  # then the other events in order (all text precedes them)
+        self._backlog: list[StreamEvent] = []
         self.seq_id: Optional[int] = None
 
     # ---- user side -------------------------------------------------------------
@@ -42,16 +52,51 @@ class RequestHandle:
     def stream(self, timeout: Optional[float] = None) -> Iterator[StreamEvent]:
         """Yields text deltas and task results as they come; the last event has finished=True.
         `timeout` bounds the wait for each event (queue.Empty past it)."""
+        self._start_streaming()
         while True:
             ev = self._events.get(timeout=timeout)
             yield ev
             if ev.finished:
                 return
 
+    def _start_streaming(self) -> None:
+        with self._lock:
+            if self._streaming:
+                return
+            if self._text:
+                self._events.put(StreamEvent("".join(self._text), tuple(self._ids)))
+            for ev in self._backlog:
+                self._events.put(ev)
+            self._text, self._ids, self._backlog = [], [], []
+            self._streaming = True
+
     # ---- engine side ------------------------------------------------------------
+    def emit_text(self, text: str, token_ids: Sequence[int]) -> None:
+        """A text delta and the ids it came from (the output thread, once per token)."""
+        if self._streaming:  # set once and never cleared: an unlocked read is safe
+            if not self._ended:
+                self._events.put(StreamEvent(text, tuple(token_ids)))
+            return
+        with self._lock:
+            if self._ended:
+                return
+            if self._streaming:
+                self._events.put(StreamEvent(text, tuple(token_ids)))
+            else:
+                self._text.append(text)
+                self._ids.extend(token_ids)
+
     def emit(self, event: StreamEvent) -> None:
-        if not self._ended:
+        """Any other event (a task result)."""
+        with self._lock:
+            if not self._ended:
+                self._put(event)
+
+    def _put(self, event: StreamEvent) -> None:
+        if self._streaming:
             self._events.put(event)
+        else:
+            self._backlog.append(event)
 
     def finish(self, output: RequestOutput) -> bool:
         """Ends the handle; returns False (and does nothing) if it had already ended."""
@@ -59,7 +104,7 @@ class RequestHandle:
             if self.future.done():
                 return False
             self._ended = True
-            self._events.put(StreamEvent(finished=True, output=output))
+            self._put(StreamEvent(finished=True, output=output))
             self.future.set_result(output)
             return True
 

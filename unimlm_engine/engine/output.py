@@ -35,6 +35,7 @@ class OutputProcessor:
         self.on_stop, self.on_text_done = on_stop, on_text_done
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self.cpu_s = 0.0  # CPU seconds this thread spent processing (not waiting)
         self._thread = threading.Thread(target=self._run, name="unimlm-output", daemon=True)
         self._thread.start()
 
@@ -63,10 +64,12 @@ class OutputProcessor:
             item = self._q.get()
             if item[0] is _STOP:
                 return
+            c0 = time.thread_time()
             try:
                 item[0](*item[1:])
             except Exception:  # noqa: BLE001 - one request's output problem must not stop the thread
                 log.exception("output processing failed")
+            self.cpu_s += time.thread_time() - c0
 
     # ---- the thread ---------------------------------------------------------------------------------
     def _tokens(self, items: list[tuple[Sequence, int]]) -> None:
@@ -74,19 +77,12 @@ class OutputProcessor:
             if s.stop_string_hit or s.text_finalized:
                 continue  # generated after the cut: dropped when the text is done
             delta = s.detok.step_one(tok)
-            if not s.request.sampling.stop:  # the common case, kept short: one event per token
-                s.text += delta
-                s.emitted += len(delta)
-                s.handle.emit(StreamEvent(delta, (tok,)))
-                continue
-            if delta:
-                s.text += delta
-                if self._cut_stop_string(s, len(delta)):
-                    s.stop_cut = len(s.detok.ids) - 1
-                    self._stream(s, (tok,), final=True)
-                    self.on_stop(s)
-                    continue
-            self._stream(s, (tok,), final=False)
+            if not s.request.sampling.stop:  # the common case, kept short
+                if delta:
+                    s.text_parts.append(delta)
+                s.handle.emit_text(delta, (tok,))
+            elif self._with_stops(s, delta, (tok,), final=False):
+                self.on_stop(s)
 
     def _text_done(self, s: Sequence) -> None:
         self._finalize_text(s)
@@ -110,10 +106,12 @@ class OutputProcessor:
         s.text_finalized = True
         if not s.stop_string_hit:
             tail = s.detok.flush()
-            if tail:
-                s.text += tail
-                if self._cut_stop_string(s, len(tail)):
-                    s.stop_cut = len(s.detok.ids) - 1
+            if not s.request.sampling.stop:
+                if tail:
+                    s.text_parts.append(tail)
+                    s.handle.emit_text(tail, ())
+            else:
+                self._with_stops(s, tail, (), final=True)
         if s.stop_cut is not None:
             cut = s.stop_cut
             del s.generated[cut + 1:]
@@ -121,28 +119,27 @@ class OutputProcessor:
             s.pending = [p for p in s.pending if p.source == "prompt" or p.token_index <= cut]
             if s.finish_reason in ("length", None):
                 s.finish_reason = "stop"
-        self._stream(s, (), final=True)
 
     @staticmethod
-    def _cut_stop_string(s: Sequence, new: int) -> bool:
-        """Look for a stop string overlapping the last `new` characters; cut the text before it."""
-        for stop in s.request.sampling.stop:
-            cut = s.text.find(stop, max(0, len(s.text) - new - len(stop) + 1))
-            if cut >= 0:
-                s.text, s.stop_string_hit = s.text[:cut], True
-                return True
-        return False
-
-    @staticmethod
-    def _stream(s: Sequence, token_ids: tuple[int, ...], final: bool) -> None:
-        """Emit the text that is safe to show (all of it when final) with these token ids."""
-        end = len(s.text)
+    def _with_stops(s: Sequence, delta: str, token_ids: tuple[int, ...], final: bool) -> bool:
+        """A request with stop strings: new text `delta`. Streams what cannot start a stop string (all of it
+        when final) and holds back the rest; at a stop string, cuts the text before it. -> True at a hit."""
         stops = s.request.sampling.stop
-        if not final and stops:
-            end = max(s.emitted, end - max(len(x) for x in stops) + 1)
-        if end > s.emitted or token_ids:
-            s.handle.emit(StreamEvent(text=s.text[s.emitted:end], token_ids=token_ids))
-            s.emitted = end
+        pending = s.held + delta
+        hits = [j for j in (pending.find(x) for x in stops) if j >= 0]
+        if hits:
+            out, s.held, s.stop_string_hit = pending[:min(hits)], "", True
+            s.stop_cut = len(s.detok.ids) - 1
+        elif final:
+            out, s.held = pending, ""
+        else:
+            keep = max(len(pending) - max(len(x) for x in stops) + 1, 0)  # a stop string starts after `keep`
+            out, s.held = pending[:keep], pending[keep:]
+        if out:
+            s.text_parts.append(out)
+        if out or token_ids:
+            s.handle.emit_text(out, token_ids)
+        return bool(hits)
 
     @staticmethod
     def output(s: Sequence, reason: str) -> RequestOutput:

@@ -15,6 +15,7 @@ Logits stay outside the graph: they run only for the sampled rows.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Optional
 
@@ -45,6 +46,7 @@ class ModelRunner:
                  graph_capture: Optional[bool] = None, superlinks: Optional[SuperLinks] = None):
         self.model = model
         self.superlinks = superlinks or SuperLinks(model)
+        self.model_cpu_s = 0.0  # CPU seconds of the calling thread inside the model (vision, embedding, LLM, logits)
         c = model.cfg.llm
         self.block_size = block_size
         self.cache = PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
@@ -90,22 +92,27 @@ class ModelRunner:
         ph = np.flatnonzero(ids == PLACEHOLDER)
         if not ph.size:
             return ids, h2d(np.maximum(ids, 0), self.device)
-        sampled, row_of = placeholders
+        sampled = placeholders
         owner = ph if len(ph) == len(seqs) == len(ids) else np.searchsorted(np.cumsum(counts), ph, side="right")
-        src = h2d(np.fromiter((row_of[seqs[i].seq_id] for i in owner), dtype=np.int64, count=len(owner)),
-                  sampled.device)
+        rows = np.fromiter((seqs[i].sample_row for i in owner), dtype=np.int64, count=len(owner))
         if len(ph) == len(ids):  # every row is an in-flight sample (a pure decode step)
-            return ids, sampled[src].to(self.device)
+            if len(rows) == len(sampled) and (rows == np.arange(len(rows))).all():
+                return ids, sampled.to(self.device)  # the same sequences in the same order: no gather
+            return ids, sampled[h2d(rows, sampled.device)].to(self.device)
+        src = h2d(rows, sampled.device)
         ids_t = h2d(np.maximum(ids, 0), self.device)
         ids_t[h2d(ph, self.device)] = sampled[src].to(ids_t.device)
         return ids, ids_t
 
     def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
-                    placeholders=None) -> torch.Tensor:
-        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence."""
+                    placeholders=None, prefill: bool = True) -> torch.Tensor:
+        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence.
+        prefill=False: no sequence feeds a prompt position (no image features to place)."""
         ids, ids_t = self._input_ids(seqs, starts, counts, placeholders)
-        embeds = self.model.llm.embed(ids_t)
-        has_images = any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts))
+        c0 = time.thread_time()
+        embeds = self.model.llm.embed(ids_t)  # the model's first layer: model time
+        self.model_cpu_s += time.thread_time() - c0
+        has_images = prefill and any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts))
         if not has_images and not ((ids < 0) & (ids != PLACEHOLDER)).any():
             return embeds  # the decode fast path: vocabulary ids (or in-flight samples) only
         embeds = embeds.clone()
@@ -122,30 +129,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out, seqs: list[Sequence], placeholders=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one scheduled step. placeholders: (sampled ids [m] on the device, seq_id -> row) of the
-        in-flight step, for tokens still PLACEHOLDER on the host. -> (hidden [T, hidden] final-norm,
+        """Run one scheduled step. placeholders: the in-flight step's sampled ids [m] on the device; a token
+        still PLACEHOLDER on the host is row `seq.sample_row` of it. -> (hidden [T, hidden] final-norm,
         last_rows [N] row of each sequence's last new token)."""
         counts = np.asarray(out.num_new_tokens, dtype=np.int64)
         starts = np.asarray(out.num_computed, dtype=np.int64)
-        need = [s for s, a, n in zip(seqs, starts, counts) if s.needs_images(int(a), int(a + n))]
+        prefill = bool(out.is_prefill.any())  # image positions are prompt positions
+        need = [s for s, a, n in zip(seqs, starts, counts) if s.needs_images(int(a), int(a + n))] if prefill else ()
         if need:
+            c0 = time.thread_time()
             self.encode_images(need)
+            self.model_cpu_s += time.thread_time() - c0
         qsl = np.asarray(out.query_start_loc, dtype=np.int64)
         hidden = self._decode_graph(out, seqs, starts, counts, placeholders)
         if hidden is not None:
             return hidden, torch.from_numpy(qsl[1:] - 1)
         total = int(qsl[-1])
-        positions = np.repeat(starts - qsl[:-1], counts) + np.arange(total)
+        decode = total == len(seqs)  # one new token each
+        positions = starts if decode else np.repeat(starts - qsl[:-1], counts) + np.arange(total)
         meta = PagedAttentionMetadata(
             cu_seqlens_q=h2d(qsl.astype(np.int32), self.device),
             context_lens=h2d((starts + counts).astype(np.int32), self.device),
             block_tables=h2d(np.asarray(out.block_tables(-1), dtype=np.int32), self.device),
             slot_mapping=h2d(np.asarray(out.slot_mapping, dtype=np.int64), self.device),
-            is_all_decode=bool((counts == 1).all()), num_tokens=total, max_query_len=int(counts.max()),
+            is_all_decode=decode, num_tokens=total, max_query_len=int(counts.max()),
             max_context_len=int((starts + counts).max()))
         self.attn.set_metadata(meta)
-        embeds = self._embeddings(seqs, starts, counts, placeholders)
+        embeds = self._embeddings(seqs, starts, counts, placeholders, prefill)
+        c0 = time.thread_time()
         hidden = self.model.llm.forward(embeds, h2d(positions, self.device), self.attn)
+        self.model_cpu_s += time.thread_time() - c0
         return hidden, torch.from_numpy(qsl[1:] - 1)
 
     def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
@@ -163,14 +176,16 @@ class ModelRunner:
             return None  # super-link query markers take the embedding override
         device_ids = None
         if ph.any():  # the in-flight step's samples, read on the device
-            sampled, row_of = placeholders
             rows = np.flatnonzero(ph)
-            src = np.asarray([row_of[seqs[i].seq_id] for i in rows], dtype=np.int64)
-            device_ids = (h2d(rows, self.device), sampled[h2d(src, sampled.device)])
+            src = np.fromiter((seqs[i].sample_row for i in rows), dtype=np.int64, count=len(rows))
+            device_ids = (h2d(rows, self.device), placeholders[h2d(src, placeholders.device)])
             ids = np.where(ph, 0, ids)
         slots = np.asarray(out.slot_mapping, dtype=np.int64)
         try:
-            return g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32), device_ids)
+            c0 = time.thread_time()
+            hidden = g.run(ids, starts, slots, np.asarray(out.block_tables(0), dtype=np.int32), device_ids)
+            self.model_cpu_s += time.thread_time() - c0
+            return hidden
         except RuntimeError as e:
             if not g.capture:
                 raise
@@ -183,4 +198,7 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] fp32"""
-        return self.model.llm.logits(hidden_rows)
+        c0 = time.thread_time()
+        out = self.model.llm.logits(hidden_rows)
+        self.model_cpu_s += time.thread_time() - c0
+        return out

@@ -38,7 +38,7 @@ class BatchSampler:
         sequence's `num_sampled`."""
         n = len(seqs)
         dev = logits.device
-        if all(s.plain_greedy for s in seqs):  # the common case: argmax, nothing forced or biased left
+        if all(0 <= s.greedy_from <= s.num_sampled for s in seqs):  # the common case: plain argmax
             for s in seqs:
                 s.num_sampled += 1
             return logits.argmax(-1), np.zeros(n, dtype=bool)

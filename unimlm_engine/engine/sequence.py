@@ -8,7 +8,7 @@ scheduling (core.py) the last token can be PLACEHOLDER for one step: sampled on 
 fed to the next step from there, and resolved when the host learns its value.
 
 Ownership: the engine loop thread owns the sequence until its text is done (`text_done`);
-the output thread owns `text`, `emitted`, `detok`, `stop_cut` and, after text_done, the rest.
+the output thread owns `text_parts`, `held`, `detok`, `stop_cut` and, after text_done, the rest.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ class Sequence:
     seed: int = 0  # SamplingParams.resolved_seed(): the counter-based sampler's key
     num_sampled: int = 0  # valid samples drawn, in flight included (the next sample's index)
     placeholder_pos: Optional[int] = None  # position of the unresolved PLACEHOLDER in tokens
+    sample_row: int = -1  # its row in the last launched step's sampled ids
+    greedy_from: int = -1  # greedy, no logit bias: the sample index from which argmax alone decides (-1: never)
     detok: Any = None
     deadline: Optional[float] = None
     arrival: float = field(default_factory=time.monotonic)
@@ -47,8 +49,8 @@ class Sequence:
     first_token: Optional[float] = None
     last_token: Optional[float] = None
     generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already streamed (stop-string hold-back keeps a tail)
+    text_parts: list[str] = field(default_factory=list)  # the text streamed so far, in pieces
+    held: str = ""  # text after it, held back while it could start a stop string
     pending: list[Any] = field(default_factory=list)  # superlink.PendingPayload, filled as positions compute
     payloads: list[RoutedPayload] = field(default_factory=list)
     finish_after_payload: Optional[str] = None
@@ -62,10 +64,8 @@ class Sequence:
     num_cached_tokens: int = 0
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no logit bias and no forced-prefix token left: the sampler's argmax fast path."""
-        p = self.request.sampling
-        return p.temperature == 0 and not p.logit_bias and self.num_sampled >= len(p.forced_prefix)
+    def text(self) -> str:
+        return "".join(self.text_parts) + self.held
 
     def needs_images(self, start: int, end: int) -> bool:
         """True if positions [start, end) include image tokens whose features are not computed."""

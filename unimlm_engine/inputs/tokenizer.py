@@ -345,31 +345,36 @@ class _WindowDecoder:
 
 
 _BYTES = tuple(bytes((b,)) for b in range(256))
+_ASCII = tuple(chr(b) for b in range(128))
 
 
 class _ByteDecoder:
-    """ByteTokenizer: an incremental UTF-8 decoder, O(1) per token; a control id ends a byte run (as in
-    `decode`, which decodes each run of plain ids on its own)."""
+    """ByteTokenizer: incremental UTF-8, O(1) per token (an ASCII byte with nothing pending is one table
+    lookup; otherwise one C-level `codecs.utf_8_decode` over the pending bytes); a control id ends a
+    byte run (as in `decode`, which decodes each run of plain ids on its own)."""
 
     def __init__(self, tokenizer: "ByteTokenizer", skip_special: bool):
         self.tokenizer, self.skip_special = tokenizer, skip_special
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._decode = self._utf8.decode
+        self._pending = b""
         self._control = tokenizer.control_ids
         self._vocab = tokenizer.vocab_size
 
     def step(self, tok: int) -> str:
         if tok not in self._control:
+            b = tok - ByteTokenizer.BYTE_OFFSET
             if not 0 <= tok < self._vocab:
                 raise IndexError(f"ByteTokenizer: id {tok} out of range [0, {self._vocab})")
-            return self._decode(_BYTES[tok - ByteTokenizer.BYTE_OFFSET])
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
+            if b < 0x80 and not self._pending:
+                return _ASCII[b]
+            text, used = codecs.utf_8_decode(self._pending + _BYTES[b], "replace", False)
+            self._pending = (self._pending + _BYTES[b])[used:]
+            return text
+        text = self.flush()
         return text if self.skip_special else text + self.tokenizer.id_to_token(tok)
 
     def flush(self) -> str:
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
+        text = codecs.utf_8_decode(self._pending, "replace", True)[0]
+        self._pending = b""
         return text
 
 
