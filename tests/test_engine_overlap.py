@@ -27,8 +27,8 @@ def _sampled_route_requests(tok, n, seed):
 
 @pytest.mark.parametrize("cfg", [
     dict(num_kv_blocks=48, max_num_batched_tokens=64, max_num_seqs=8),  # preemption + chunking with placeholders
-    dict(num_kv_blocks=512, max_num_batched_tokens=4096, max_num_seqs=64),
-], ids=["small-pool", "roomy"])
+    dict(num_kv_blocks=512, max_num_batched_tokens=4096, max_num_seqs=64, output_thread=True),
+], ids=["small-pool", "roomy-output-thread"])
 def test_sampled_routing_tokens_equal_reference(cfg):
     model, tok = tiny_model()
     engine = ue.Engine(model, tok, ue.EngineConfig(**cfg))

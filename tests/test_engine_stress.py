@@ -21,9 +21,11 @@ def _finished_events(handle) -> int:
 
 
 @pytest.mark.timeout(600)
-def test_stress_every_handle_ends_once():
+@pytest.mark.parametrize("output_thread", [False, True], ids=["inline-output", "output-thread"])
+def test_stress_every_handle_ends_once(output_thread):
     model, tok = tiny_model()
     cfg = ue.EngineConfig(num_kv_blocks=48, max_queue_size=32, max_num_seqs=16, max_num_batched_tokens=256,
+                          output_thread=output_thread,
                           decoder_max_batch_size=4)
     eng = ue.Engine(model, tok, cfg)
     handles, lock = [], threading.Lock()

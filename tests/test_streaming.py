@@ -8,10 +8,10 @@ import unimlm_engine as ue
 from engine_helpers import IMAGES, tiny_model
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-output", "output-thread"])
+def engine(request):
     model, tok = tiny_model()
-    eng = ue.Engine(model, tok, ue.EngineConfig(num_kv_blocks=256))
+    eng = ue.Engine(model, tok, ue.EngineConfig(num_kv_blocks=256, output_thread=request.param))
     yield eng
     eng.close()
 

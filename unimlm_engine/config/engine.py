@@ -28,6 +28,9 @@ class EngineConfig:
     # ("gdino": every route of that decoder; kinds eager | onnxruntime | aoti | tensorrt); default eager
     decoder_backends: dict[str, str] = field(default_factory=dict)
     idle_wait_s: float = 0.005
+    # output processing (detokenization, stop strings, stream events) on its own thread; None: when the
+    # model runs on CUDA (there it overlaps the device's work; on a CPU it only adds a hand-off per step)
+    output_thread: Optional[bool] = None
     cuda_graphs: bool = True  # all-decode steps replay a captured CUDA graph per batch-size bucket (CUDA only)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     cuda_graph_max_context: int = 8192  # longer sequences take the eager path

@@ -89,7 +89,8 @@ class EngineCore:
         self.model, self.scheduler, self.runner, self.superlinks = model, scheduler, runner, superlinks
         self.intake, self.cfg = intake, cfg
         self.router = DecoderRouter(model, cfg, self.on_task)  # first: a bad back-end spec raises here
-        self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch)
+        threaded = cfg.output_thread if cfg.output_thread is not None else torch.device(model.device).type == "cuda"
+        self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch, threaded=threaded)
         self.sampler = BatchSampler(model.device)
         self.eos = model.cfg.llm.eos_token_id
         self.queue = _C.RequestQueue(cfg.max_queue_size)

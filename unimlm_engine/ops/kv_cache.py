@@ -27,6 +27,11 @@ def _kernel():
 
 def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
     """k, v: [T, Hkv, D] into k_cache, v_cache: [NB, BS, Hkv, D] at slot_mapping [T] (skip -1)."""
+    if k_cache.is_contiguous() and v_cache.is_contiguous() and bool((slot_mapping >= 0).all()):
+        # every token writes (the engine's case): one index_copy_ into the flat slot view
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     bs = k_cache.shape[1]

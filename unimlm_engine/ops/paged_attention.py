@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ._dispatch import custom_op, pick, triton_launch_guard
 
@@ -68,8 +69,9 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
 
 def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale,
                          max_context_len: int = -1) -> torch.Tensor:
-    """The CPU serving path of decode: the same fp32 math as `paged_decode_reference`, for all
-    sequences at once (padded gather through the block tables, GQA heads grouped, no repeat).
+    """The CPU serving path of decode: fp32 attention as `paged_decode_reference` computes it, for all
+    sequences at once (padded gather through the block tables, then one fused
+    `scaled_dot_product_attention` with GQA and a padding mask).
     q: [B, H, D] -> [B, H, D] (q.dtype); max_context_len: see the module doc."""
     b, h, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
@@ -79,16 +81,18 @@ def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale,
         raise ValueError(f"paged_decode: max_context_len={max_context_len} is smaller than the longest context "
                          f"{int(context_lens.max())}")
     width = min((max_context_len + bs - 1) // bs, block_tables.shape[1])
-    pages = block_tables[:, :width].long().clamp(min=0)  # padding entries read block 0, masked below
-    k = k_cache[pages].reshape(b, width * bs, hkv, d).float()  # [B, L, Hkv, D]
-    v = v_cache[pages].reshape(b, width * bs, hkv, d).float()
-    qf = q.float().view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
-    s = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
+    pages = block_tables[:, :width].reshape(-1).long().clamp(min=0)  # padding reads block 0, masked below
+    k = k_cache.index_select(0, pages).view(b, width * bs, hkv, d)  # [B, L, Hkv, D]
+    v = v_cache.index_select(0, pages).view(b, width * bs, hkv, d)
     valid = torch.arange(width * bs, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    v = v.masked_fill(~valid[:, :, None, None], 0.0)  # 0 * (garbage or NaN past a context) would leak
-    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(s, dim=-1), v)
-    return out.reshape(b, h, d).to(q.dtype)
+    # zero K and V past each context: a masked score is -inf, but -inf + NaN (a poisoned or stale slot)
+    # is NaN, and 0 * NaN in the value sum would leak too
+    pad = ~valid[:, :, None, None]
+    k = k.float().masked_fill(pad, 0.0).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v.float().masked_fill(pad, 0.0).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=True)  # [B, H, 1, D], fp32
+    return out[:, :, 0].to(q.dtype)
 
 
 def paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
