@@ -155,9 +155,9 @@ def main() -> None:
                   f"{r['output_cpu_ms']:.3f}; best run {r['host_cpu_min_ms']:.3f})", flush=True)
     print_table(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    write_json("engine_overhead", {"rows": rows, "commit": commit, "machine": platform.processor() or platform.machine(),
-                                   "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                   "args": vars(args)})
+    machine = platform.processor() or platform.machine()
+    write_json("engine_overhead", {"rows": rows, "commit": commit, "machine": machine, "cpus": os.cpu_count(),
+                                   "torch_threads": torch.get_num_threads(), "args": vars(args)})
 
 
 if __name__ == "__main__":

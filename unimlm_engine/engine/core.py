@@ -17,8 +17,9 @@ samples from the last one. Forced-prefix tokens are known on the host, so they g
 forced routing token with its K queries at once). On the CPU the forward runs synchronously; the
 pipeline and its results are the same.
 
-What the caller sees (text, stop strings, stream events, the final output) is the output thread's
-(output.py); it reports stop strings back through `request_stop`.
+What the caller sees (text, stop strings, stream events, the final output) is the output processor's
+(output.py: its own thread on CUDA, inline on the CPU); it reports stop strings back through
+`request_stop`.
 """
 from __future__ import annotations
 
@@ -89,7 +90,9 @@ class EngineCore:
         self.model, self.scheduler, self.runner, self.superlinks = model, scheduler, runner, superlinks
         self.intake, self.cfg = intake, cfg
         self.router = DecoderRouter(model, cfg, self.on_task)  # first: a bad back-end spec raises here
-        threaded = cfg.output_thread if cfg.output_thread is not None else torch.device(model.device).type == "cuda"
+        threaded = cfg.output_thread
+        if threaded is None:
+            threaded = torch.device(model.device).type == "cuda"
         self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch, threaded=threaded)
         self.sampler = BatchSampler(model.device)
         self.eos = model.cfg.llm.eos_token_id
@@ -104,7 +107,7 @@ class EngineCore:
         self._stop = threading.Event()
         self.iter_times: collections.deque[float] = collections.deque(maxlen=256)
         self.steps = 0
-        self.loop_cpu_s = 0.0  # CPU seconds of the loop thread in working iterations (runner.model_cpu_s: of it, the model)
+        self.loop_cpu_s = 0.0  # CPU seconds of the loop in working iterations (of it the model: runner.model_cpu_s)
         self._thread = threading.Thread(target=self._loop, name="unimlm-engine-loop", daemon=True)
         self._thread.start()
 

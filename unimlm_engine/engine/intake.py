@@ -51,10 +51,11 @@ class Intake:
         pending = pending if req.run_prompt_routes else []  # the query positions are fed either way
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        plain_greedy = params.temperature == 0 and not params.logit_bias
         seq = Sequence(seq_id=seq_id, request=req, handle=handle, tokens=list(ids), prompt_len=len(ids),
                        pixel_values=pixels, images=images, seed=params.resolved_seed(),
                        detok=IncrementalDetokenizer(self.tokenizer), pending=pending,
-                       greedy_from=len(params.forced_prefix) if params.temperature == 0 and not params.logit_bias else -1)
+                       greedy_from=len(params.forced_prefix) if plain_greedy else -1)
         if spans:
             idx = torch.full((len(ids),), -1, dtype=torch.long)
             row = 0

@@ -1,10 +1,11 @@
-"""Output processing on its own thread (EngineConfig.output_thread): token ids -> text deltas, stop
-strings, stream events, task results, the final output. The engine core (core.py) decides what to compute; this thread decides what
-the caller sees, the way vLLM v1 separates its engine core from output processing.
+"""Output processing (on its own thread: EngineConfig.output_thread): token ids -> text deltas, stop
+strings, stream events, task results, the final output. The engine core (core.py) decides what to
+compute; this decides what the caller sees, the way vLLM v1 separates its engine core from output
+processing.
 
 The core hands over, in order: each step's new tokens (`tokens`), a request's end of text (`text_done`),
-decoder results (`task`) and a request's end (`end`). One queue, one thread, so a request's events keep
-their order. Guarantees:
+decoder results (`task`) and a request's end (`end`). One queue and one thread (or, inline, one lock),
+so a request's events keep their order. Guarantees:
 
 - The text deltas a handle streams concatenate to exactly `RequestOutput.text`. With stop strings the
   last `max(len(stop)) - 1` characters are held back until they cannot start a stop string; what the

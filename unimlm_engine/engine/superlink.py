@@ -112,7 +112,7 @@ class SuperLinks:
         """hidden: [T, hidden] final-norm states of one step; sequence i fed positions
         [starts[i], starts[i] + counts[i]) at rows [row_starts[i], ...)."""
         for s, a, n, row in zip(seqs, starts, counts, row_starts):
-            if not s.pending:
+            if not s.pending or s.text_done:  # text done: its payloads belong to the output processor now
                 continue
             b = a + n
             for p in list(s.pending):
