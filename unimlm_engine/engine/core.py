@@ -260,41 +260,26 @@ class EngineCore:
         routing token with its queries), sampled ones as PLACEHOLDER."""
         if not step.samplers:
             return
-        ids = []
-        if not step.forced.any():  # the common case: every sample is a placeholder
-            for s in step.samplers:
-                if not (s.text_done or s.seq_id in step.discard or s.finish_after_payload):
-                    s.placeholder_pos = len(s.tokens)
-                    s.tokens.append(PLACEHOLDER)
-                    ids.append(s.seq_id)
-            if ids:
-                self.scheduler.update_batch(ids, [PLACEHOLDER] * len(ids))
-            return
-        toks = []
-        for s, forced, tok in zip(step.samplers, step.forced.tolist(), self._forced_values(step)):
+        prefix = step.forced.tolist() if step.forced.any() else None  # None: every sample is a placeholder
+        ids, toks = [], []
+        for i, s in enumerate(step.samplers):
             if s.text_done or s.seq_id in step.discard or s.finish_after_payload:
                 continue
-            if not forced:
+            tok = PLACEHOLDER
+            if prefix is not None and prefix[i]:
+                tok = s.request.sampling.forced_prefix[s.num_sampled - 1]
+                if tok in self.superlinks.route_ids:
+                    feed = [tok] + self.superlinks.open_payload(s, tok, s.num_sampled - 1, len(s.tokens) + 1)
+                    s.tokens += feed
+                    self.scheduler.update(s.seq_id, feed)
+                    continue
+            else:
                 s.placeholder_pos = len(s.tokens)
-                s.tokens.append(PLACEHOLDER)
-                ids.append(s.seq_id)
-                toks.append(PLACEHOLDER)
-                continue
-            if tok not in self.superlinks.route_ids:
-                s.tokens.append(tok)
-                ids.append(s.seq_id)
-                toks.append(tok)
-                continue
-            feed = [tok] + self.superlinks.open_payload(s, tok, s.num_sampled - 1, len(s.tokens) + 1)
-            s.tokens += feed
-            self.scheduler.update(s.seq_id, feed)
+            s.tokens.append(tok)
+            ids.append(s.seq_id)
+            toks.append(tok)
         if ids:
             self.scheduler.update_batch(ids, toks)
-
-    @staticmethod
-    def _forced_values(step: Step) -> list[int]:
-        return [s.request.sampling.forced_prefix[s.num_sampled - 1] if f else 0
-                for s, f in zip(step.samplers, step.forced.tolist())]
 
     def _process(self, step: Step) -> None:
         """The host's turn on a finished step: payloads, then each sample's token."""

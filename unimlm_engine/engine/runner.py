@@ -80,35 +80,41 @@ class ModelRunner:
             s.image_features = feats[offset:offset + n]
             offset += n
 
-    def _input_ids(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
-                   placeholders) -> tuple[np.ndarray, torch.Tensor]:
-        """-> (host ids [T] with markers and PLACEHOLDER, device ids [T] >= 0 for the embedding table:
-        a PLACEHOLDER row reads the in-flight step's sampled id of its sequence, on the device)."""
+    @staticmethod
+    def _host_ids(seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """-> the step's fed tokens [T] int64 as the host knows them: vocabulary ids, markers, PLACEHOLDER."""
         if (counts == 1).all():  # decode: one token each, no per-sequence slicing
-            ids = np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
-        else:
-            ids = np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64)
-                                  for s, a, n in zip(seqs, starts, counts)])
+            return np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
+        return np.concatenate([np.asarray(s.tokens[a:a + n], dtype=np.int64) for s, a, n in zip(seqs, starts, counts)])
+
+    @staticmethod
+    def _sample_rows(seqs: list[Sequence], owners) -> np.ndarray:
+        """Row of each owner sequence's PLACEHOLDER in the in-flight step's sampled ids."""
+        return np.fromiter((seqs[i].sample_row for i in owners), dtype=np.int64, count=len(owners))
+
+    def _input_ids(self, seqs: list[Sequence], counts: np.ndarray, ids: np.ndarray, placeholders) -> torch.Tensor:
+        """ids: `_host_ids` -> device ids [T] >= 0 for the embedding table: a PLACEHOLDER row reads the
+        in-flight step's sampled id of its sequence, on the device."""
         ph = np.flatnonzero(ids == PLACEHOLDER)
         if not ph.size:
-            return ids, h2d(np.maximum(ids, 0), self.device)
+            return h2d(np.maximum(ids, 0), self.device)
         sampled = placeholders
         owner = ph if len(ph) == len(seqs) == len(ids) else np.searchsorted(np.cumsum(counts), ph, side="right")
-        rows = np.fromiter((seqs[i].sample_row for i in owner), dtype=np.int64, count=len(owner))
+        rows = self._sample_rows(seqs, owner)
         if len(ph) == len(ids):  # every row is an in-flight sample (a pure decode step)
             if len(rows) == len(sampled) and (rows == np.arange(len(rows))).all():
-                return ids, sampled.to(self.device)  # the same sequences in the same order: no gather
-            return ids, sampled[h2d(rows, sampled.device)].to(self.device)
+                return sampled.to(self.device)  # the same sequences in the same order: no gather
+            return sampled[h2d(rows, sampled.device)].to(self.device)
         src = h2d(rows, sampled.device)
         ids_t = h2d(np.maximum(ids, 0), self.device)
         ids_t[h2d(ph, self.device)] = sampled[src].to(ids_t.device)
-        return ids, ids_t
+        return ids_t
 
-    def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
+    def _embeddings(self, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray, ids: np.ndarray,
                     placeholders=None, prefill: bool = True) -> torch.Tensor:
-        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence.
-        prefill=False: no sequence feeds a prompt position (no image features to place)."""
-        ids, ids_t = self._input_ids(seqs, starts, counts, placeholders)
+        """-> [T, hidden] input embeddings of positions [start_i, start_i + count_i) of each sequence
+        (ids: `_host_ids`). prefill=False: no sequence feeds a prompt position (no image features to place)."""
+        ids_t = self._input_ids(seqs, counts, ids, placeholders)
         c0 = time.thread_time()
         embeds = self.model.llm.embed(ids_t)  # the model's first layer: model time
         self.model_cpu_s += time.thread_time() - c0
@@ -141,7 +147,8 @@ class ModelRunner:
             self.encode_images(need)
             self.model_cpu_s += time.thread_time() - c0
         qsl = np.asarray(out.query_start_loc, dtype=np.int64)
-        hidden = self._decode_graph(out, seqs, starts, counts, placeholders)
+        ids = self._host_ids(seqs, starts, counts)
+        hidden = self._decode_graph(out, seqs, starts, counts, ids, placeholders)
         if hidden is not None:
             return hidden, torch.from_numpy(qsl[1:] - 1)
         total = int(qsl[-1])
@@ -155,30 +162,28 @@ class ModelRunner:
             is_all_decode=decode, num_tokens=total, max_query_len=int(counts.max()),
             max_context_len=int((starts + counts).max()))
         self.attn.set_metadata(meta)
-        embeds = self._embeddings(seqs, starts, counts, placeholders, prefill)
+        embeds = self._embeddings(seqs, starts, counts, ids, placeholders, prefill)
         c0 = time.thread_time()
         hidden = self.model.llm.forward(embeds, h2d(positions, self.device), self.attn)
         self.model_cpu_s += time.thread_time() - c0
         return hidden, torch.from_numpy(qsl[1:] - 1)
 
-    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray,
+    def _decode_graph(self, out, seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray, ids: np.ndarray,
                       placeholders=None) -> Optional[torch.Tensor]:
         """The bucketed static-buffer decode (CUDA graph) when the step qualifies, else None (eager).
-        -> hidden [N, hidden] final-norm."""
+        ids: `_host_ids`. -> hidden [N, hidden] final-norm."""
         g = self.graphs
         if g is None or not (counts == 1).all() or not g.fits(len(seqs), int(starts.max()) + 1):
             return None
         if any(s.patch_index is not None and a < s.prompt_len for s, a in zip(seqs, starts)):
             return None  # a prompt position of an image request: maybe an image token
-        ids = np.fromiter((s.tokens[a] for s, a in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
         ph = ids == PLACEHOLDER
         if (ids[~ph] < 0).any():
             return None  # super-link query markers take the embedding override
         device_ids = None
         if ph.any():  # the in-flight step's samples, read on the device
             rows = np.flatnonzero(ph)
-            src = np.fromiter((seqs[i].sample_row for i in rows), dtype=np.int64, count=len(rows))
-            device_ids = (h2d(rows, self.device), placeholders[h2d(src, placeholders.device)])
+            device_ids = (h2d(rows, self.device), placeholders[h2d(self._sample_rows(seqs, rows), placeholders.device)])
             ids = np.where(ph, 0, ids)
         slots = np.asarray(out.slot_mapping, dtype=np.int64)
         try:

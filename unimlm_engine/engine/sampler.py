@@ -66,9 +66,9 @@ class BatchSampler:
         if bias_rows:
             logits = logits.index_put((h2d(np.asarray(bias_rows), dev), h2d(np.asarray(bias_cols), dev)),
                                       h2d(np.asarray(bias_vals, dtype=np.float32), dev), accumulate=True)
-        out = h2d(np.where(forced, forced_tok, 0), dev)
         if len(greedy) == n:
             return logits.argmax(-1), forced
+        out = h2d(np.where(forced, forced_tok, 0), dev)
         if greedy:
             idx = h2d(np.asarray(greedy), dev)
             out[idx] = logits[idx].argmax(-1)
