@@ -180,3 +180,124 @@ def _builtin() -> None:
 
 
 _builtin()
+
+
+# ---- span routes: the second link kind (UnifiedMLLM) -----------------------------------------------------
+# The LLM writes a task span `<TASK>argument</TASK>`, optionally followed by grounding spans
+# `<BOX>label:[x1, y1, x2, y2]</BOX>` (coordinates normalised to [0, 1]); the task token and whether boxes
+# follow pick a SpanRouteSpec, whose decoder (a TaskDecoder, like a super-link route's) gets the argument
+# text, the boxes and the request's image. Span tokens are special tokens that stay in the text.
+GROUNDING_TASK = "BOX"
+BOX_MODES = ("none", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRouteSpec:
+    """name: the route's name ("imgseg"), also its key on the CLI, in decoder_options and in results.
+    task: the task tag ("IMGSEG": tokens <IMGSEG> and </IMGSEG>); GROUNDING_TASK for boxes on their own.
+    boxes: "none" (no <BOX> follows the span) or "required" (one or more <BOX> follow it); a task has at
+        most one route per mode.
+    decoder: the TaskDecoder serving it; needs_image: it needs the request's input image;
+    result: the result kind (RESULT_KINDS); options: fixed decoder options of the route.
+    """
+
+    name: str
+    task: str
+    boxes: str
+    decoder: str
+    needs_image: bool = False
+    result: str = "image"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise RouteError(f"SpanRouteSpec: name must be a lower-case identifier, got {self.name!r}")
+        if not (self.task.isidentifier() and self.task.isupper()):
+            raise RouteError(f"SpanRouteSpec {self.name}: task must be an upper-case tag name, got {self.task!r}")
+        if self.boxes not in BOX_MODES:
+            raise RouteError(f"SpanRouteSpec {self.name}: boxes must be one of {BOX_MODES}, got {self.boxes!r}")
+        if self.result not in RESULT_KINDS:
+            raise RouteError(f"SpanRouteSpec {self.name}: result must be one of {RESULT_KINDS}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def token(self) -> str:
+        """The opening task token ("<IMGSEG>"); results name the route by it."""
+        return f"<{self.task}>"
+
+
+_SPAN_ROUTES: dict[str, SpanRouteSpec] = {}
+_SPAN_BUILTIN: tuple[str, ...] = ()
+
+
+def register_span_route(spec: SpanRouteSpec) -> SpanRouteSpec:
+    with _lock:
+        if spec.name in _SPAN_ROUTES or spec.name in {s.name for s in _ROUTES.values()}:
+            raise RouteError(f"a route named {spec.name!r} is already registered")
+        if any(s.task == spec.task and s.boxes == spec.boxes for s in _SPAN_ROUTES.values()):
+            raise RouteError(f"span route {spec.name}: <{spec.task}> already has a route with boxes={spec.boxes!r}")
+        _SPAN_ROUTES[spec.name] = spec
+    return spec
+
+
+def unregister_span_route(name: str) -> None:
+    """Remove a span route added after the built-in ones (tests)."""
+    with _lock:
+        if name in _SPAN_BUILTIN:
+            raise RouteError(f"{name} is a built-in span route")
+        _SPAN_ROUTES.pop(name, None)
+
+
+def all_span_routes() -> tuple[SpanRouteSpec, ...]:
+    return tuple(_SPAN_ROUTES.values())
+
+
+def get_span_route(name: str) -> SpanRouteSpec:
+    key = name.strip().lower()
+    if key in _SPAN_ROUTES:
+        return _SPAN_ROUTES[key]
+    raise RouteError(f"unknown span route {name!r}; span routes: {', '.join(_SPAN_ROUTES)}")
+
+
+def span_route_for(task: str, num_boxes: int) -> Optional[SpanRouteSpec]:
+    """The route of a task span followed by `num_boxes` grounding spans, None when there is none."""
+    mode = "required" if num_boxes else "none"
+    return next((s for s in _SPAN_ROUTES.values() if s.task == task and s.boxes == mode), None)
+
+
+def span_tasks() -> tuple[str, ...]:
+    """Task tag names in registration order, the grounding tag included."""
+    return tuple(dict.fromkeys(s.task for s in _SPAN_ROUTES.values())) + (
+        (GROUNDING_TASK,) if GROUNDING_TASK not in {s.task for s in _SPAN_ROUTES.values()} else ())
+
+
+def span_tokens() -> tuple[str, ...]:
+    """The span vocabulary: <TASK> and </TASK> of every task tag (grounding <BOX> </BOX> included). A
+    tokenizer of a model that serves span routes has each as one special token kept in the text."""
+    return tuple(t for task in span_tasks() for t in (f"<{task}>", f"</{task}>"))
+
+
+def find_route(token_or_name: str):
+    """A RouteSpec or a SpanRouteSpec by token ("[DET]", "<IMGSEG>") or name; RouteError otherwise."""
+    key = token_or_name.strip()
+    for spec in _SPAN_ROUTES.values():
+        if key.lower() == spec.name or (key == spec.token and spec.boxes == "none"):
+            return spec
+    return get_route(key)
+
+
+def _span_builtin() -> None:
+    global _SPAN_BUILTIN
+    for spec in (
+        SpanRouteSpec("imggen", "IMGGEN", "none", decoder="sd_text"),
+        SpanRouteSpec("imgedit", "IMGEDIT", "none", decoder="ip2p_text", needs_image=True),
+        SpanRouteSpec("imgedit_box", "IMGEDIT", "required", decoder="gligen_inpaint", needs_image=True),
+        SpanRouteSpec("layoutgen", "LAYOUTGEN", "required", decoder="gligen"),
+        SpanRouteSpec("imgseg", "IMGSEG", "required", decoder="sam", needs_image=True, result="segmentation"),
+        SpanRouteSpec("box", GROUNDING_TASK, "required", decoder="boxes", needs_image=True, result="detection"),
+    ):
+        register_span_route(spec)
+    _SPAN_BUILTIN = tuple(_SPAN_ROUTES)
+
+
+_span_builtin()

@@ -18,6 +18,7 @@ from .loader import load_checkpoint
 from ..model import VisionLLM, build_model
 from ..config.presets import PRESETS, TINY_SEED, UnknownPresetError, get_preset
 from ..inputs.tokenizer import ByteTokenizer, Tokenizer
+from ..routes import span_tokens
 
 
 def cache_dir() -> Path:
@@ -54,8 +55,9 @@ def load_pretrained(model: str | os.PathLike, device: Optional[str | torch.devic
     name = str(model)
     if name in PRESETS:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        m = build_model(get_preset(name), seed=TINY_SEED, dtype=dtype, device=device)
-        tok: Tokenizer = ByteTokenizer()
+        cfg = get_preset(name)
+        m = build_model(cfg, seed=TINY_SEED, dtype=dtype, device=device)
+        tok: Tokenizer = ByteTokenizer(extra_special=span_tokens() if cfg.experts is not None else ())
         m.special_ids = dict(tok.special_ids)
         if name == "tiny":
             _attach_tiny_pipelines(m)

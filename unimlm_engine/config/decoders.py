@@ -141,3 +141,37 @@ class GenConfig(_DictMixin):
                                             "num_prompt_tokens"))
         if self.mapper_dim % self.mapper_heads:
             raise ValueError("GenConfig: mapper_dim must divide by mapper_heads")
+
+
+@dataclass(slots=True)
+class ExpertConfig(_DictMixin):
+    """The expert models of the span routes (UnifiedMLLM; routes.py, SpanRouteSpec).
+
+    Each `*_dir` is a local directory (nothing downloads): diffusers format for the pipelines, a
+    transformers SamModel + SamProcessor folder for SAM; "" leaves that expert out. tiny=True builds tiny
+    random experts in code instead (tests, the tiny-unified preset). The numbers are the experts'
+    default call options (EngineConfig.decoder_options[route name] overrides them per route).
+    """
+
+    sd_dir: str = ""  # StableDiffusionPipeline: <IMGGEN> text-to-image
+    ip2p_dir: str = ""  # StableDiffusionInstructPix2PixPipeline: <IMGEDIT> global edit
+    gligen_dir: str = ""  # StableDiffusionGLIGENPipeline (generation weights): <LAYOUTGEN> + <BOX>
+    gligen_inpaint_dir: str = ""  # StableDiffusionGLIGENPipeline (inpainting weights): <IMGEDIT> + <BOX>
+    sam_dir: str = ""  # SamModel + SamProcessor: <IMGSEG> + <BOX>, one mask per box
+    tiny: bool = False
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    image_size: int = 512  # generated image side (text-to-image, layout generation)
+    clip_masks_to_boxes: bool = True  # SAM masks keep only the pixels inside their prompt box
+
+    def __post_init__(self) -> None:
+        _check_positive("ExpertConfig", self, ("num_inference_steps", "image_size"))
+        if self.image_size % 8:
+            raise ValueError(f"ExpertConfig: image_size must be a multiple of 8, got {self.image_size}")
+        if self.guidance_scale < 0 or self.image_guidance_scale < 0:
+            raise ValueError("ExpertConfig: guidance scales must be >= 0")
+
+    def directory(self, expert: str) -> str:
+        """The local directory of an expert ("sd", "ip2p", "gligen", "gligen_inpaint", "sam")."""
+        return getattr(self, f"{expert}_dir")

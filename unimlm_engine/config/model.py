@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-from .decoders import DetectorConfig, GenConfig, PoseConfig
+from .decoders import DetectorConfig, ExpertConfig, GenConfig, PoseConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -172,6 +172,7 @@ class ModelConfig:
     gen: Optional[GenConfig] = None
     edit: Optional[GenConfig] = None
     vl_bridge_type: str = "mlp2x_gelu"
+    experts: Optional[ExpertConfig] = None  # span-route experts (UnifiedMLLM); not in the official config.json
 
     def __post_init__(self) -> None:
         require(self.vl_bridge_type == "mlp2x_gelu", "ModelConfig", f"unsupported vl_bridge_type {self.vl_bridge_type!r}")

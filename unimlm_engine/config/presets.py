@@ -4,14 +4,18 @@
   byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`).
 - `visionllm-v2-7b`: the real shapes of DESIGN.md section 1 (CLIP ViT-L/14-336,
   Vicuna-7B, LoRA-MoE E=8 r=4 alpha=32, K=4 / 64 super-link queries).
+- `unifiedmllm-7b`: UnifiedMLLM's shapes (CLIP ViT-L/14-336 on one tile, Vicuna-7B with LoRA-MoE
+  E=8 r=4 alpha=32 on the FFN linears); no super-link decoders; span-route experts from local
+  directories (ExpertConfig.*_dir, empty here: set them to serve those routes).
+- `tiny-unified`: the same at test size, tiny random experts built in code; runs on a CPU in seconds.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from .model import LLMConfig, LoRAMoEConfig, ModelConfig, SuperLinkConfig, VisionConfig
-from ..routes import required_special_tokens, special_tokens
-from .decoders import DetectorConfig, GenConfig, PoseConfig
+from ..routes import required_special_tokens, span_tokens, special_tokens
+from .decoders import DetectorConfig, ExpertConfig, GenConfig, PoseConfig
 
 # Byte tokenizer layout (see inputs/tokenizer.py): <unk> <s> </s>, 256 bytes, then the special tokens.
 TINY_VOCAB_SIZE = 3 + 256 + len(required_special_tokens())
@@ -55,7 +59,32 @@ def visionllm_v2_7b() -> ModelConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny, "visionllm-v2-7b": visionllm_v2_7b}
+def tiny_unified() -> ModelConfig:
+    """tiny's LLM and vision shapes on one tile, the byte tokenizer with the span tokens, tiny experts
+    (2 denoising steps, 32 px images)."""
+    t = tiny()
+    t.vision.max_tiles, t.vision.use_thumbnail = 1, False
+    return ModelConfig(vision=t.vision,
+                       llm=LLMConfig(vocab_size=3 + 256 + len(special_tokens()) + len(span_tokens()), hidden_size=256,
+                                     intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=2048),
+                       lora_moe=LoRAMoEConfig(num_experts=4, rank=2, alpha=8.0), superlink=t.superlink,
+                       experts=ExpertConfig(tiny=True, num_inference_steps=2, guidance_scale=2.0, image_size=32))
+
+
+def unifiedmllm_7b() -> ModelConfig:
+    """Vocabulary: Vicuna's 32000, the 17 added tokens the engine's tokenizers carry (<image> ...), then
+    the 10 span tokens (our layout: UnifiedMLLM's released vocabulary was not available to check)."""
+    return ModelConfig(
+        vision=VisionConfig(max_tiles=1, use_thumbnail=False),
+        llm=LLMConfig(vocab_size=32000 + len(required_special_tokens()) + len(span_tokens())),
+        lora_moe=LoRAMoEConfig(num_experts=8, rank=4, alpha=32.0),
+        experts=ExpertConfig(),
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny, "visionllm-v2-7b": visionllm_v2_7b,
+                                                 "unifiedmllm-7b": unifiedmllm_7b, "tiny-unified": tiny_unified}
 
 
 class UnknownPresetError(ValueError):

@@ -37,6 +37,7 @@ import torch
 from .. import _C
 from .output import OutputProcessor
 from .routing import DecoderRouter
+from .span_routing import SpanRouter
 from .runner import ModelRunner
 from .sampler import BatchSampler, h2d, to_host, wait
 from .sequence import PLACEHOLDER, Sequence
@@ -90,10 +91,12 @@ class EngineCore:
         self.model, self.scheduler, self.runner, self.superlinks = model, scheduler, runner, superlinks
         self.intake, self.cfg = intake, cfg
         self.router = DecoderRouter(model, cfg, self.on_task)  # first: a bad back-end spec raises here
+        self.span_router = SpanRouter(model, cfg, self.router, self.on_task)  # span routes: same batcher
         threaded = cfg.output_thread
         if threaded is None:
             threaded = torch.device(model.device).type == "cuda"
-        self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch, threaded=threaded)
+        self.output = OutputProcessor(on_stop=self.request_stop, on_text_done=self._dispatch, threaded=threaded,
+                                      span_tasks=self.span_router.tasks(), on_spans=self._on_spans)
         self.sampler = BatchSampler(model.device)
         self.eos = model.cfg.llm.eos_token_id
         self.queue = _C.RequestQueue(cfg.max_queue_size)
@@ -139,20 +142,31 @@ class EngineCore:
         for s in left:
             self.end(s, "cancelled")
         self.router.close(timeout=timeout)
+        self.span_router.close(timeout=timeout)
         self.output.close(timeout=timeout)
 
     def busy(self) -> bool:
         return bool(self.seqs or self.incoming)
 
     def on_task(self, s: Sequence, idx: int, task: TaskResult) -> None:
-        """Decoder worker callback (any thread)."""
+        """Decoder worker callback (any thread), super-link tasks and spans (task.span set) alike. The
+        request ends when its text is done, its tasks are planned and no routed call is left."""
         with self.lock:
-            s.tasks[idx] = task
+            (s.spans if task.span is not None else s.tasks)[idx] = task
             s.decoders_pending -= 1
-            done = s.decoders_pending == 0
+            done = s.planned and s.decoders_pending == 0
         self.output.task(s, idx, task)
         if done:
             self.end(s, s.finish_reason or "stop")
+
+    def _on_spans(self, s: Sequence, groups: list, dispatch: bool) -> None:
+        """The output side completed span groups (its thread): each becomes a span call, in text order."""
+        for g in groups:
+            with self.lock:
+                idx = len(s.spans)
+                s.spans.append(None)
+                s.decoders_pending += 1
+            self.span_router.submit(s, idx, g, dispatch)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -354,8 +368,10 @@ class EngineCore:
         """On the output thread, after the text is final: hand the payloads to the decoders."""
         jobs = self.router.plan(s)
         with self.lock:
-            s.decoders_pending = len(jobs)
-        if not jobs:
+            s.decoders_pending += len(jobs)  # span calls still running are counted already
+            s.planned = True
+            done = s.decoders_pending == 0
+        if done:
             self.end(s, s.finish_reason)
             return
         for idx, spec in jobs:

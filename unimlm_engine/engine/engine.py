@@ -125,7 +125,7 @@ class Engine:
             "active_requests": len(core.seqs) + len(core.incoming),
             "kv_blocks_total": self.memory["num_kv_blocks"], "kv_blocks_free": sch.num_free_blocks,
             "kv_blocks_cached": sch.num_cached_blocks, "preemptions": sch.num_preemptions,
-            "decoder_queue_depths": self.router.depths(), "decoder_mean_batch_size": self.router.mean_batch_size(),
+            "decoder_queue_depths": {**self.router.depths(), **core.span_router.depths()}, "decoder_mean_batch_size": self.router.mean_batch_size(),
             "decoder_backends": {r: b.kind for r, b in self.router.backends.items()},
             "steps": core.steps, "iteration_latency_s": (sum(times) / len(times)) if times else None,
             # CPU seconds: the loop thread (working iterations), of it the model's forward, the output thread

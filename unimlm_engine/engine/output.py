@@ -14,6 +14,9 @@ so a request's events keep their order. Guarantees:
   the core to stop the request (`on_stop`), and when the text is done drops what was generated after the
   cut (tokens, and payloads of routing tokens past it) before the decoders are planned (`on_text_done`).
 - Every handle ends exactly once (`end`).
+- With span routes (`span_tasks`), the text a handle streams is also parsed for task / grounding spans
+  (spans.py) as it goes out; each completed group goes to `on_spans` at once (the engine dispatches it
+  while the text goes on), the rest when the text is final.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..routes import get_route
+from ..routes import find_route
 from .sequence import Sequence
 from .types import RequestOutput, StreamEvent, TaskResult
 
@@ -38,9 +41,11 @@ class OutputProcessor:
     more than it saves (measured: tiny preset, one request, 1.75 vs 1.84-2.03 ms per token)."""
 
     def __init__(self, on_stop: Callable[[Sequence], None], on_text_done: Callable[[Sequence], None],
-                 threaded: bool = True):
+                 threaded: bool = True, span_tasks: tuple[str, ...] = (),
+                 on_spans: Optional[Callable[[Sequence, list, bool], None]] = None):
         self.on_stop, self.on_text_done = on_stop, on_text_done
         self.threaded = threaded
+        self.span_tasks, self.on_spans = tuple(span_tasks), on_spans  # on_spans(seq, groups, dispatch)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._inline = threading.RLock()
         self.cpu_s = 0.0  # CPU seconds the output thread spent processing (not waiting); 0 when inline
@@ -95,6 +100,7 @@ class OutputProcessor:
 
     # ---- the thread ---------------------------------------------------------------------------------
     def _tokens(self, items: list[tuple[Sequence, int]]) -> None:
+        spans = bool(self.span_tasks)
         for s, tok in items:
             if s.stop_string_hit or s.text_finalized:
                 continue  # generated after the cut: dropped when the text is done
@@ -105,6 +111,23 @@ class OutputProcessor:
                 s.handle.emit_text(delta, (tok,))
             elif self._with_stops(s, delta, (tok,), final=False):
                 self.on_stop(s)
+            if spans and len(s.text_parts) > s.span_fed:
+                self._feed_spans(s, final=False)
+
+    def _feed_spans(self, s: Sequence, final: bool, dispatch: bool = True) -> None:
+        """Parse the text streamed since the last call; hand completed span groups to on_spans."""
+        if s.span_parser is None:
+            from .spans import SpanParser
+
+            s.span_parser = SpanParser(self.span_tasks)
+        groups = []
+        for part in s.text_parts[s.span_fed:]:
+            groups += s.span_parser.feed(part)
+        s.span_fed = len(s.text_parts)
+        if final:
+            groups += s.span_parser.finish()
+        if groups:
+            self.on_spans(s, groups, dispatch)
 
     def _text_done(self, s: Sequence) -> None:
         self._finalize_text(s)
@@ -114,15 +137,16 @@ class OutputProcessor:
         s.handle.emit(StreamEvent(task=task))
 
     def _end(self, s: Sequence, reason: str, error: Optional[BaseException]) -> None:
-        self._finalize_text(s)
+        self._finalize_text(s, dispatch=False)
         out = self.output(s, "stop" if s.stop_string_hit and reason == "length" else reason)
         if error is not None:
             s.handle.fail(out, error)
         else:
             s.handle.finish(out)
 
-    def _finalize_text(self, s: Sequence) -> None:
-        """Flush the detokenizer and the hold-back; apply a stop-string cut to tokens and payloads."""
+    def _finalize_text(self, s: Sequence, dispatch: bool = True) -> None:
+        """Flush the detokenizer and the hold-back; apply a stop-string cut to tokens and payloads; end the
+        span parse (dispatch=False: the request is ending, so its last span groups are not run)."""
         if s.text_finalized:
             return
         s.text_finalized = True
@@ -141,6 +165,8 @@ class OutputProcessor:
             s.pending = [p for p in s.pending if p.source == "prompt" or p.token_index <= cut]
             if s.finish_reason in ("length", None):
                 s.finish_reason = "stop"
+        if self.span_tasks:
+            self._feed_spans(s, final=True, dispatch=dispatch)
 
     @staticmethod
     def _with_stops(s: Sequence, delta: str, token_ids: tuple[int, ...], final: bool) -> bool:
@@ -170,6 +196,7 @@ class OutputProcessor:
         return RequestOutput(
             request_id=s.request.request_id, text=s.text, token_ids=list(s.generated),
             tasks=[t for t in s.tasks if t is not None], payloads=list(s.payloads), finish_reason=reason,
+            spans=[t for t in s.spans if t is not None],
             prompt_len=s.prompt_len, num_cached_tokens=s.num_cached_tokens,
             queue_time_s=(s.first_scheduled - s.arrival) if s.first_scheduled else 0.0,
             time_to_first_token_s=(s.first_token - s.arrival) if s.first_token else None,
@@ -178,8 +205,8 @@ class OutputProcessor:
 
 def to_task_result(route: str, num_groups: int, res, backend: str) -> TaskResult:
     """A decoder's result object -> the engine's TaskResult (fields by the route's result kind)."""
-    t = TaskResult(route=route, num_groups=num_groups, raw=res, backend=backend, kind=get_route(route).result)
-    for name in ("boxes", "scores", "labels", "masks", "keypoints", "images"):
+    t = TaskResult(route=route, num_groups=num_groups, raw=res, backend=backend, kind=find_route(route).result)
+    for name in ("boxes", "scores", "labels", "masks", "keypoints", "images", "phrases"):
         if hasattr(res, name):
             setattr(t, name, getattr(res, name))
     return t

@@ -60,7 +60,11 @@ class Sequence:
     finish_reason: Optional[str] = None
     text_done: bool = False
     tasks: list[Optional[TaskResult]] = field(default_factory=list)
-    decoders_pending: int = 0
+    decoders_pending: int = 0  # routed calls not returned yet (super-link tasks and spans)
+    planned: bool = False  # the super-link tasks are planned (text done): the request ends at pending == 0
+    span_parser: Any = None  # engine/spans.SpanParser, when the model serves span routes
+    span_fed: int = 0  # text_parts already fed to it
+    spans: list[Optional[TaskResult]] = field(default_factory=list)  # span results in text order
     num_cached_tokens: int = 0
 
     @property

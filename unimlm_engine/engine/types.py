@@ -68,6 +68,9 @@ class TaskResult:
     [n, H, W] bool for [SEG]; keypoints [n, K, 3] for [POSE]; images (PIL) for [GEN]/[EDIT];
     backend: the decoder back end that produced it ("eager", "onnxruntime", "aoti", "tensorrt");
     `raw` is the decoder's own result object. `to_json()`: the README's task-result schema.
+    A span route's result (route = the span route's name, "imgseg") also has `span`: [start, end)
+    character offsets of the span group in the request's text, `span_text`: the task span's argument and
+    `phrases`: the labels of its boxes (one per box row).
     """
 
     route: str
@@ -82,6 +85,9 @@ class TaskResult:
     error: Optional[BaseException] = None
     backend: Optional[str] = None
     kind: Optional[str] = None
+    span: Optional[tuple[int, int]] = None
+    span_text: Optional[str] = None
+    phrases: Any = None
 
     def to_json(self, image_paths: Optional[Sequence[str]] = None) -> dict[str, Any]:
         """The task-result JSON (README); image_paths: saved files to name instead of inline PNGs."""
@@ -97,6 +103,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # generated ids, routing tokens in, queries out
     tasks: list[TaskResult] = field(default_factory=list)
     payloads: list[Any] = field(default_factory=list)  # RoutedPayload: super-link hidden states [K, hidden]
+    spans: list[TaskResult] = field(default_factory=list)  # span-route results, in text order
     finish_reason: Optional[str] = None  # stop | length | cancelled | timeout | error
     prompt_len: int = 0
     num_cached_tokens: int = 0
@@ -115,6 +122,7 @@ class RequestOutput:
         paths = list(image_paths) if image_paths is not None else [None] * len(self.tasks)
         return {"request_id": self.request_id, "text": self.text, "token_ids": self.token_ids,
                 "finish_reason": self.finish_reason, "tasks": [t.to_json(p) for t, p in zip(self.tasks, paths)],
+                "spans": [t.to_json() for t in self.spans],
                 "prompt_len": self.prompt_len, "num_cached_tokens": self.num_cached_tokens,
                 "queue_time_s": self.queue_time_s, "time_to_first_token_s": self.time_to_first_token_s,
                 "time_per_output_token_s": self.time_per_output_token_s, "e2e_time_s": self.e2e_time_s,

@@ -6,6 +6,11 @@ prompt become one token each), exposes `special_ids` (string -> id) and `route_i
 token id -> route name such as "[DET]"). The official vocabulary's tokens are required; routing
 tokens of routes registered later are used when the vocabulary has them. `IncrementalDetokenizer` turns a growing id list into text deltas
 for streaming without splitting a multi-byte UTF-8 character.
+
+Span tokens (`routes.span_tokens()`: <IMGSEG> </IMGSEG> ... <BOX> </BOX>, UnifiedMLLM) are special tokens
+when the vocabulary has them (`ByteTokenizer(extra_special=...)`, or listed in the tokenizer files), and
+unlike the others they stay in the text: `decode` writes them out even with skip_special
+(`text_token_ids`), so the span parser and the caller see `<IMGSEG>dog</IMGSEG>`.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..routes import required_special_tokens, route_tokens, special_tokens
+from ..routes import required_special_tokens, route_tokens, span_tokens, special_tokens
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
@@ -57,10 +62,16 @@ class Tokenizer(ABC):
         return {self.special_ids[t]: t for t in route_tokens() if t in self.special_ids}
 
     @cached_property
+    def text_token_ids(self) -> frozenset[int]:
+        """Special ids that stay in the text (the span tokens the vocabulary has)."""
+        return frozenset(self.special_ids[t] for t in span_tokens() if t in self.special_ids)
+
+    @cached_property
     def control_ids(self) -> frozenset[int]:
-        """Ids that `decode(skip_special=True)` drops: the special tokens plus <unk>/<s>/</s>/pad."""
+        """Ids that `decode(skip_special=True)` drops: the special tokens (not the span tokens) plus
+        <unk>/<s>/</s>/pad."""
         extra = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
-        return frozenset(self.special_ids.values()) | extra
+        return (frozenset(self.special_ids.values()) - self.text_token_ids) | extra
 
     @cached_property
     def _text_specials(self) -> tuple[dict[str, int], re.Pattern]:
@@ -83,18 +94,18 @@ class Tokenizer(ABC):
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        control = self.control_ids
+        control, kept = self.control_ids, self.text_token_ids
         parts: list[str] = []
         run: list[int] = []
         for tid in ids:
             tid = int(tid)
-            if tid not in control:
+            if tid not in control and tid not in kept:
                 run.append(tid)
                 continue
             if run:
                 parts.append(self._decode_plain(run))
                 run = []
-            if not skip_special:
+            if not skip_special or tid in kept:
                 parts.append(self.id_to_token(tid))
         if run:
             parts.append(self._decode_plain(run))
@@ -103,14 +114,16 @@ class Tokenizer(ABC):
 
 class ByteTokenizer(Tokenizer):
     """The tiny preset's tokenizer, built in code: <unk> <s> </s>, bytes at 3 + b, special tokens from 259
-    (`routes.special_tokens()` order, read at construction)."""
+    (`routes.special_tokens()` order, read at construction), then `extra_special` (the span tokens of
+    the tiny-unified preset)."""
 
     BYTE_OFFSET = 3
 
-    def __init__(self) -> None:
+    def __init__(self, extra_special: Sequence[str] = ()) -> None:
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 0
         first = self.BYTE_OFFSET + 256
-        self.special_ids = {t: first + i for i, t in enumerate(special_tokens())}
+        tokens = tuple(dict.fromkeys(tuple(special_tokens()) + tuple(extra_special)))
+        self.special_ids = {t: first + i for i, t in enumerate(tokens)}
         self._id_to_special = {i: t for t, i in self.special_ids.items()}
         self._id_to_special.update({0: UNK, 1: BOS, 2: EOS})
         self.vocab_size = first + len(self.special_ids)
@@ -179,8 +192,8 @@ class HFTokenizer(Tokenizer):
         self._tok = _HF.from_file(str(directory / "tokenizer.json"))
         declared = _declared_added_tokens(directory)
         required = required_special_tokens()
-        wanted = [t for t in special_tokens() if t in required or self._tok.token_to_id(t) is not None
-                  or t in declared]
+        wanted = [t for t in special_tokens() + span_tokens() if t in required
+                  or self._tok.token_to_id(t) is not None or t in declared]
         missing = [t for t in wanted if self._tok.token_to_id(t) is None]
         for token in sorted(missing, key=lambda t: declared.get(t, -1)):
             if token not in declared:
@@ -261,7 +274,7 @@ class SentencePieceTokenizer(Tokenizer):
             missing = [t for t in required_special_tokens() if t not in declared]
             if missing:
                 raise ValueError(f"tokenizer in {directory}: added_tokens.json lacks special tokens {missing}")
-            self.special_ids = {t: declared[t] for t in special_tokens() if t in declared}
+            self.special_ids = {t: declared[t] for t in special_tokens() + span_tokens() if t in declared}
         else:
             self.special_ids = {t: n + i for i, t in enumerate(special_tokens())}
         clash = [t for t, i in self.special_ids.items() if i < n]
@@ -356,7 +369,8 @@ class _ByteDecoder:
     def __init__(self, tokenizer: "ByteTokenizer", skip_special: bool):
         self.tokenizer, self.skip_special = tokenizer, skip_special
         self._pending = b""
-        self._control = tokenizer.control_ids
+        self._kept = tokenizer.text_token_ids
+        self._control = tokenizer.control_ids | self._kept
         self._vocab = tokenizer.vocab_size
 
     def step(self, tok: int) -> str:
@@ -370,7 +384,7 @@ class _ByteDecoder:
             self._pending = (self._pending + _BYTES[b])[used:]
             return text
         text = self.flush()
-        return text if self.skip_special else text + self.tokenizer.id_to_token(tok)
+        return text if self.skip_special and tok not in self._kept else text + self.tokenizer.id_to_token(tok)
 
     def flush(self) -> str:
         text = codecs.utf_8_decode(self._pending, "replace", True)[0]

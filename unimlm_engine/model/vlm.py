@@ -30,7 +30,7 @@ class VisionLLM(nn.Module):
             self.add_module(name, table)
             self.query_table_names += (name,)
         self.decoders: Optional[nn.Module] = None
-        if with_decoders and any(c is not None for c in (cfg.detector, cfg.pose, cfg.gen, cfg.edit)):
+        if with_decoders and any(c is not None for c in (cfg.detector, cfg.pose, cfg.gen, cfg.edit, cfg.experts)):
             from .decoders import DecoderSet
 
             self.decoders = DecoderSet(cfg)

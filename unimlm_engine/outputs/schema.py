@@ -11,6 +11,9 @@ results"). One object per TaskResult:
     images      [{"width": w, "height": h, "format": "png", "data": base64} or {..., "path": file}]  (image)
     seeds       [seed, ...] one per generated image (image)
     error       "DecoderError: ..." only when the task failed
+  span routes (RequestOutput.spans) add:
+    span        {"start": s, "end": e, "text": argument}: character offsets [s, e) of the span group in the text
+    phrases     [label, ...] one per box (the <BOX> labels)
 """
 from __future__ import annotations
 
@@ -60,10 +63,17 @@ def _numpy(x: Any) -> np.ndarray:
 def task_json(task, image_paths: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """A TaskResult -> the schema above; image_paths: files the images were saved to (named instead of
     inlined as base64 PNG)."""
-    from ..routes import get_route
+    from ..routes import find_route
 
-    d: dict[str, Any] = {"route": task.route, "name": get_route(task.route).name,
-                         "kind": task.kind or get_route(task.route).result, "num_groups": task.num_groups}
+    try:
+        spec = find_route(task.route)
+        name, kind = spec.name, spec.result
+    except ValueError:  # a span with an unknown task token: its error result names the tag
+        name, kind = task.route, None
+    d: dict[str, Any] = {"route": task.route, "name": name, "kind": task.kind or kind,
+                         "num_groups": task.num_groups}
+    if task.span is not None:
+        d["span"] = {"start": int(task.span[0]), "end": int(task.span[1]), "text": task.span_text or ""}
     if task.backend is not None:
         d["backend"] = task.backend
     if task.error is not None:
@@ -73,6 +83,8 @@ def task_json(task, image_paths: Optional[Sequence[str]] = None) -> dict[str, An
         d["boxes"] = _numpy(task.boxes).astype(float).tolist()
         d["scores"] = _numpy(task.scores).astype(float).tolist()
         d["labels"] = _numpy(task.labels).astype(int).tolist()
+    if task.phrases is not None:
+        d["phrases"] = [str(p) for p in task.phrases]
     if task.masks is not None:
         d["masks"] = [mask_to_rle(m) for m in _numpy(task.masks)]
     if task.keypoints is not None:

@@ -7,6 +7,9 @@ Every decoder is a `TaskDecoder` (base.py) registered under its official checkpo
   sd       SDDecoder         [GEN]               (generation.py)
   ip2p     IP2PDecoder       [EDIT]              (generation.py)
 
+and the span-route experts (UnifiedMLLM; routes.SpanRouteSpec, experts.py): sd_text, ip2p_text, gligen,
+gligen_inpaint, sam, boxes.
+
 The routes a decoder serves are the registry's (`RouteSpec.decoder`, unimlm_engine/routes.py).
 `DecoderSet(cfg)` builds every registered decoder the config enables, so its state dict keys start
 with those prefixes. Exported back ends (ONNX Runtime, AOTInductor, TensorRT) live in backends.py and
@@ -24,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ...config import ModelConfig
-from ...routes import RouteError, RouteSpec, all_routes, get_route
+from ...routes import RouteError, RouteSpec, SpanRouteSpec, all_routes, get_route
 from .backends import RouteBackend
 from .base import DecoderInput, TaskDecoder, decoder_classes
 from .generation import GenerationDecoder, build_tiny_pipeline, load_local_pipeline
@@ -62,8 +65,9 @@ class DecoderSet(nn.Module):
             self.add_module(name, cls.from_model_config(cfg))
 
     def decoder_for(self, route: str | RouteSpec) -> TaskDecoder:
-        """The decoder serving `route`; ValueError for an unknown or unconfigured route."""
-        spec = route if isinstance(route, RouteSpec) else get_route(route)
+        """The decoder serving `route` (a RouteSpec, a SpanRouteSpec or a super-link route's name); ValueError
+        for an unknown or unconfigured route."""
+        spec = route if isinstance(route, (RouteSpec, SpanRouteSpec)) else get_route(route)
         mod = self._modules.get(spec.decoder)
         if mod is None:
             raise ValueError(f"route {spec.token}: no {spec.decoder} decoder configured in this model")

@@ -33,12 +33,17 @@ class DecoderInput:
     image: the request's input image (RGB PIL) or None when the route needs none.
     context: the groups of the routes in `spec.requires`, in emission order (POSE: object classes).
     seed: the request's sampling seed (generation decoders derive one seed per group from it).
+    text, boxes, phrases: a span route's call (routes.SpanRouteSpec): the task span's argument text, the
+        grounding boxes that follow it ([x1, y1, x2, y2] normalised to [0, 1]) and their labels.
     """
 
     payloads: list[torch.Tensor]
     image: Optional[Image.Image] = None
     context: list[torch.Tensor] = field(default_factory=list)
     seed: int = 0
+    text: str = ""
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    phrases: list[str] = field(default_factory=list)
 
 
 TensorForward = Callable[..., tuple]
@@ -94,6 +99,6 @@ def unregister_decoder(name: str) -> None:
 
 def decoder_classes() -> dict[str, type[TaskDecoder]]:
     """name -> class of every registered decoder (importing the built-in decoder modules first)."""
-    from . import detector, generation, pose  # noqa: F401 - registration side effect
+    from . import detector, experts, generation, pose  # noqa: F401 - registration side effect
 
     return dict(_DECODERS)

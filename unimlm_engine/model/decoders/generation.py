@@ -272,24 +272,11 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
     both (a deterministic sampler: the seed only draws the initial latents). No text encoder / tokenizer:
     the decoders always pass prompt_embeds. Weights depend only on `seed`.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
     if image_size < 8 or image_size % 8:
         raise ValueError(f"build_tiny_pipeline: image_size must be a positive multiple of 8, got {image_size}")
     if cross_attention_dim <= 0 or cross_attention_dim % 4:
         raise ValueError(f"build_tiny_pipeline: cross_attention_dim must be a positive multiple of 4")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 8, in_channels=8 if edit else 4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-            attention_head_dim=4, norm_num_groups=8)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=image_size)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    unet, vae, scheduler = tiny_diffusion_parts(seed, 8 if edit else 4, cross_attention_dim, image_size)
     pipe = _pipeline_class(edit)(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     os.makedirs(path, exist_ok=True)
@@ -297,6 +284,27 @@ def build_tiny_pipeline(path: str, cross_attention_dim: int = 32, seed: int = 0,
         pipe.save_pretrained(path, safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_diffusion_parts(seed: int, in_channels: int, cross_attention_dim: int, image_size: int,
+                         attention_type: str = "default"):
+    """-> (unet, vae, scheduler) of a random tiny SD-style pipeline (build_tiny_pipeline); weights depend
+    only on `seed`. attention_type="gated" gives the GLIGEN UNet (its box/phrase projection included)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+            attention_head_dim=4, norm_num_groups=8, attention_type=attention_type)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=image_size)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return unet, vae, scheduler
 
 
 class SDDecoder(GenerationDecoder):
