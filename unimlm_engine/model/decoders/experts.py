@@ -29,7 +29,7 @@ from ...config.decoders import ExpertConfig
 from .base import DecoderInput, TaskDecoder, TensorForward
 from .results import GenerationResult
 
-_LOAD_LOCK = threading.Lock()
+_GLOBAL_LOCK = threading.Lock()  # expert loads (fork and seed torch's global RNG) and global-RNG users
 IMAGE_OPTIONS = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "height", "width",
                  "gligen_scheduled_sampling_beta")
 
@@ -77,7 +77,7 @@ class ExpertDecoder(TaskDecoder):
         """The expert's model, loaded on first use (one load at a time: the decoder workers are threads and
         diffusers' lazy imports are not thread-safe)."""
         if self._model is None:
-            with _LOAD_LOCK:
+            with _GLOBAL_LOCK:
                 if self._model is None:
                     dev = self._device_probe.device
                     dtype = torch.float32 if dev.type != "cuda" else self._device_probe.dtype
@@ -199,7 +199,11 @@ class GLIGENExpert(_PipelineExpert):
 class GLIGENInpaintExpert(GLIGENExpert):
     """Box-scoped editing: GLIGEN inpainting regenerates the boxes of the input image from the span text
     and the box phrases. The pipeline works on a square of vae.sample_size; the input is resized to it (not
-    cropped, so normalised boxes keep their place) and the result resized back to the input's size."""
+    cropped, so normalised boxes keep their place) and the result resized back to the input's size.
+    diffusers draws this pipeline's inpainting noise from torch's global RNG (not the generator), so the
+    call runs under a forked global RNG seeded with the request's seed, holding the lock expert loads take
+    (they seed the global RNG too); deterministic unless code outside the experts draws from the global
+    RNG at the same moment."""
 
     name, expert = "gligen_inpaint", "gligen_inpaint"
 
@@ -211,9 +215,13 @@ class GLIGENInpaintExpert(GLIGENExpert):
         images = []
         for inp, gen in zip(inputs, self._generators(inputs)):
             square = inp.image.resize((side, side), Image.BICUBIC)
-            out = self.model(prompt=inp.text, gligen_phrases=[p or inp.text for p in inp.phrases],
-                             gligen_boxes=[list(b) for b in inp.boxes], gligen_inpaint_image=square, generator=gen,
-                             height=side, width=side, output_type="pil", **kw).images[0]
+            # the pipeline draws the inpainting noise from the global RNG: seed it per request
+            dev = self.model.unet.device
+            with _GLOBAL_LOCK, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(int(inp.seed))
+                out = self.model(prompt=inp.text, gligen_phrases=[p or inp.text for p in inp.phrases],
+                                 gligen_boxes=[list(b) for b in inp.boxes], gligen_inpaint_image=square,
+                                 generator=gen, height=side, width=side, output_type="pil", **kw).images[0]
             images.append(out.resize(inp.image.size, Image.BICUBIC))
         return self._results(route, inputs, images, kw)
 
