@@ -126,3 +126,47 @@ def test_tokenizer_keeps_span_tokens_in_text():
     assert "".join(det.step_one(i) for i in ids) + det.flush() == kept
     plain = ByteTokenizer()  # the VisionLLM vocabulary has no span tokens: the same text is bytes
     assert "<IMGSEG>" not in plain.special_ids and plain.decode(plain.encode("<IMGSEG>a")) == "<IMGSEG>a"
+
+
+def test_cli_force_text_reports_spans(capsys):
+    """`unimlm generate --model tiny-unified --force-text ...`: the text keeps the span, --json lists the
+    span result with its offsets; a bad span exits 1 and says why."""
+    import json
+
+    from unimlm_engine.cli.main import main
+
+    text = "<IMGSEG>cat</IMGSEG><BOX>cat:[0.1, 0.2, 0.6, 0.9]</BOX>"
+    code = main(["generate", "--model", "tiny-unified", "--image", "examples/images/chelsea.png", "--prompt",
+                 "Segment the cat.", "--force-text", text, "--max-tokens", "60", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    res = json.loads(out.out)
+    assert res["text"].startswith(text) and res["tasks"] == []
+    (span,) = res["spans"]
+    assert span["route"] == "imgseg" and span["span"] == {"start": 0, "end": len(text), "text": "cat"}
+    assert span["phrases"] == ["cat"] and len(span["masks"]) == 1
+    code = main(["generate", "--model", "tiny-unified", "--prompt", "Edit.", "--force-text",
+                 "<IMGEDIT>snow</IMGEDIT>", "--max-tokens", "30"])
+    assert code == 1 and "needs an input image" in capsys.readouterr().err
+
+
+def test_presets_unifiedmllm():
+    """unifiedmllm-7b: Vicuna-7B shapes, LoRA-MoE E=8 r=4 alpha=32 on the FFN linears, no super-link
+    decoders, span tokens in the vocabulary; tiny-unified's FFN runs the fused LoRA-MoE op's module."""
+    from unimlm_engine.config.presets import get_preset
+    from unimlm_engine.model.lora_moe import LoRAMoELinear
+    from unimlm_engine.routes import required_special_tokens
+
+    cfg = get_preset("unifiedmllm-7b")
+    assert (cfg.llm.hidden_size, cfg.llm.num_hidden_layers, cfg.llm.intermediate_size) == (4096, 32, 11008)
+    lm = cfg.lora_moe
+    assert (lm.num_experts, lm.rank, lm.alpha, lm.target_modules) == (8, 4, 32.0, ("gate_proj", "up_proj", "down_proj"))
+    assert cfg.detector is cfg.pose is cfg.gen is cfg.edit is None and cfg.experts is not None
+    assert cfg.llm.vocab_size == 32000 + len(required_special_tokens()) + len(span_tokens())
+    assert (cfg.vision.image_size, cfg.vision.max_tiles) == (336, 1)
+    from unimlm_engine.checkpoint.pretrained import load_pretrained
+
+    model, tok = load_pretrained("tiny-unified", device="cpu")
+    assert tok.vocab_size == model.cfg.llm.vocab_size
+    mlp = model.llm.model.layers[0].mlp
+    assert all(isinstance(getattr(mlp, n), LoRAMoELinear) for n in ("gate_proj", "up_proj", "down_proj"))

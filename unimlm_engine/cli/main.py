@@ -107,6 +107,8 @@ def _generate(engine, args, routes, sampling: dict, image) -> int:
     from .forcing import forced_route_tokens
 
     forced = forced_route_tokens(engine.model, routes)
+    if args.force_text:  # e.g. span routes: "<IMGGEN>a red car</IMGGEN>"
+        forced += tuple(engine.tokenizer.encode(args.force_text))
     sampling["max_tokens"] = max(sampling["max_tokens"], len(forced) + 1)
     handle = engine.submit(ue.Request(prompt=args.prompt, images=[image] if image is not None else None,
                                       sampling=ue.SamplingParams(**sampling, forced_prefix=forced)))
@@ -122,7 +124,9 @@ def _generate(engine, args, routes, sampling: dict, image) -> int:
     else:
         for t, p in zip(out.tasks, paths):
             print(json.dumps(t.to_json(p)))
-    failed = [t for t in out.tasks if t.error is not None]
+        for t in out.spans:
+            print(json.dumps(t.to_json()))
+    failed = [t for t in out.tasks + out.spans if t.error is not None]
     if out.error is not None:
         print(f"unimlm: request failed: {type(out.error).__name__}: {out.error}", file=sys.stderr)
     for t in failed:
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--route", help="force routing tokens, e.g. DET,SEG,POSE,GEN,EDIT (random-weight presets "
                                    "do not emit them by themselves)")
+    g.add_argument("--force-text", help="text the answer starts with (forced tokens), e.g. span routes: "
+                                        "'<IMGSEG>dog</IMGSEG><BOX>dog:[0.1, 0.2, 0.6, 0.9]</BOX>' (tiny-unified)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
