@@ -164,9 +164,67 @@ def test_presets_unifiedmllm():
     assert cfg.detector is cfg.pose is cfg.gen is cfg.edit is None and cfg.experts is not None
     assert cfg.llm.vocab_size == 32000 + len(required_special_tokens()) + len(span_tokens())
     assert (cfg.vision.image_size, cfg.vision.max_tiles) == (336, 1)
+    import json
+
+    from unimlm_engine.config import ModelConfig
+
+    for name in ("unifiedmllm-7b", "tiny-unified"):
+        c = get_preset(name)
+        assert ModelConfig.from_official_dict(json.loads(json.dumps(c.to_official_dict()))) == c
     from unimlm_engine.checkpoint.pretrained import load_pretrained
 
     model, tok = load_pretrained("tiny-unified", device="cpu")
     assert tok.vocab_size == model.cfg.llm.vocab_size
     mlp = model.llm.model.layers[0].mlp
     assert all(isinstance(getattr(mlp, n), LoRAMoELinear) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("kind", ["hf", "side-files"], ids=["in-tokenizer-json", "added-tokens-json"])
+def test_hf_tokenizer_span_tokens_from_added_tokens(tmp_path, kind):
+    """A tokenizer directory listing the span tokens as added tokens: each is one id, and decode and the
+    streaming detokenizer (tokenizers' DecodeStream) keep them in the text."""
+    import json
+
+    from test_tokenizer import SPECIAL_TOKENS, _train_bpe
+
+    from unimlm_engine.inputs.tokenizer import HFTokenizer, load_tokenizer
+
+    extra = list(span_tokens())
+    if kind == "hf":
+        _train_bpe(["<unk>", "<s>", "</s>", *SPECIAL_TOKENS, *extra]).save(str(tmp_path / "tokenizer.json"))
+    else:
+        base = _train_bpe(["<unk>", "<s>", "</s>"])
+        base.save(str(tmp_path / "tokenizer.json"))
+        n = base.get_vocab_size()
+        table = {t: n + i for i, t in enumerate([*SPECIAL_TOKENS, *extra])}
+        (tmp_path / "added_tokens.json").write_text(json.dumps(table))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and set(extra) <= set(tok.special_ids)
+    text = "the cat <IMGSEG>cat</IMGSEG><BOX>cat:[0.1, 0.2, 0.3, 0.4]</BOX> [DET]"
+    ids = tok.encode(text)
+    assert ids.count(tok.special_ids["<BOX>"]) == 1 and ids.count(tok.special_ids["</IMGSEG>"]) == 1
+    want = tok.decode(ids)
+    assert "<IMGSEG>cat</IMGSEG><BOX>" in want and "[DET]" not in want
+    det = IncrementalDetokenizer(tok)
+    assert "".join(det.step_one(i) for i in ids) + det.flush() == want
+    groups = _parse([want])
+    assert [(g.task, g.text, g.boxes) for g in groups] == [("IMGSEG", "cat", [("cat", (0.1, 0.2, 0.3, 0.4))])]
+
+
+def test_checkpoint_round_trip_keeps_experts_and_span_tokens(tmp_path):
+    """A tiny-unified checkpoint directory: config.json keeps the experts (relative directories resolve
+    against the checkpoint), the byte tokenizer keeps its span tokens."""
+    from unimlm_engine.checkpoint.loader import load_checkpoint, save_checkpoint
+    from unimlm_engine.checkpoint.pretrained import load_pretrained
+
+    model, tok = load_pretrained("tiny-unified", device="cpu")
+    model.cfg.experts.sam_dir = "sam"
+    try:
+        path = save_checkpoint(model, tmp_path / "ckpt", tokenizer=tok)
+    finally:
+        model.cfg.experts.sam_dir = ""
+    loaded, tok2, _ = load_checkpoint(path)
+    assert tok2.special_ids == tok.special_ids and tok2.text_token_ids == tok.text_token_ids
+    assert loaded.cfg.experts.tiny and loaded.cfg.experts.num_inference_steps == 2
+    again, _ = load_pretrained(str(path), device="cpu")
+    assert again.cfg.experts.sam_dir == str(path / "sam")

@@ -47,6 +47,11 @@ def _resolve_pipeline_dirs(model: VisionLLM, ckpt: Path) -> None:
     for gen in (model.cfg.gen, model.cfg.edit):
         if gen is not None and gen.pipeline_dir and not os.path.isabs(gen.pipeline_dir):
             gen.pipeline_dir = str(ckpt / gen.pipeline_dir)
+    ex = model.cfg.experts
+    for name in ("sd", "ip2p", "gligen", "gligen_inpaint", "sam") if ex is not None else ():
+        d = ex.directory(name)
+        if d and not os.path.isabs(d):
+            setattr(ex, f"{name}_dir", str(ckpt / d))
 
 
 def load_pretrained(model: str | os.PathLike, device: Optional[str | torch.device] = None,

@@ -2,7 +2,7 @@
 
 Every config validates in `__post_init__` and raises `ValueError` with the field name.
 `ModelConfig.from_official_dict` / `to_official_dict` read and write the official
-VisionLLM v2 `config.json` (`model_type: visionllmv2`), plus our own `lora_moe` key.
+VisionLLM v2 `config.json` (`model_type: visionllmv2`), plus our own `lora_moe` and `experts` keys.
 """
 from __future__ import annotations
 
@@ -209,6 +209,7 @@ class ModelConfig:
             gen=GenConfig.from_dict(d.get("sd_config") or {}) if d.get("use_sd") else None,
             edit=GenConfig.from_dict(d.get("ip2p_config") or {}) if d.get("use_ip2p") else None,
             vl_bridge_type=d.get("vl_bridge_type", "mlp2x_gelu"),
+            experts=ExpertConfig.from_dict(d["experts"]) if d.get("experts") else None,
         )
 
     def to_official_dict(self) -> dict[str, Any]:
@@ -237,6 +238,8 @@ class ModelConfig:
             d[flag] = cfg is not None
             if cfg is not None:
                 d[key] = cfg.to_dict()
+        if self.experts is not None:  # our key, like lora_moe: span-route experts (relative dirs: the checkpoint's)
+            d["experts"] = self.experts.to_dict()
         if self.lora_moe is not None:
             lm = asdict(self.lora_moe)
             lm["target_modules"] = list(lm["target_modules"])

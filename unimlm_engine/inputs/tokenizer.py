@@ -122,7 +122,8 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, extra_special: Sequence[str] = ()) -> None:
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 0
         first = self.BYTE_OFFSET + 256
-        tokens = tuple(dict.fromkeys(tuple(special_tokens()) + tuple(extra_special)))
+        self.extra_special = tuple(extra_special)
+        tokens = tuple(dict.fromkeys(tuple(special_tokens()) + self.extra_special))
         self.special_ids = {t: first + i for i, t in enumerate(tokens)}
         self._id_to_special = {i: t for t, i in self.special_ids.items()}
         self._id_to_special.update({0: UNK, 1: BOS, 2: EOS})

@@ -29,7 +29,7 @@ def load_checkpoint_tokenizer(path: Path) -> Tokenizer:
         except json.JSONDecodeError as e:
             raise TokenizerFilesError(f"{cfg_file}: invalid JSON ({e})") from None
         if cls == BYTE_TOKENIZER_CLASS:
-            return ByteTokenizer()
+            return ByteTokenizer(extra_special=json.loads(cfg_file.read_text()).get("extra_special", ()))
     try:
         return load_tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
@@ -38,7 +38,10 @@ def load_checkpoint_tokenizer(path: Path) -> Tokenizer:
 
 def save_checkpoint_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     if isinstance(tokenizer, ByteTokenizer):
-        (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": BYTE_TOKENIZER_CLASS}))
+        cfg = {"tokenizer_class": BYTE_TOKENIZER_CLASS}
+        if tokenizer.extra_special:  # the span tokens of a tiny-unified checkpoint
+            cfg["extra_special"] = list(tokenizer.extra_special)
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg))
         return
     src = getattr(tokenizer, "directory", None)
     if src is None:
