@@ -160,9 +160,11 @@ class EngineCore:
             self.end(s, s.finish_reason or "stop")
 
     def _on_spans(self, s: Sequence, groups: list, dispatch: bool) -> None:
-        """The output side completed span groups (its thread): each becomes a span call, in text order."""
+        """The output side completed span groups (its thread): each becomes a span call, in text order (not
+        run when the request has ended meanwhile: cancelled, timed out)."""
         for g in groups:
             with self.lock:
+                dispatch = dispatch and s.seq_id in self.seqs
                 idx = len(s.spans)
                 s.spans.append(None)
                 s.decoders_pending += 1

@@ -12,6 +12,7 @@ results"). One object per TaskResult:
     seeds       [seed, ...] one per generated image (image)
     error       "DecoderError: ..." only when the task failed
   span routes (RequestOutput.spans) add:
+    route       the span route's name ("imgseg"); num_groups: its boxes (at least 1)
     span        {"start": s, "end": e, "text": argument}: character offsets [s, e) of the span group in the text
     phrases     [label, ...] one per box (the <BOX> labels)
 """

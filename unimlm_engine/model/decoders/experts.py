@@ -294,7 +294,7 @@ def box_region(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class BoxesExpert(ExpertDecoder):
     """Grounding spans on their own: the boxes in input-image pixels (no model)."""
 
-    name, expert = "boxes", "sam"
+    name = "boxes"
 
     @classmethod
     def from_model_config(cls, cfg) -> Optional["BoxesExpert"]:
