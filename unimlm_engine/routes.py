@@ -1,4 +1,5 @@
-"""The route registry: one frozen `RouteSpec` per super-link route (DESIGN.md section 7).
+"""The route registries: one frozen `RouteSpec` per super-link route (DESIGN.md section 7) and, at the
+end of this file, one `SpanRouteSpec` per span route (the second link kind, UnifiedMLLM).
 
 A route is a routing token the LLM emits (`[DET]` ...). After it the engine feeds the K learned
 query rows of the route's query table (`emb_embeddings_<table>`); their final-norm hidden states
@@ -222,7 +223,7 @@ class SpanRouteSpec:
 
     @property
     def token(self) -> str:
-        """The opening task token ("<IMGSEG>"); results name the route by it."""
+        """The opening task token ("<IMGSEG>"); several routes may share it (results name a route by name)."""
         return f"<{self.task}>"
 
 
@@ -277,12 +278,12 @@ def span_tokens() -> tuple[str, ...]:
     return tuple(t for task in span_tasks() for t in (f"<{task}>", f"</{task}>"))
 
 
-def find_route(token_or_name: str):
-    """A RouteSpec or a SpanRouteSpec by token ("[DET]", "<IMGSEG>") or name; RouteError otherwise."""
-    key = token_or_name.strip()
-    for spec in _SPAN_ROUTES.values():
-        if key.lower() == spec.name or (key == spec.token and spec.boxes == "none"):
-            return spec
+def find_route(name: str):
+    """A span route by name ("imgseg": what its TaskResults carry as `route`), else a super-link route by
+    token or name ("[DET]", "det"); RouteError otherwise."""
+    key = name.strip()
+    if key.lower() in _SPAN_ROUTES:
+        return _SPAN_ROUTES[key.lower()]
     return get_route(key)
 
 
