@@ -2,8 +2,8 @@
 
 - `tiny`: runs end to end on a CPU in seconds; random weights from a fixed seed and the
   byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`).
-- `visionllm-v2-7b`: the real shapes of DESIGN.md section 1 (CLIP ViT-L/14-336,
-  Vicuna-7B, LoRA-MoE E=8 r=4 alpha=32, K=4 / 64 super-link queries).
+- `visionllm-v2-7b`: the released model's shapes (CLIP ViT-L/14-336, Vicuna-7B with vocabulary
+  32,026, no LoRA-MoE, K=4 / 64 super-link queries, every tool).
 """
 from __future__ import annotations
 
@@ -43,15 +43,19 @@ def tiny() -> ModelConfig:
 
 
 def visionllm_v2_7b() -> ModelConfig:
+    """The released VisionLLM v2 (7B) as the official code builds it: CLIP ViT-L/14-336 (layer -2), the
+    mlp2x_gelu bridge, Vicuna-7B with the 26 added tokens (vocabulary 32,026) and no LLM LoRA / LoRA-MoE
+    (LoRA-MoE is UnifiedMLLM's: `unifiedmllm-7b`), K = 4 / 64 queries, and every tool. The released
+    config.json itself is not available offline; a checkpoint directory's own config.json always governs."""
     return ModelConfig(
         vision=VisionConfig(),
-        llm=LLMConfig(vocab_size=32000 + 17),
-        lora_moe=LoRAMoEConfig(num_experts=8, rank=4, alpha=32.0),
+        llm=LLMConfig(vocab_size=32000 + len(required_special_tokens())),
+        lora_moe=None,
         superlink=SuperLinkConfig(num_embs=4, num_embs_gen=64),
         detector=DetectorConfig(),
         pose=PoseConfig(),
-        gen=GenConfig(),
-        edit=GenConfig(),
+        gen=GenConfig(pipeline_dir="checkpoints/stable-diffusion-v1-5"),  # sd.json's sd_model_id
+        edit=GenConfig(pipeline_dir="checkpoints/instruct-pix2pix"),  # ip2p.json's sd_model_id
     )
 
 
