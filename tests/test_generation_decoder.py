@@ -1,4 +1,5 @@
 """[GEN] / [EDIT] decoder: payload mapper against an fp64 reference, tiny diffusers pipelines end to end."""
+import dataclasses
 import json
 
 import numpy as np
@@ -115,7 +116,7 @@ def pipeline_dirs(tmp_path_factory):
 
 
 def _decoder(root, edit=False):
-    dec = GenerationDecoder(GenConfig(**{**TINY.to_dict(), "pipeline_dir": str(root / ("edit" if edit else "gen"))}),
+    dec = GenerationDecoder(dataclasses.replace(TINY, pipeline_dir=str(root / ("edit" if edit else "gen"))),
                             edit=edit).eval()
     return dec
 
@@ -219,7 +220,7 @@ def test_negative_embeds_from_text_encoder(tmp_path):
     te, tok = _tiny_text_encoder(tmp_path)
     pipe.register_modules(text_encoder=te, tokenizer=tok)
     pipe.save_pretrained(str(tmp_path / "pipe"))
-    dec = GenerationDecoder(GenConfig(**{**TINY.to_dict(), "pipeline_dir": str(tmp_path / "pipe")})).eval()
+    dec = GenerationDecoder(dataclasses.replace(TINY, pipeline_dir=str(tmp_path / "pipe"))).eval()
     assert dec.pipeline.text_encoder is not None  # loaded from the directory, not dropped
     neg = dec.negative_prompt_embeds()
     ids = tok("", padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -89,14 +89,17 @@ def test_missing_and_unexpected_keys(ckpt, tmp_path):
     dropped = sorted(sd)[0]
     del sd[dropped]
     torch.save(sd, shard)
-    with pytest.raises(CheckpointError, match=f"keys missing .*{dropped}"):
+    with pytest.raises(CheckpointError, match=f"1 missing keys .*first: {dropped}"):
         load_checkpoint(path, with_decoders=False)
-    sd[dropped] = torch.zeros(1)
-    sd["llm.model.bogus.weight"] = torch.zeros(1)
-    del sd[dropped]
+    sd.update({f"llm.model.bogus{i}.weight": torch.zeros(1) for i in range(7)}, **{"vl_bridge.9.weight": torch.zeros(1)})
     torch.save(sd, shard)
-    with pytest.raises(CheckpointError, match="unexpected keys in pytorch_model-00001-of-00002.bin: llm.model.bogus"):
+    # one error for both kinds: counts per prefix and the first few names
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, with_decoders=False)
+    msg = str(err.value)
+    assert f"1 missing keys ({dropped.split('.')[0]}: 1), first: {dropped}" in msg
+    assert "8 unexpected keys (llm: 7, vl_bridge: 1), first: llm.model.bogus0.weight" in msg
+    assert "... and 3 more" in msg and "pytorch_model-00001-of-00002.bin" in msg
 
 
 def test_config_that_does_not_match_weights(ckpt, tmp_path):
@@ -134,7 +137,9 @@ def test_official_config_round_trip():
 
 def test_official_config_fields_read():
     d = get_preset("visionllm-v2-7b").to_official_dict()
-    d.pop("lora_moe")
+    assert "lora_moe" not in d and d["llm_config"]["vocab_size"] == 32026
+    assert d["use_gdino"] and d["use_unipose"] and d["use_sd"] and d["use_ip2p"]
+    assert d["ip2p_config"]["sd_model_id"] == "checkpoints/instruct-pix2pix" and d["ip2p_config"]["num_embed_tokens"] == 64
     d["llm_config"]["num_key_value_heads"] = None  # LlamaConfig default: MHA
     cfg = ModelConfig.from_official_dict(d)
     assert cfg.lora_moe is None and cfg.llm.num_key_value_heads == 32 and cfg.vision.output_layer == -2
@@ -153,3 +158,20 @@ def test_llm_config_validation(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         LLMConfig(**kwargs)
+
+
+def test_official_generation_configs_read():
+    """sd.json / ip2p.json (the official StableDiffusionWithLLMEmbConfig / InstructPix2PixWithLLMEmbConfig)."""
+    from unimlm_engine.config.decoders import GenConfig
+
+    official = {"architectures": ["InstructPix2PixWithLLMEmbConfig"], "llm_hidden_size": 64, "sd_hidden_size": 32,
+                "num_queries": 77, "num_encoder_layers": 2, "num_decoder_layers": 2, "trigger_token": "[EDIT]",
+                "sd_model_id": "checkpoints/instruct-pix2pix", "num_embed_tokens": 8, "cfg_scale": 7.5}
+    g = GenConfig.from_dict(official)
+    assert (g.llm_hidden_size, g.mapper_dim, g.num_prompt_tokens, g.mapper_layers, g.num_embs, g.pipeline_dir,
+            g.mapper_heads) == (64, 32, 77, 2, 8, "checkpoints/instruct-pix2pix", 8)
+    assert {k: g.to_dict()[k] for k in ("sd_hidden_size", "num_queries", "num_encoder_layers", "num_decoder_layers",
+                                        "num_embed_tokens", "sd_model_id")} == {k: official[k] for k in (
+        "sd_hidden_size", "num_queries", "num_encoder_layers", "num_decoder_layers", "num_embed_tokens", "sd_model_id")}
+    with pytest.raises(ValueError, match="num_encoder_layers"):
+        GenConfig.from_dict({**official, "num_decoder_layers": 1})

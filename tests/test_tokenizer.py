@@ -39,13 +39,13 @@ def _stream(tok, ids, skip_special=True):
 
 def test_byte_layout():
     tok = ByteTokenizer()
-    assert tok.vocab_size == TINY_VOCAB_SIZE == 276
+    assert tok.vocab_size == TINY_VOCAB_SIZE == 285  # 3 + 256 bytes + the 26 official added tokens
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
     assert tok.encode("A") == [3 + 65]
     assert tok.encode("\x00\xff") == [3, 3 + 0xC3, 3 + 0xBF]
-    assert [tok.special_ids[t] for t in SPECIAL_TOKENS] == list(range(259, 276))
-    assert tok.special_ids["<image>"] == 259 and tok.special_ids["[DET]"] == 262
-    assert tok.route_ids == {262 + i: r for i, r in enumerate(ROUTE_TOKENS)}
+    assert [tok.special_ids[t] for t in SPECIAL_TOKENS] == list(range(259, 285))
+    assert tok.special_ids["[PAD]"] == 259 and tok.special_ids["<image>"] == 260 and tok.special_ids["[DET]"] == 271
+    assert tok.route_ids == {271 + i: r for i, r in enumerate(ROUTE_TOKENS)}
     for tid in range(tok.vocab_size):
         assert tok.token_to_id(tok.id_to_token(tid)) == tid or tid == tok.pad_id
 
@@ -69,7 +69,7 @@ def test_byte_skip_special_drops_control_and_specials():
 def test_byte_bad_ids():
     tok = ByteTokenizer()
     with pytest.raises(IndexError):
-        tok.decode([276])
+        tok.decode([tok.vocab_size])
     with pytest.raises(KeyError):
         tok.token_to_id("[NOPE]")
 

@@ -26,6 +26,11 @@ RESULT_KINDS = ("detection", "segmentation", "pose", "image")
 # SuperLinkConfig fields a route's K can come from.
 QUERY_COUNT_FIELDS = ("num_embs", "num_embs_gen")
 PLACEHOLDER_TOKENS = ("<image>", "<im_patch>", "<region>")
+# The official added tokens around them (constant.py DEFAULT_TOKENS, added in this order after the
+# 32,000 Llama-2 tokens): [PAD]=32000, the placeholders 32001..32003, the start/end markers 32004..32011,
+# the routing tokens [DET]=32012 .. [EDIT]=32017, the query tokens [EMB]=32018 .. [EMB8]=32025.
+PAD_TOKEN = "[PAD]"
+MARKUP_TOKENS = ("<img>", "</img>", "<reg>", "</reg>", "<det>", "</det>", "<grd>", "</grd>")
 # The query tokens of the official vocabulary: [EMB], [EMB2] ... [EMB8]. In a prompt, the K query
 # positions after a routing token are written as [EMB] [EMB2] ... [EMBK] (consecutive ids) for the
 # det/pose tables and as K x [EMB] for the gen/edit tables (the official datasets' format).
@@ -152,15 +157,16 @@ def query_tables() -> dict[str, str]:
 
 def special_tokens() -> tuple[str, ...]:
     """Every special token string the tokenizers map to one id, in id order for built-in vocabularies:
-    placeholders, the built-in routing tokens, the query tokens, then routes registered later (appended,
+    the official added tokens ([PAD], placeholders, start/end markers, the built-in routing tokens, the
+    query tokens: 26 ids from 32000 in the official vocabulary), then routes registered later (appended,
     so adding a route never moves an existing id)."""
     extra = tuple(t for t in _ROUTES if t not in _BUILTIN)
-    return PLACEHOLDER_TOKENS + _BUILTIN + QUERY_TOKENS + extra
+    return required_special_tokens() + extra
 
 
 def required_special_tokens() -> tuple[str, ...]:
-    """Tokens a loaded tokenizer must have (the official vocabulary); later routes are optional."""
-    return PLACEHOLDER_TOKENS + _BUILTIN + QUERY_TOKENS
+    """The official added tokens, in the official order; a loaded tokenizer must have them all."""
+    return (PAD_TOKEN,) + PLACEHOLDER_TOKENS + MARKUP_TOKENS + _BUILTIN + QUERY_TOKENS
 
 
 def _builtin() -> None:

@@ -27,14 +27,18 @@ from ..config import ModelConfig
 UNSERVED_PREFIXES = ("region_encoder.",)
 
 
-def _decoder_prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _decoder_prefixes() -> tuple[tuple[str, ...], tuple[str, ...], dict[str, tuple[str, str]]]:
     """(every registered decoder's checkpoint prefix "gdino." ..., the keys of theirs this engine does not
-    load: TaskDecoder.unserved_keys, e.g. the diffusers pipelines the official sd./ip2p. store)."""
+    load: TaskDecoder.unserved_keys, e.g. the frozen diffusers weights the official sd./ip2p. store,
+    full prefix -> (decoder, component) of TaskDecoder.component_keys: "ip2p.sd_unet." -> ("ip2p", "unet"))."""
     from ..model.decoders.base import decoder_classes
 
     classes = decoder_classes()
     return (tuple(f"{n}." for n in classes),
-            tuple(f"{n}.{k}" for n, cls in classes.items() for k in cls.unserved_keys))
+            tuple(f"{n}.{k}" for n, cls in classes.items() for k in cls.unserved_keys),
+            {f"{n}.{k}": (n, c) for n, cls in classes.items() for k, c in cls.component_keys.items()})
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -117,20 +121,39 @@ def _skip_prefix(key: str) -> str:
     return key.split(".", 1)[0]
 
 
+def _key_summary(kind: str, keys: set[str], first: int = 5) -> str:
+    """'3 missing keys (gdino: 2, llm: 1), first: a, b, c'."""
+    by_prefix: dict[str, int] = {}
+    for k in keys:
+        by_prefix[_skip_prefix(k)] = by_prefix.get(_skip_prefix(k), 0) + 1
+    counts = ", ".join(f"{p}: {n}" for p, n in sorted(by_prefix.items()))
+    return f"{len(keys)} {kind} keys ({counts}), first: {_fmt_keys(keys, first)}"
+
+
 def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadReport) -> None:
-    """Copy shard tensors into `model`; all problems raise CheckpointError."""
+    """Copy shard tensors into `model`; all problems raise CheckpointError. Missing and unexpected keys
+    are reported together in one error (counts per top-level prefix and the first few names), after every
+    shard was read; a decoder's component weights (TaskDecoder.component_keys) go to that decoder."""
     own = model.state_dict()
     model_keys = set(own)
     seen: set[str] = set()
     unexpected: dict[str, str] = {}
-    decoders, unserved = _decoder_prefixes()
+    decoders, unserved, components = _decoder_prefixes()
+    staged: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for file in shards:
         sd = read_shard(file)
         report.files.append(file.name)
         for key, tensor in sd.items():
-            if key.startswith(UNSERVED_PREFIXES + unserved) or (key.startswith(decoders)
-                                                      and not any(k.startswith("decoders." + _skip_prefix(key) + ".")
-                                                                  for k in model_keys)):
+            has_decoder = key.startswith(decoders) and any(
+                k.startswith("decoders." + _skip_prefix(key) + ".") for k in model_keys)
+            comp = next((c for p, c in components.items() if key.startswith(p)), None)
+            if comp is not None and has_decoder:
+                sub = next(p for p in components if key.startswith(p))
+                staged.setdefault(comp, {})[key[len(sub):]] = tensor
+                report.loaded += 1
+                continue
+            if key.startswith(UNSERVED_PREFIXES + unserved) or comp is not None or (
+                    key.startswith(decoders) and not has_decoder):
                 p = _skip_prefix(key)
                 report.not_loaded[p] = report.not_loaded.get(p, 0) + 1
                 continue
@@ -146,13 +169,31 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
                 dst.copy_(tensor.to(dst.dtype))
             seen.add(target)
             report.loaded += 1
-    if unexpected:
-        files = sorted(set(unexpected.values()))
-        raise CheckpointError(f"unexpected keys in {', '.join(files)}: {_fmt_keys(unexpected)}")
     tied = {"llm.lm_head.weight"} if model.cfg.llm.tie_word_embeddings else set()
-    missing = model_keys - seen - tied
-    if missing:
-        raise CheckpointError(f"keys missing from {', '.join(report.files)}: {_fmt_keys(missing)}")
+    tied |= _shared_with_loaded(own, model_keys - seen, seen)
+    missing = {k[len("decoders."):] if k.startswith("decoders.") else k for k in model_keys - seen - tied}
+    if missing or unexpected:
+        parts = ([_key_summary("missing", missing)] if missing else []) + (
+            [_key_summary("unexpected", set(unexpected))] if unexpected else [])
+        files = ", ".join(sorted(set(unexpected.values()) | set(report.files)))
+        raise CheckpointError(f"checkpoint does not match the model built from config.json ({files}): "
+                              + "; ".join(parts))
+    for (name, component), state in staged.items():
+        try:
+            getattr(model.decoders, name).load_component_weights(component, state)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+
+
+def _shared_with_loaded(own: dict[str, torch.Tensor], unloaded: set[str], seen: set[str]) -> set[str]:
+    """Keys not in the checkpoint whose tensor shares storage with one that was loaded: a module registered
+    under two names (the official detector's shared heads appear as `gdino.bbox_embed.*` and
+    `gdino.model.decoder.bbox_embed.*`) may be written once or twice."""
+    def where(t: torch.Tensor):
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+    loaded_storage = {where(own[k]) for k in seen if own[k].numel()}
+    return {k for k in unloaded if own[k].numel() and where(own[k]) in loaded_storage}
 
 
 def load_checkpoint(path: str | os.PathLike, device: Optional[str | torch.device] = None,

@@ -142,6 +142,30 @@ class GenConfig(_DictMixin):
         if self.mapper_dim % self.mapper_heads:
             raise ValueError("GenConfig: mapper_dim must divide by mapper_heads")
 
+    # The official sd_config / ip2p_config (StableDiffusionWithLLMEmbConfig / InstructPix2PixWithLLMEmbConfig)
+    # name the same things differently; nn.Transformer's default nhead (8) is the official mapper's.
+    _OFFICIAL = {"sd_hidden_size": "mapper_dim", "num_queries": "num_prompt_tokens", "num_encoder_layers": "mapper_layers",
+                 "num_embed_tokens": "num_embs", "sd_model_id": "pipeline_dir"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenConfig":
+        """Our field names or the official ones (official values win when both are given)."""
+        d = dict(d)
+        enc, dec = d.get("num_encoder_layers"), d.get("num_decoder_layers")
+        if enc is not None and dec is not None and enc != dec:
+            raise ValueError(f"GenConfig: num_encoder_layers ({enc}) != num_decoder_layers ({dec}) is not supported")
+        for official, ours in cls._OFFICIAL.items():
+            if d.get(official) is not None:
+                d[ours] = d[official]
+        return _DictMixin.from_dict.__func__(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The official names (what the official config classes read) plus `mapper_heads`."""
+        out = {official: getattr(self, ours) for official, ours in self._OFFICIAL.items()}
+        out.update(llm_hidden_size=self.llm_hidden_size, num_decoder_layers=self.mapper_layers,
+                   mapper_heads=self.mapper_heads)
+        return out
+
 
 @dataclass(slots=True)
 class ExpertConfig(_DictMixin):

@@ -236,8 +236,7 @@ class ModelConfig:
         for flag, key, cfg in (("use_gdino", "gdino_config", self.detector), ("use_unipose", "unipose_config", self.pose),
                                ("use_sd", "sd_config", self.gen), ("use_ip2p", "ip2p_config", self.edit)):
             d[flag] = cfg is not None
-            if cfg is not None:
-                d[key] = cfg.to_dict()
+            d[key] = cfg.to_dict() if cfg is not None else None  # the official to_dict writes null
         if self.experts is not None:  # our key, like lora_moe: span-route experts (relative dirs: the checkpoint's)
             d["experts"] = self.experts.to_dict()
         if self.lora_moe is not None:

@@ -2,8 +2,8 @@
 
 - `tiny`: runs end to end on a CPU in seconds; random weights from a fixed seed and the
   byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`).
-- `visionllm-v2-7b`: the real shapes of DESIGN.md section 1 (CLIP ViT-L/14-336,
-  Vicuna-7B, LoRA-MoE E=8 r=4 alpha=32, K=4 / 64 super-link queries).
+- `visionllm-v2-7b`: the released model's shapes (CLIP ViT-L/14-336, Vicuna-7B with vocabulary
+  32,026, no LoRA-MoE, K=4 / 64 super-link queries, every tool).
 - `unifiedmllm-7b`: UnifiedMLLM's shapes (CLIP ViT-L/14-336 on one tile, Vicuna-7B with LoRA-MoE
   E=8 r=4 alpha=32 on the FFN linears); no super-link decoders; span-route experts from local
   directories (ExpertConfig.*_dir, empty here: set them to serve those routes).
@@ -47,15 +47,19 @@ def tiny() -> ModelConfig:
 
 
 def visionllm_v2_7b() -> ModelConfig:
+    """The released VisionLLM v2 (7B) as the official code builds it: CLIP ViT-L/14-336 (layer -2), the
+    mlp2x_gelu bridge, Vicuna-7B with the 26 added tokens (vocabulary 32,026) and no LLM LoRA / LoRA-MoE
+    (LoRA-MoE is UnifiedMLLM's: `unifiedmllm-7b`), K = 4 / 64 queries, and every tool. The released
+    config.json itself is not available offline; a checkpoint directory's own config.json always governs."""
     return ModelConfig(
         vision=VisionConfig(),
-        llm=LLMConfig(vocab_size=32000 + 17),
-        lora_moe=LoRAMoEConfig(num_experts=8, rank=4, alpha=32.0),
+        llm=LLMConfig(vocab_size=32000 + len(required_special_tokens())),
+        lora_moe=None,
         superlink=SuperLinkConfig(num_embs=4, num_embs_gen=64),
         detector=DetectorConfig(),
         pose=PoseConfig(),
-        gen=GenConfig(),
-        edit=GenConfig(),
+        gen=GenConfig(pipeline_dir="checkpoints/stable-diffusion-v1-5"),  # sd.json's sd_model_id
+        edit=GenConfig(pipeline_dir="checkpoints/instruct-pix2pix"),  # ip2p.json's sd_model_id
     )
 
 
@@ -73,8 +77,8 @@ def tiny_unified() -> ModelConfig:
 
 
 def unifiedmllm_7b() -> ModelConfig:
-    """Vocabulary: Vicuna's 32000, the 17 added tokens the engine's tokenizers carry (<image> ...), then
-    the 10 span tokens (our layout: UnifiedMLLM's released vocabulary was not available to check)."""
+    """Vocabulary: Vicuna's 32000, the official added tokens the engine's tokenizers carry ([PAD] <image>
+    ...), then the 10 span tokens (our layout: UnifiedMLLM's released vocabulary was not available)."""
     return ModelConfig(
         vision=VisionConfig(max_tiles=1, use_thumbnail=False),
         llm=LLMConfig(vocab_size=32000 + len(required_special_tokens()) + len(span_tokens())),

@@ -22,9 +22,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..routes import required_special_tokens, route_tokens, span_tokens, special_tokens
+from ..routes import PLACEHOLDER_TOKENS, required_special_tokens, route_tokens, span_tokens, special_tokens
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+_SPIECE = "\u2581"  # sentencepiece's word-boundary mark
 
 
 class Tokenizer(ABC):
@@ -196,10 +197,11 @@ class HFTokenizer(Tokenizer):
         wanted = [t for t in special_tokens() + span_tokens() if t in required
                   or self._tok.token_to_id(t) is not None or t in declared]
         missing = [t for t in wanted if self._tok.token_to_id(t) is None]
-        for token in sorted(missing, key=lambda t: declared.get(t, -1)):
-            if token not in declared:
-                raise ValueError(f"tokenizer in {directory}: special token {token!r} is neither in tokenizer.json "
-                                 f"nor in added_tokens.json / tokenizer_config.json")
+        undeclared = [t for t in missing if t not in declared]
+        if undeclared:
+            raise ValueError(f"tokenizer in {directory}: special tokens {undeclared} are neither in tokenizer.json "
+                             f"nor in added_tokens.json / tokenizer_config.json")
+        for token in sorted(missing, key=lambda t: declared[t]):
             self._tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
             got = self._tok.token_to_id(token)
             if got != declared[token]:
@@ -258,11 +260,18 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece tokenizer.model (LLaMA: <unk>=0, <s>=1, </s>=2) plus the special tokens as added tokens.
 
     Added-token ids come from added_tokens.json when present, else follow the sp vocabulary in
-    `routes.special_tokens()` order. Text is split around special strings before sp encoding, so each chunk
-    gets sp's dummy prefix (the LLaMA slow-tokenizer behaviour).
+    `routes.special_tokens()` order (the official order: [PAD]=32000 ... [EMB8]=32025 after Llama-2's 32,000).
+
+    Text is tokenized as the official code does (`tokenizer_image_token`: the prompt is split at `<image>`
+    and each chunk goes through the transformers-4.34 slow `LlamaTokenizer`). `legacy` comes from
+    tokenizer_config.json (Vicuna-v1.5 ships `false`; absent means true, 4.34's default):
+      legacy=True   every run of text between special tokens gets sp's dummy prefix ("▁");
+      legacy=False  only a chunk's first run does; a run right after another special token (`</s>USER:`
+                    in multi-turn prompts, text after `[DET][EMB]...`) is encoded without it, and a run
+                    that starts with a space keeps that space as its own "▁" (4.34's `<unk>` prefix trick).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, legacy: Optional[bool] = None) -> None:
         import sentencepiece as spm
 
         directory = self.directory = Path(directory)
@@ -289,6 +298,60 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"tokenizer in {directory}: the sentencepiece model has no EOS piece")
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.unk_id
+        if legacy is None:
+            cfg = directory / "tokenizer_config.json"
+            legacy = _read_json(cfg).get("legacy") if cfg.is_file() else None
+            legacy = True if legacy is None else bool(legacy)
+        self.legacy = legacy
+        self._sp_plain = self._sp if legacy else self._without_dummy_prefix(self._sp)
+        self._unk_text = self._sp.id_to_piece(self.unk_id)
+        self._unk_len = len(self._sp_plain.encode(self._unk_text))
+
+    @staticmethod
+    def _without_dummy_prefix(sp):
+        """The same model with `add_dummy_prefix` off (what 4.34 loads when legacy=False)."""
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+
+        proto = pb2.ModelProto.FromString(sp.serialized_model_proto())
+        if not proto.normalizer_spec.add_dummy_prefix:
+            return sp
+        proto.normalizer_spec.add_dummy_prefix = False
+        out = spm.SentencePieceProcessor()
+        out.LoadFromSerializedProto(proto.SerializeToString())
+        return out
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        if self.legacy:
+            return super().encode(text, add_bos)
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        for k, chunk in enumerate(text.split(PLACEHOLDER_TOKENS[0])):
+            if k:
+                ids.append(self.special_ids[PLACEHOLDER_TOKENS[0]])
+            if chunk:
+                ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        """One `<image>`-free chunk as 4.34's LlamaTokenizer(legacy=False).tokenize: "▁" + text, split at
+        special tokens, each run through `_tokenize`; a lone leading "▁" before a special token is dropped."""
+        specials, splitter = self._text_specials
+        out: list[int] = []
+        for piece in splitter.split(_SPIECE + chunk.replace(_SPIECE, " ")):
+            if piece in specials:
+                out.append(specials[piece])
+            elif piece:
+                out.extend(self._tokenize_nonlegacy(piece))
+        if len(out) > 1 and out[0] == self._sp_plain.piece_to_id(_SPIECE) and (
+                out[1] in specials.values() or out[1] == self.unk_id):
+            out = out[1:]
+        return out
+
+    def _tokenize_nonlegacy(self, text: str) -> list[int]:
+        if not text.startswith((_SPIECE, " ")):
+            return list(self._sp_plain.encode(text))
+        ids = list(self._sp_plain.encode(self._unk_text + text))
+        return ids[self._unk_len:] if len(ids) >= self._unk_len else ids
 
     def _encode_plain(self, text: str) -> list[int]:
         return list(self._sp.encode(text))

@@ -56,6 +56,10 @@ class TaskDecoder(nn.Module):
     export_kind: ClassVar[Optional[str]] = None
     # checkpoint keys under this decoder's prefix that the engine does not load (reported as skipped)
     unserved_keys: ClassVar[tuple[str, ...]] = ()
+    # checkpoint keys under this decoder's prefix that are not module parameters but weights of a
+    # component the decoder builds elsewhere (the IP2P UNet of a diffusers pipeline): sub-prefix ->
+    # component name; the loader hands them to `load_component_weights`
+    component_keys: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(cls, **kw) -> None:
         # only a class that names itself registers: subclasses made by tools (torch.export's module
@@ -75,6 +79,10 @@ class TaskDecoder(nn.Module):
         options; tensor_forward replaces the decoder's tensor-level forward (an exported backend) when
         given. Raises ValueError on bad inputs."""
         raise NotImplementedError
+
+    def load_component_weights(self, component: str, state: dict[str, torch.Tensor]) -> None:
+        """Weights for a `component_keys` component (keys without the sub-prefix); ValueError if unusable."""
+        raise NotImplementedError(f"{type(self).__name__} has no component {component!r}")
 
     def accepts_backend(self, route: RouteSpec, record: Mapping[str, Any]) -> bool:
         """Whether an exported artifact (its JSON record) can serve `route`'s calls."""

@@ -6,16 +6,21 @@ The K payload vectors ([K, llm_hidden], K = 64 in the real model) go through `em
 and 77 learned queries are the decoder input, so the output is `prompt_embeds`
 [B, 77, mapper_dim], the shape CLIP's text encoder gives Stable Diffusion.
 
-Parameter names follow the official VisionLLM v2 checkpoint (its `sd.*` / `ip2p.*`
-modules, as far as we could infer them from the public code):
+Parameter names are the official VisionLLM v2 checkpoint's (its `sd.*` / `ip2p.*` modules,
+model/stable_diffusion/modeling_sd.py and model/instruct_pix2pix/modeling_instruct_pix2pix.py):
   emb_proj.{0,2}.{weight,bias}
   llm2sd_mapper_queries                      [1, 77, mapper_dim]
   llm2sd_mapper.{encoder,decoder}.*          torch.nn.Transformer keys
 `GenConfig.mapper_layers` is the number of encoder layers and of decoder layers each
-(the official model uses 1 and 1). The official checkpoint also stores the whole SD
-pipeline under `sd.sd_unet.*`, `sd.sd_vae.*`, `sd.sd_text_encoder.*`; this module
-does not own those: the pipeline is loaded from a local diffusers-format directory
-(`GenConfig.pipeline_dir`) and is not part of `state_dict()`.
+(the official model uses 1 and 1). The official checkpoint also stores the whole diffusers
+pipeline under `sd_unet.*`, `sd_vae.*`, `sd_text_encoder.*`. The pipeline itself (its
+configs, scheduler, tokenizer) comes from a local diffusers directory (`GenConfig.pipeline_dir`,
+the official `sd_model_id`) and is not part of `state_dict()`. Which stored weights matter:
+  sd.*    UNet, VAE and text encoder are frozen in the official training (`requires_grad_(False)`),
+          so the stored copies equal the base pipeline's: not loaded (reported as skipped).
+  ip2p.*  the UNet is TRAINED (its `requires_grad_(False)` is commented out): `ip2p.sd_unet.*` is
+          loaded into the pipeline's UNet (`component_keys`, staged until the pipeline is attached);
+          VAE and text encoder are frozen: skipped.
 
 Classifier-free guidance needs an unconditional embedding. We use what the official
 training used for its dropped condition: the CLIP text encoding of the empty prompt
@@ -55,7 +60,7 @@ class GenerationDecoder(TaskDecoder):
     `SDDecoder` ("sd") and `IP2PDecoder` ("ip2p") below.
     """
 
-    # the official checkpoint also stores the diffusers pipeline; it comes from pipeline_dir instead
+    # the official checkpoint also stores the diffusers pipeline; frozen parts come from pipeline_dir
     unserved_keys = ("sd_unet.", "sd_vae.", "sd_text_encoder.")
 
     def __init__(self, cfg: GenConfig, edit: bool = False) -> None:
@@ -73,6 +78,7 @@ class GenerationDecoder(TaskDecoder):
                                                 dropout=0.0, batch_first=True, norm_first=True)
         self._pipeline = None
         self._negative: Optional[torch.Tensor] = None
+        self._staged: dict[str, dict[str, torch.Tensor]] = {}  # component -> checkpoint weights not applied yet
 
     @property
     def route(self) -> str:
@@ -141,9 +147,26 @@ class GenerationDecoder(TaskDecoder):
         return self._pipeline
 
     def set_pipeline(self, pipeline) -> None:
-        """Use an already constructed diffusers pipeline (must match edit / cross-attention width)."""
+        """Use an already constructed diffusers pipeline (must match edit / cross-attention width). Component
+        weights staged from a checkpoint (`load_component_weights`) are copied into it first."""
         _check_pipeline(pipeline, self.edit, self.cfg.mapper_dim)
+        for component, state in list(self._staged.items()):
+            _load_strict(getattr(pipeline, component), state, f"{self.name}.sd_{component}")
+            del self._staged[component]
         self._pipeline, self._negative = pipeline, None
+
+    def load_component_weights(self, component: str, state: dict[str, torch.Tensor]) -> None:
+        if component not in self.component_keys.values():
+            super().load_component_weights(component, state)
+        if self._pipeline is not None:
+            _load_strict(getattr(self._pipeline, component), state, f"{self.name}.sd_{component}")
+        else:
+            self._staged[component] = state
+
+    @property
+    def staged_components(self) -> tuple[str, ...]:
+        """Components whose checkpoint weights wait for the pipeline (applied by set_pipeline)."""
+        return tuple(self._staged)
 
     @torch.no_grad()
     def negative_prompt_embeds(self) -> torch.Tensor:
@@ -226,6 +249,21 @@ def _pipeline_class(edit: bool):
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     return StableDiffusionInstructPix2PixPipeline if edit else StableDiffusionPipeline
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy checkpoint weights into a pipeline component; ValueError naming the first keys on a mismatch."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        parts = [f"{len(keys)} {kind}, first: {', '.join(sorted(keys)[:3])}"
+                 for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", bad)) if keys]
+        raise ValueError(f"{what}: checkpoint weights do not fit the pipeline's {type(module).__name__} "
+                         f"({'; '.join(parts)})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
 
 
 def _check_pipeline(pipe, edit: bool, mapper_dim: int) -> None:
@@ -321,9 +359,11 @@ class SDDecoder(GenerationDecoder):
 
 
 class IP2PDecoder(GenerationDecoder):
-    """[EDIT]: the official `ip2p.*` mapper + an InstructPix2Pix pipeline."""
+    """[EDIT]: the official `ip2p.*` mapper + an InstructPix2Pix pipeline whose UNet is the checkpoint's."""
 
     name = "ip2p"
+    unserved_keys = ("sd_vae.", "sd_text_encoder.")
+    component_keys = {"sd_unet.": "unet"}
 
     def __init__(self, cfg: GenConfig) -> None:
         super().__init__(cfg, edit=True)
