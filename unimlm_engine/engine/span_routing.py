@@ -57,7 +57,7 @@ class SpanRouter:
 
     def submit(self, seq: Sequence, idx: int, group: SpanGroup, dispatch: bool = True) -> None:
         """Queue span `idx` of `seq`; a span that cannot run reports its error TaskResult now."""
-        spec = span_route_for(group.task, len(group.boxes)) if group.error is None else None
+        spec = span_route_for(group.task, group.box_spans)
         error = group.error
         if error is None:
             error = self._check(seq, group, spec)
@@ -84,7 +84,7 @@ class SpanRouter:
     def _check(self, seq: Sequence, group: SpanGroup, spec: Optional[SpanRouteSpec]) -> Optional[str]:
         task = f"<{group.task}>"
         if spec is None:
-            if group.boxes:
+            if group.box_spans:
                 return f"{task} takes no <BOX> (no span route for {task} with boxes)"
             return f"{task} needs at least one <BOX> after it"
         if spec.name not in self.available:

@@ -29,7 +29,8 @@ BOX = GROUNDING_TASK
 @dataclass
 class SpanGroup:
     """task: the task tag name ("IMGSEG"), GROUNDING_TASK for boxes on their own.
-    text: the task span's argument; boxes: (label, (x1, y1, x2, y2)) normalised, in order."""
+    text: the task span's argument; boxes: (label, (x1, y1, x2, y2)) normalised, in order;
+    box_spans: the grounding spans closed in the group, malformed ones included."""
 
     task: str
     start: int
@@ -37,6 +38,7 @@ class SpanGroup:
     text: str = ""
     boxes: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
     error: Optional[str] = None
+    box_spans: int = 0
 
     def fail(self, msg: str) -> None:
         if self.error is None:
@@ -164,6 +166,7 @@ class SpanParser:
         if self.state == "task":
             g.text = content.strip()
         else:
+            g.box_spans += 1
             try:
                 g.boxes.append(parse_box(content))
             except ValueError as e:
