@@ -228,3 +228,26 @@ def test_checkpoint_round_trip_keeps_experts_and_span_tokens(tmp_path):
     assert loaded.cfg.experts.tiny and loaded.cfg.experts.num_inference_steps == 2
     again, _ = load_pretrained(str(path), device="cpu")
     assert again.cfg.experts.sam_dir == str(path / "sam")
+
+
+def test_serve_bench_span_workloads():
+    """serve-bench kinds include every span route: the request's forced answer is the route's sample
+    span, which the parser routes back to that route."""
+    from unimlm_engine.cli import serve_bench as sb
+    from unimlm_engine.cli.forcing import span_text
+    from unimlm_engine.routes import all_span_routes, get_span_route
+
+    names = [s.name for s in all_span_routes()]
+    mix = sb.parse_mix(",".join(names) + ",vqa")
+    assert set(mix) == set(names) | {"vqa"}
+    with pytest.raises(ValueError, match="unknown workload kind 'imgfoo'.*imgseg"):
+        sb.parse_mix("imgfoo")
+    tok = ByteTokenizer(extra_special=span_tokens())
+    for name in names:
+        req = sb.make_request(name, random.Random(0), None, ["x.png"], 4, tokenizer=tok)
+        text = tok.decode(req.sampling.forced_prefix)
+        assert text == span_text(get_span_route(name))
+        (g,) = _parse([text])
+        assert g.error is None and span_route_for(g.task, g.box_spans).name == name
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        sb.make_request("imgseg", random.Random(0), None, ["x.png"], 4)

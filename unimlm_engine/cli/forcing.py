@@ -39,4 +39,13 @@ def _count(model, spec: RouteSpec, groups: Optional[Callable[[RouteSpec], int]])
     return decoders.decoder_for(spec).num_groups(spec) or (groups(spec) if groups else 1)
 
 
-__all__ = ["RouteError", "parse_routes", "forced_route_tokens"]
+def span_text(spec) -> str:
+    """A sample answer for a span route (routes.SpanRouteSpec): its task span, then one box when the route
+    needs boxes, e.g. "<IMGSEG>the cat</IMGSEG><BOX>the cat:[0.1, 0.2, 0.6, 0.9]</BOX>"."""
+    from ..routes import GROUNDING_TASK
+
+    box = "<BOX>the cat:[0.1, 0.2, 0.6, 0.9]</BOX>" if spec.boxes == "required" else ""
+    return box if spec.task == GROUNDING_TASK else f"<{spec.task}>the cat</{spec.task}>{box}"
+
+
+__all__ = ["RouteError", "parse_routes", "forced_route_tokens", "span_text"]

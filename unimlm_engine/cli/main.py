@@ -164,7 +164,8 @@ def cmd_serve_bench(args) -> int:
     engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
         max_num_seqs=args.max_num_seqs, decoder_max_batch_size=args.decoder_batch, decoder_backends=backends))
     try:
-        reqs = sb.make_workload(args.num_requests, mix, engine.model, args.images, args.max_tokens, seed=args.seed)
+        reqs = sb.make_workload(args.num_requests, mix, engine.model, args.images, args.max_tokens, seed=args.seed,
+                                tokenizer=engine.tokenizer)
         with tqdm(total=len(reqs), desc="serve-bench", file=sys.stderr) as bar:
             if args.request_rate:
                 res = sb.run_poisson(engine, reqs, args.request_rate, seed=args.seed, progress=bar)

@@ -3,8 +3,10 @@
 Workload kinds: vqa (one image, free text), text (no image), and every route by its name: det
 (image, 1..3 forced [DET] groups), seg, grd (one group), pose (one [DET] class + one [POSE] group
 per keypoint), gen, edit... (forcing.py derives the groups from the route registry and the
-decoders). Routing tokens are forced through `SamplingParams.forced_prefix`, because a model with
-random weights would not emit them by itself; the decoders then really run.
+decoders), and every span route by its name: imggen, imgseg, layoutgen... (the answer starts with a
+sample span, forcing.span_text; needs the tokenizer). Routing tokens and spans are forced through
+`SamplingParams.forced_prefix`, because a model with random weights would not emit them by itself; the
+decoders then really run.
 Arrivals: fixed concurrency (a closed loop of N clients) or Poisson at a request rate.
 """
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Optional
 import numpy as np
 
 from ..engine.types import Request, RequestOutput
-from ..routes import RouteError, all_routes, get_route
+from ..routes import RouteError, all_routes, all_span_routes, get_route, get_span_route
 from ..sampling import SamplingParams
-from .forcing import forced_route_tokens
+from .forcing import forced_route_tokens, span_text
 
 TEXT_KINDS = ("vqa", "text")
 QUESTIONS = ("What is in this image?", "Describe the scene in detail.", "What colour is the main object?",
@@ -33,11 +35,11 @@ def parse_mix(spec: str) -> dict[str, float]:
     for part in spec.split(","):
         name, _, w = part.partition(":")
         name = name.strip().lower()
-        if name not in TEXT_KINDS:
+        if name not in TEXT_KINDS and name not in {s.name for s in all_span_routes()}:
             try:
                 get_route(name)
             except RouteError:
-                kinds = TEXT_KINDS + tuple(s.name for s in all_routes())
+                kinds = TEXT_KINDS + tuple(s.name for s in all_routes() + all_span_routes())
                 raise ValueError(f"unknown workload kind {name!r}; kinds: {', '.join(kinds)}") from None
         mix[name] = float(w) if w else 1.0
     total = sum(mix.values())
@@ -46,24 +48,30 @@ def parse_mix(spec: str) -> dict[str, float]:
     return {k: v / total for k, v in mix.items()}
 
 
-def make_request(kind: str, rng: random.Random, model, images: list, max_tokens: int) -> Request:
-    """kind: "vqa", "text" or a route name; a detection route forces 1..3 groups (classes)."""
+def make_request(kind: str, rng: random.Random, model, images: list, max_tokens: int, tokenizer=None) -> Request:
+    """kind: "vqa", "text", a route name (a detection route forces 1..3 groups, classes) or a span route
+    name (forces a sample span; needs `tokenizer`)."""
     q = rng.choice(QUESTIONS)
     image = [rng.choice(images)] if kind != "text" else None
     forced: tuple[int, ...] = ()
-    if kind not in TEXT_KINDS:
+    if kind in {s.name for s in all_span_routes()}:
+        if tokenizer is None:
+            raise ValueError(f"workload kind {kind!r} (a span route) needs the tokenizer")
+        forced = tuple(tokenizer.encode(span_text(get_span_route(kind))))
+    elif kind not in TEXT_KINDS:
         spec = get_route(kind)
         forced = forced_route_tokens(model, [spec], lambda s: rng.randint(1, 3) if s.result == "detection" else 1)
     sp = SamplingParams(max_tokens=max(max_tokens, len(forced) + 1), forced_prefix=forced, ignore_eos=True)
     return Request(prompt=q, images=image, sampling=sp)
 
 
-def make_workload(n: int, mix: dict[str, float], model, images: list, max_tokens: int, seed: int = 0
-                  ) -> list[Request]:
-    """n requests drawn from `mix`; model: the VisionLLM being served (its vocabulary and decoders)."""
+def make_workload(n: int, mix: dict[str, float], model, images: list, max_tokens: int, seed: int = 0,
+                  tokenizer=None) -> list[Request]:
+    """n requests drawn from `mix`; model: the VisionLLM being served (its vocabulary and decoders);
+    tokenizer: its tokenizer (needed for span-route kinds)."""
     rng = random.Random(seed)
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
-    return [make_request(k, rng, model, images, max_tokens) for k in kinds]
+    return [make_request(k, rng, model, images, max_tokens, tokenizer) for k in kinds]
 
 
 @dataclass
