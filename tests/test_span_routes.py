@@ -208,3 +208,18 @@ def test_concurrent_submitters_each_end_once(engine):
     box = [o for o in outs if o.text.startswith("<BOX>")][0].spans[0]
     assert box.route == "box" and box.error is None
     np.testing.assert_allclose(box.boxes.numpy(), [[4.8, 4.0, 19.2, 16.0]], rtol=1e-5)
+
+
+def test_stop_string_cuts_spans_and_lora_moe_llm_matches_reference(engine):
+    """A stop string ends the text: only spans before it run. And the tiny-unified LLM (LoRA-MoE FFN
+    through the fused op) served by the engine gives the reference generation's tokens."""
+    from engine_helpers import assert_same_as_reference, reference_for
+
+    model, tok = unified()
+    ids = tok.encode("<IMGGEN>a car</IMGGEN> END <IMGGEN>a boat</IMGGEN>")
+    out = engine.submit(ue.Request(prompt="go", sampling=ue.SamplingParams(
+        max_tokens=len(ids), forced_prefix=tuple(ids), stop=["END"]))).result(timeout=60)
+    assert out.text == "<IMGGEN>a car</IMGGEN> " and out.finish_reason == "stop"
+    assert [(s.route, s.span_text, s.error) for s in out.spans] == [("imggen", "a car", None)]
+    req = ue.Request(prompt="Describe the image.", images=[IMG], sampling=ue.SamplingParams(max_tokens=12))
+    assert_same_as_reference(engine.submit(req).result(timeout=60), reference_for(engine, req))
