@@ -39,6 +39,7 @@ def tiny() -> ModelConfig:
                       num_prompt_tokens=77),
         edit=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,
                        num_prompt_tokens=77),
+        use_region_encoder=True,
     )
 
 
@@ -52,6 +53,7 @@ def visionllm_v2_7b() -> ModelConfig:
         pose=PoseConfig(),
         gen=GenConfig(),
         edit=GenConfig(),
+        use_region_encoder=True,
     )
 
 
