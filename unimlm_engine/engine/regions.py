@@ -76,6 +76,29 @@ class Region:
         return cls("mask", mask=mask, **kw)
 
 
+def parse_region(spec: str) -> Region:
+    """The CLI form -> Region: "point:x,y[;x,y...]", "box:x1,y1,x2,y2", "scribble:x,y;x,y[;...][@width]",
+    "mask:PATH.png" (nonzero pixels; the image's size). InvalidRegionError when malformed."""
+    kind, sep, body = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if not sep or not body or kind not in KINDS:
+        raise InvalidRegionError(f"region {spec!r}: expected KIND:VALUES with KIND one of {', '.join(KINDS)}")
+    if kind == "mask":
+        if not os.path.isfile(body):
+            raise InvalidRegionError(f"region {spec!r}: mask file {body!r} not found")
+        return Region("mask", mask=body)
+    width = None
+    if kind == "scribble" and "@" in body:
+        body, _, w = body.partition("@")
+        width = _numbers([w], 1, f"region {spec!r} (width)")[0]
+    groups = [g.split(",") for g in body.split(";")]
+    if kind == "box":
+        if len(groups) != 1:
+            raise InvalidRegionError(f"region {spec!r}: a box is x1,y1,x2,y2")
+        return Region("box", box=_numbers(groups[0], 4, f"region {spec!r}"))
+    return Region(kind, points=[_numbers(g, 2, f"region {spec!r}") for g in groups], width=width)
+
+
 def as_region(obj: Any, i: int) -> Region:
     """A Region or a dict (see Region) -> Region."""
     if isinstance(obj, Region):

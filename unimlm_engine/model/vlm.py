@@ -36,8 +36,10 @@ class VisionLLM(nn.Module):
 
             self.decoders = DecoderSet(cfg)
         self.region_encoder: Optional[RegionEncoder] = None
-        if cfg.use_region_encoder:  # built last: the random init of every other module stays as it was
-            self.region_encoder = RegionEncoder(256, cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.vision.patch_size)
+        if cfg.use_region_encoder:  # on a forked RNG, built last: build_model's draws for the rest stay the same
+            with torch.random.fork_rng(devices=[]):
+                self.region_encoder = RegionEncoder(256, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                                    cfg.vision.patch_size)
         # token string -> id of every special token; set from the tokenizer by the loader
         self.special_ids: dict[str, int] = {}
 
