@@ -65,7 +65,8 @@ def engine():
 def test_batched_region_requests_equal_reference(engine):
     img0, img1 = IMAGES[0], IMAGES[1]
     reqs = [
-        ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.box_xyxy(10, 20, 200, 150)], sampling=_sp(1, det=True)),
+        ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.box_xyxy(10, 20, 200, 150)],
+                   sampling=_sp(1, det=True)),
         ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.point(300, 100)], sampling=_sp(1, det=True)),
         ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.scribble([[5, 5], [400, 250]])],
                    sampling=_sp(1, det=True)),
@@ -73,7 +74,8 @@ def test_batched_region_requests_equal_reference(engine):
                    sampling=_sp(1, det=True)),
         ue.Request(prompt=TWO, images=[img1], regions=[{"box": [0, 0, 50, 60]}, {"points": [[3, 4], [90, 80]]}],
                    sampling=_sp(2)),
-        ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.box_xyxy(10, 20, 200, 150)], sampling=_sp(1, det=True)),
+        ue.Request(prompt=ONE, images=[img0], regions=[ue.Region.box_xyxy(10, 20, 200, 150)],
+                   sampling=_sp(1, det=True)),
         ue.Request(prompt="<image><image> " + ONE, images=[img0, img1], regions=[ue.Region.point(7, 9, image=1)],
                    sampling=_sp(3)),
         ue.Request(prompt=ONE, images=[img1], regions=[{"mask": _mask(img1, 0, 300, 0, 400), "seed": 9}],

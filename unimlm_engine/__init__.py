@@ -13,5 +13,5 @@ from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "EngineConfig", "ModelConfig", "SamplingParams", "Request", "Region", "InvalidRegionError",
-           "RequestHandle", "RequestOutput", "StreamEvent", "TaskResult", "EngineError", "InvalidRequestError", "InvalidImageError",
-           "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]
+           "RequestHandle", "RequestOutput", "StreamEvent", "TaskResult", "EngineError", "InvalidRequestError",
+           "InvalidImageError", "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]

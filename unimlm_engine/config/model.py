@@ -177,8 +177,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(self.vl_bridge_type == "mlp2x_gelu", "ModelConfig", f"unsupported vl_bridge_type {self.vl_bridge_type!r}")
-        require(not self.use_region_encoder or (self.vision.patch_size % 2 == 0 and self.vision.num_hidden_layers >= 2),
-                "ModelConfig", "use_region_encoder needs an even vision patch_size and at least 2 vision layers")
+        v = self.vision
+        require(not self.use_region_encoder or (v.patch_size % 2 == 0 and v.num_hidden_layers >= 2), "ModelConfig",
+                "use_region_encoder needs an even vision patch_size and at least 2 vision layers")
 
     # ---- official config.json -------------------------------------------------
     @classmethod

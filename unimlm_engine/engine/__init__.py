@@ -6,4 +6,5 @@ from .types import (DecoderError, EngineClosedError, EngineError, InvalidRequest
                     QueueFullError, Request, RequestOutput, StreamEvent, TaskResult)
 
 __all__ = ["Engine", "RequestHandle", "Request", "Region", "InvalidRegionError", "RequestOutput", "StreamEvent",
-           "TaskResult", "EngineError", "InvalidRequestError", "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]
+           "TaskResult", "EngineError", "InvalidRequestError", "PromptTooLongError", "QueueFullError",
+           "EngineClosedError", "DecoderError"]

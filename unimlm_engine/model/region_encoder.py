@@ -96,8 +96,8 @@ class RegionEncoder(nn.Module):
         for level in levels:
             x = x + level.transpose(1, 2).reshape(r, c, h, w).to(dtype)
             s = F.grid_sample(x.float(), grid, align_corners=False)[..., 0].to(dtype)  # [R, C, n]
-            pooled = (s.transpose(1, 2) * valid[..., None]).sum(1) / count
-            outs.append(self.up_dim(pooled.to(dtype)))
+            pooled = (s.transpose(1, 2) * valid[..., None].to(dtype)).sum(1) / count.to(dtype)  # in dtype, as official
+            outs.append(self.up_dim(pooled))
         return torch.stack(outs).mean(0)
 
 

@@ -73,6 +73,9 @@ class VisionLLM(nn.Module):
     def encode_regions(self, pixel_values: list[torch.Tensor], regions: list[RegionInput]) -> torch.Tensor:
         """One request, plainly: every region's image canvas (its last tile: the thumbnail, or the only tile)
         through the whole CLIP tower, hidden_states[-3:] -> [R, llm_hidden]."""
+        bad = [r.image for r in regions if not 0 <= r.image < len(pixel_values)]
+        if bad:
+            raise ValueError(f"regions refer to images {bad} but {len(pixel_values)} images were given")
         canvases = torch.stack([pixel_values[r.image][-1] for r in regions]).to(device=self.device, dtype=self.dtype)
         hs = self.vis_encoder.hidden_states(canvases)[-NUM_LEVELS:]
         return self.region_features(canvases, [h[:, 1:] for h in hs], regions)
