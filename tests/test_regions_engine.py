@@ -25,7 +25,7 @@ TWO = "How do <reg>region1<region></reg> and <reg>region2<region></reg> differ?"
 
 def _reference(engine, req):
     """The reference model on one request alone (regions rasterized the same way, encoded plainly)."""
-    p = engine.intake.processor(req.prompt, req.images)
+    p = engine.intake.processor(req.prompt, req.images, chat=req.chat)
     images = [load_image(i) for i in req.images or []]
     n = int((p.input_ids == engine.tokenizer.special_ids["<region>"]).sum())
     rins = prepare_regions(req.regions, images, p.image_hashes, engine.model.cfg.vision.image_size, n)
@@ -89,6 +89,25 @@ def test_batched_region_requests_equal_reference(engine):
     # same image and prompt, different regions: the region really reaches the LLM's hidden states
     rows = [o.payloads[0].payload for o in outs[:4]]
     assert min((a - b).abs().max() for i, a in enumerate(rows) for b in rows[i + 1:]) > 1e-3
+
+
+def test_regions_under_chunked_prefill_and_preemption():
+    """A small KV pool and token budget: prompts split across steps (a chunk may hold the <region> token but
+    no image token), preemption recomputes; a one-tile image (no thumbnail: its only tile is the canvas)."""
+    model, tok = tiny_model()
+    small = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)  # one 56 px tile
+    reqs = [ue.Request(prompt=TWO + " " + "very " * (i * 3), images=[IMAGES[i % 3]], chat=False,
+                       regions=[ue.Region.box_xyxy(5, 5, 90 + i, 80), ue.Region.point(20 + i, 30)],
+                       sampling=_sp(10 + i, det=True)) for i in range(5)]
+    reqs.append(ue.Request(prompt=ONE, images=[small], regions=[ue.Region.box_xyxy(3, 4, 20, 25)], chat=False,
+                           sampling=_sp(20, det=True)))
+    with ue.Engine(model, tok, ue.EngineConfig(num_kv_blocks=20, max_num_batched_tokens=32, max_num_seqs=8,
+                                               block_size=16)) as eng:
+        outs = eng.generate_batch(reqs)
+        assert eng.stats()["preemptions"] > 0
+        for req, out in zip(reqs, outs):
+            _same(out, _reference(eng, req))
+    assert eng.intake.processor(ONE, [small]).num_tiles == [1]
 
 
 def test_prefix_cache_keys_on_regions(engine):
