@@ -1,9 +1,10 @@
 """ModelRunner: one batched forward per scheduler step over the paged KV cache.
 
 Input embeddings come from four sources, by position: vocabulary ids (embedding table),
-`<im_patch>` and `<region>` positions (vision and region-encoder features, computed once per request,
-batched across the requests that need them this step), super-link query markers (query tables), and PLACEHOLDER:
-a token the in-flight step sampled, read from its device tensor (overlapped scheduling, core.py).
+`<im_patch>` and `<region>` positions (vision and region-encoder features, computed once per
+request, batched across the requests that need them this step), super-link query markers (query
+tables), and PLACEHOLDER: a token the in-flight step sampled, read from its device tensor
+(overlapped scheduling, core.py).
 Host arrays go to the device through pinned, non-blocking copies (`sampler.h2d`).
 
 All-decode steps (every sequence feeds one vocabulary id or placeholder, no image position) of at
