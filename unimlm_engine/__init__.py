@@ -5,12 +5,13 @@
         out = engine.generate("Describe the image.", images=["examples/images/chelsea.png"])
 """
 from .config import EngineConfig, ModelConfig
-from .engine import (DecoderError, Engine, EngineClosedError, EngineError, InvalidRequestError, PromptTooLongError,
-                     QueueFullError, Request, RequestHandle, RequestOutput, StreamEvent, TaskResult)
+from .engine import (DecoderError, Engine, EngineClosedError, EngineError, InvalidRegionError, InvalidRequestError,
+                     PromptTooLongError, QueueFullError, Region, Request, RequestHandle, RequestOutput, StreamEvent,
+                     TaskResult)
 from .inputs.processor import InvalidImageError
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineConfig", "ModelConfig", "SamplingParams", "Request", "RequestHandle", "RequestOutput",
-           "StreamEvent", "TaskResult", "EngineError", "InvalidRequestError", "InvalidImageError",
-           "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]
+__all__ = ["Engine", "EngineConfig", "ModelConfig", "SamplingParams", "Request", "Region", "InvalidRegionError",
+           "RequestHandle", "RequestOutput", "StreamEvent", "TaskResult", "EngineError", "InvalidRequestError",
+           "InvalidImageError", "PromptTooLongError", "QueueFullError", "EngineClosedError", "DecoderError"]

@@ -6,7 +6,7 @@ Accepted layouts (first match wins):
 Pickle shards are read with `torch.load(weights_only=True)` only. Parameters keep their
 official names; decoder weights (`gdino.` `unipose.` `sd.` `ip2p.`) load into
 `model.decoders` when the model has that decoder, and are reported as not loaded
-otherwise, as are keys of modules this engine does not serve (`region_encoder.`).
+otherwise; so are `region_encoder.` keys (loaded when config.json has use_region_encoder).
 The diffusers pipelines stored in the official checkpoint (`sd.sd_unet.*` ...) are skipped
 and reported too: generation decoders load their pipeline from a local diffusers directory.
 Every problem raises `CheckpointError` naming the file and the keys.
@@ -24,6 +24,7 @@ import torch
 
 from ..config import ModelConfig
 
+# optional top-level modules: loaded when the model has them, else reported not loaded
 UNSERVED_PREFIXES = ("region_encoder.",)
 
 
@@ -152,7 +153,9 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
                 staged.setdefault(comp, {})[key[len(sub):]] = tensor
                 report.loaded += 1
                 continue
-            if key.startswith(UNSERVED_PREFIXES + unserved) or comp is not None or (
+            optional_absent = key.startswith(UNSERVED_PREFIXES) and not any(
+                k.startswith(_skip_prefix(key) + ".") for k in model_keys)
+            if optional_absent or key.startswith(unserved) or comp is not None or (
                     key.startswith(decoders) and not has_decoder):
                 p = _skip_prefix(key)
                 report.not_loaded[p] = report.not_loaded.get(p, 0) + 1

@@ -78,6 +78,7 @@ def cmd_generate(args) -> int:
     _check_device(args.device)
     _check_model(args.model)
     image = _load_image(args.image) if args.image else None
+    regions = _regions(args.region, image)
     import unimlm_engine as ue
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -85,7 +86,7 @@ def cmd_generate(args) -> int:
     engine = ue.Engine.from_pretrained(args.model, device=args.device,
                                        config=ue.EngineConfig(decoder_backends=backends))
     try:
-        return _generate(engine, args, routes, sampling, image)
+        return _generate(engine, args, routes, sampling, image, regions)
     finally:
         engine.close()
 
@@ -101,7 +102,24 @@ def _load_image(path: str):
         raise UsageError(f"--image {path}: {e}") from None
 
 
-def _generate(engine, args, routes, sampling: dict, image) -> int:
+def _regions(specs: list[str] | None, image) -> list:
+    """--region KIND:VALUES (repeatable) -> Regions, checked against the image before the model loads."""
+    from ..engine.regions import InvalidRegionError, parse_region, rasterize
+
+    if specs and image is None:
+        raise UsageError("--region needs --image (regions are in the image's pixels)")
+    out = []
+    for spec in specs or []:
+        try:
+            r = parse_region(spec)
+            rasterize(r, image.width, image.height, 64, f"--region {spec}")
+        except InvalidRegionError as e:
+            raise UsageError(str(e)) from None
+        out.append(r)
+    return out
+
+
+def _generate(engine, args, routes, sampling: dict, image, regions=None) -> int:
     import unimlm_engine as ue
 
     from .forcing import forced_route_tokens
@@ -111,6 +129,7 @@ def _generate(engine, args, routes, sampling: dict, image) -> int:
         forced += tuple(engine.tokenizer.encode(args.force_text))
     sampling["max_tokens"] = max(sampling["max_tokens"], len(forced) + 1)
     handle = engine.submit(ue.Request(prompt=args.prompt, images=[image] if image is not None else None,
+                                      regions=regions or None,
                                       sampling=ue.SamplingParams(**sampling, forced_prefix=forced)))
     if not args.json:
         for ev in handle.stream():
@@ -213,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--route", help="force routing tokens, e.g. DET,SEG,POSE,GEN,EDIT (random-weight presets "
                                    "do not emit them by themselves)")
+    g.add_argument("--region", action="append",
+                   help="visual prompt in image pixels, repeatable, one per <region> token of the prompt "
+                        "(write <reg>region1<region></reg>): box:x1,y1,x2,y2 | point:x,y[;x,y...] | "
+                        "scribble:x,y;x,y[;...][@width] | mask:PATH.png")
     g.add_argument("--force-text", help="text the answer starts with (forced tokens), e.g. span routes: "
                                         "'<IMGSEG>dog</IMGSEG><BOX>dog:[0.1, 0.2, 0.6, 0.9]</BOX>' (tiny-unified)")
     g.add_argument("--max-tokens", type=int, default=32)

@@ -172,10 +172,15 @@ class ModelConfig:
     gen: Optional[GenConfig] = None
     edit: Optional[GenConfig] = None
     vl_bridge_type: str = "mlp2x_gelu"
+    # the official region encoder (`region_encoder.*`, visual prompts `<reg>region1<region></reg>`)
+    use_region_encoder: bool = False
     experts: Optional[ExpertConfig] = None  # span-route experts (UnifiedMLLM); not in the official config.json
 
     def __post_init__(self) -> None:
         require(self.vl_bridge_type == "mlp2x_gelu", "ModelConfig", f"unsupported vl_bridge_type {self.vl_bridge_type!r}")
+        v = self.vision
+        require(not self.use_region_encoder or (v.patch_size % 2 == 0 and v.num_hidden_layers >= 2), "ModelConfig",
+                "use_region_encoder needs an even vision patch_size and at least 2 vision layers")
 
     # ---- official config.json -------------------------------------------------
     @classmethod
@@ -209,6 +214,7 @@ class ModelConfig:
             gen=GenConfig.from_dict(d.get("sd_config") or {}) if d.get("use_sd") else None,
             edit=GenConfig.from_dict(d.get("ip2p_config") or {}) if d.get("use_ip2p") else None,
             vl_bridge_type=d.get("vl_bridge_type", "mlp2x_gelu"),
+            use_region_encoder=bool(d.get("use_region_encoder", False)),
             experts=ExpertConfig.from_dict(d["experts"]) if d.get("experts") else None,
         )
 
@@ -232,6 +238,7 @@ class ModelConfig:
             "use_thumbnail": use_thumb,
             "num_embs": self.superlink.num_embs,
             "num_embs_gen": self.superlink.num_embs_gen,
+            "use_region_encoder": self.use_region_encoder,
         }
         for flag, key, cfg in (("use_gdino", "gdino_config", self.detector), ("use_unipose", "unipose_config", self.pose),
                                ("use_sd", "sd_config", self.gen), ("use_ip2p", "ip2p_config", self.edit)):

@@ -43,6 +43,7 @@ def tiny() -> ModelConfig:
                       num_prompt_tokens=77),
         edit=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,
                        num_prompt_tokens=77),
+        use_region_encoder=True,
     )
 
 
@@ -60,6 +61,7 @@ def visionllm_v2_7b() -> ModelConfig:
         pose=PoseConfig(),
         gen=GenConfig(pipeline_dir="checkpoints/stable-diffusion-v1-5"),  # sd.json's sd_model_id
         edit=GenConfig(pipeline_dir="checkpoints/instruct-pix2pix"),  # ip2p.json's sd_model_id
+        use_region_encoder=True,
     )
 
 

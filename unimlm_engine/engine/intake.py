@@ -19,6 +19,7 @@ from ..inputs.processor import Processor, image_hash, load_image, pixel_values, 
 from ..sampling import SamplingParams
 from ..inputs.tokenizer import IncrementalDetokenizer
 from .handle import RequestHandle
+from .regions import InvalidRegionError, prepare_regions
 from .sequence import Sequence
 from .superlink import SuperLinks
 from .types import InvalidRequestError, PromptTooLongError, Request
@@ -48,12 +49,13 @@ class Intake:
             ids, spans, pixels, hashes = p.input_ids.tolist(), p.image_spans, p.pixel_values, p.image_hashes
         ids, pending, where = self.superlinks.expand_prompt(ids)
         spans = [(int(where[a]), int(where[b - 1]) + 1) for a, b in spans]
+        regions, region_pos = self._regions(req, ids, images, hashes)
         pending = pending if req.run_prompt_routes else []  # the query positions are fed either way
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         plain_greedy = params.temperature == 0 and not params.logit_bias
         seq = Sequence(seq_id=seq_id, request=req, handle=handle, tokens=list(ids), prompt_len=len(ids),
-                       pixel_values=pixels, images=images, seed=params.resolved_seed(),
+                       pixel_values=pixels, images=images, seed=params.resolved_seed(), regions=regions,
                        detok=IncrementalDetokenizer(self.tokenizer), pending=pending,
                        greedy_from=len(params.forced_prefix) if plain_greedy else -1)
         if spans:
@@ -62,11 +64,24 @@ class Intake:
             for a, b in spans:
                 idx[a:b] = torch.arange(row, row + b - a)
                 row += b - a
+            idx[region_pos] = torch.arange(row, row + len(region_pos))  # region features follow the image rows
             seq.patch_index = idx
         seq.image_spans = [(a, b, int(h[:15], 16)) for (a, b), h in zip(spans, hashes)]
+        seq.image_spans += [(p, p + 1, r.key) for p, r in zip(region_pos, regions)]
         if req.timeout_s is not None:
             seq.deadline = time.monotonic() + req.timeout_s
         return seq
+
+    def _regions(self, req: Request, ids: list[int], images, hashes) -> tuple[list, list[int]]:
+        """-> (RegionInput per `<region>` token, their positions in ids); InvalidRegionError on bad input.
+        Without regions and without a region encoder, `<region>` stays an ordinary token."""
+        rid = self.tokenizer.special_ids.get("<region>")
+        pos = [i for i, t in enumerate(ids) if t == rid] if rid is not None else []
+        if not req.regions and (self.model.region_encoder is None or not pos):
+            return [], []
+        if self.model.region_encoder is None:
+            raise InvalidRegionError("this model has no region encoder (config use_region_encoder is false)")
+        return prepare_regions(req.regions, images, hashes, self.model.cfg.vision.image_size, len(pos)), pos
 
     def _from_ids(self, ids, images):
         ids = [int(i) for i in ids]

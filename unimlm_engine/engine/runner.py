@@ -1,9 +1,10 @@
 """ModelRunner: one batched forward per scheduler step over the paged KV cache.
 
 Input embeddings come from four sources, by position: vocabulary ids (embedding table),
-`<im_patch>` positions (vision features, computed once per request, batched across the
-requests that need them this step), super-link query markers (query tables), and PLACEHOLDER:
-a token the in-flight step sampled, read from its device tensor (overlapped scheduling, core.py).
+`<im_patch>` and `<region>` positions (vision and region-encoder features, computed once per
+request, batched across the requests that need them this step), super-link query markers (query
+tables), and PLACEHOLDER: a token the in-flight step sampled, read from its device tensor
+(overlapped scheduling, core.py).
 Host arrays go to the device through pinned, non-blocking copies (`sampler.h2d`).
 
 All-decode steps (every sequence feeds one vocabulary id or placeholder, no image position) of at
@@ -70,14 +71,36 @@ class ModelRunner:
             t[dst] = t[src]
 
     def encode_images(self, seqs: list[Sequence]) -> None:
-        """Vision tower + projector for all `seqs` at once (tiles concatenated)."""
+        """Vision tower + projector for all `seqs` at once (tiles concatenated), and the region encoder for all
+        their regions at once: its CLIP levels come from the same pass (`forward_with_levels`: the layers past
+        the projector's run on the regions' canvas tiles only). s.image_features = image rows, region rows."""
         tiles = [p for s in seqs for p in s.pixel_values]
-        feats = self.model.encode_images(torch.cat(tiles))  # [sum tiles * tokens_per_tile, hidden]
+        pixels = torch.cat(tiles).to(device=self.model.device, dtype=self.model.dtype)
+        canvas_of, regions = [], []  # per region: row of its canvas tile among `pixels`
+        first = 0
+        for s in seqs:
+            ends = np.cumsum([p.shape[0] for p in s.pixel_values]) + first
+            canvas_of += [int(ends[r.image]) - 1 for r in s.regions]  # an image's last tile is its canvas
+            regions += s.regions
+            first = int(ends[-1]) if len(ends) else first
+        if regions:
+            rows, inverse = torch.tensor(canvas_of).unique(return_inverse=True)
+            vis, levels = self.model.vis_encoder.forward_with_levels(pixels, rows.to(pixels.device),
+                                                                     (-3, -2, -1))
+            inv = inverse.to(pixels.device)
+            region_feats = self.model.region_features(pixels[rows.to(pixels.device)][inv],
+                                                      [lv[inv] for lv in levels], regions)
+        else:
+            vis = self.model.vis_encoder(pixels)
+        feats = self.model.vl_bridge(vis).flatten(0, 1)  # [sum tiles * tokens_per_tile, hidden]
         per_tile = self.model.cfg.vision.tokens_per_tile
-        offset = 0
+        offset = r0 = 0
         for s in seqs:
             n = sum(p.shape[0] for p in s.pixel_values) * per_tile
             s.image_features = feats[offset:offset + n]
+            if s.regions:
+                s.image_features = torch.cat([s.image_features, region_feats[r0:r0 + len(s.regions)]])
+                r0 += len(s.regions)
             offset += n
 
     @staticmethod

@@ -32,11 +32,13 @@ class Sequence:
     handle: RequestHandle
     tokens: list[int]
     prompt_len: int
-    patch_index: Optional[torch.Tensor] = None  # [prompt_len] row of image_features, -1 elsewhere
+    # [prompt_len] row of image_features at <im_patch> and <region> positions, -1 elsewhere
+    patch_index: Optional[torch.Tensor] = None
     pixel_values: list[torch.Tensor] = field(default_factory=list)
-    image_features: Optional[torch.Tensor] = None  # [P, hidden]
+    image_features: Optional[torch.Tensor] = None  # [P + R, hidden]: image rows, then one row per region
+    regions: list[Any] = field(default_factory=list)  # model.region_encoder.RegionInput, in <region> order
     images: list[Any] = field(default_factory=list)  # decoded PIL images (decoders need them)
-    image_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, image key)
+    image_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, image / region key)
     seed: int = 0  # SamplingParams.resolved_seed(): the counter-based sampler's key
     num_sampled: int = 0  # valid samples drawn, in flight included (the next sample's index)
     placeholder_pos: Optional[int] = None  # position of the unresolved PLACEHOLDER in tokens

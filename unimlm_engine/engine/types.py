@@ -43,6 +43,9 @@ class Request:
     prompt: Optional[str] = None
     prompt_token_ids: Optional[Sequence[int]] = None
     images: Optional[Sequence[Any]] = None  # paths, bytes, PIL images or HxWx3 uint8 arrays
+    # visual prompts (engine/regions.py: Region or dict; point, box, scribble, mask in image pixels), one per
+    # `<region>` token of the prompt, in order; the prompt writes region i as <reg>region{i+1}<region></reg>
+    regions: Optional[Sequence[Any]] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0  # lower is more urgent (policy="priority")
     timeout_s: Optional[float] = None

@@ -22,6 +22,7 @@ import torch
 from ..sampling import SamplingParams, sample_token
 from ..routes import get_route
 from .attention import ContiguousKVCache
+from .region_encoder import RegionInput
 from .superlink import RoutedPayload
 
 
@@ -41,10 +42,11 @@ def _as_ids(input_ids, device) -> torch.Tensor:
 
 
 def prompt_embeddings(model, ids: torch.Tensor, feats: Optional[torch.Tensor],
-                      route_ids: dict[int, str]) -> tuple[torch.Tensor, list[tuple[str, int, int, int]]]:
+                      route_ids: dict[int, str], region_feats: Optional[torch.Tensor] = None,
+                      ) -> tuple[torch.Tensor, list[tuple[str, int, int, int]]]:
     """Prompt ids [T] -> (input embeddings [T', hidden] with the query rows of the prompt's routing tokens,
     [(route, index of the routing token in ids, first query position, K)])."""
-    embeds = model.embed_inputs(ids, feats)
+    embeds = model.embed_inputs(ids, feats, region_feats)
     ids_l = ids.tolist()
     pieces, spans, pos, i = [], [], 0, 0
     while i < len(ids_l):
@@ -72,8 +74,11 @@ def reference_generate(model, input_ids: Sequence[int] | torch.Tensor,
                        params: Optional[SamplingParams] = None,
                        route_ids: Optional[dict[int, str]] = None,
                        logits_processor: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                       regions: Optional[Sequence[RegionInput]] = None,
                        ) -> GenerationOutput:
-    """Generate for one prompt. pixel_values: per image [n_tiles, 3, S, S] (prompt order).
+    """Generate for one prompt. pixel_values: per image [n_tiles, 3, S, S] (prompt order); regions: one
+    per `<region>` token, in prompt order (`model.encode_regions`: the whole CLIP tower on each region's
+    image canvas, then the region encoder).
 
     logits_processor(step, logits [V]) -> logits runs before sampling at each step
     (step = index of the token being sampled); tests use it to force a token.
@@ -85,8 +90,9 @@ def reference_generate(model, input_ids: Sequence[int] | torch.Tensor,
     feats = None
     if pixel_values:
         feats = torch.cat([model.encode_images(p) for p in pixel_values])
+    region_feats = model.encode_regions(list(pixel_values or []), list(regions)) if regions else None
     cache = ContiguousKVCache(model.cfg.llm.num_hidden_layers)
-    embeds, spans = prompt_embeddings(model, ids, feats, route_ids)
+    embeds, spans = prompt_embeddings(model, ids, feats, route_ids, region_feats)
     hidden = model.llm.forward(embeds, torch.arange(embeds.shape[0], device=ids.device), cache)
     logits = model.llm.logits(hidden[-1])
     seed = params.resolved_seed()

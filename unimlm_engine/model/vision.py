@@ -2,7 +2,9 @@
 
 Features are `hidden_states[output_layer][:, 1:]` (second-to-last layer, CLS dropped),
 so only the first `num_layers_run` encoder layers are evaluated; the remaining layers
-and `post_layernorm` are kept so official checkpoints load without unexpected keys.
+and `post_layernorm` are kept so official checkpoints load without unexpected keys. The region
+encoder needs hidden_states[-3:] (final layer included) of the thumbnails of requests with
+regions: `forward_with_levels` runs the extra layer(s) on those tiles only.
 """
 from __future__ import annotations
 
@@ -95,6 +97,35 @@ class CLIPVisionTransformer(nn.Module):
             x = layer(x)
         return x[:, 1:]
 
+    def hidden_states(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """pixels: [N, 3, S, S] -> HF's hidden_states: num_hidden_layers + 1 tensors [N, 1 + (S/p)^2, C]
+        (the embeddings after pre_layrnorm, then every layer's output). Runs every layer."""
+        out = [self.pre_layrnorm(self.embeddings(pixels))]
+        for layer in self.encoder.layers:
+            out.append(layer(out[-1]))
+        return out
+
+    def forward_with_levels(self, pixels: torch.Tensor, rows: torch.Tensor, levels: tuple[int, ...]
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward` for all N tiles plus hidden_states[l] (negative HF indices, CLS dropped) of the tiles
+        `rows` [R] only: layers past the output layer run on those rows alone.
+        -> ([N, (S/p)^2, C], len(levels) x [R, (S/p)^2, C])"""
+        n_layers = len(self.encoder.layers)
+        want = {n_layers + 1 + lvl: i for i, lvl in enumerate(levels)}
+        got: list = [None] * len(levels)
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        run = self.cfg.num_layers_run
+        sub = None
+        for i in range(max([run] + list(want)) + 1):
+            if i > 0:
+                if i <= run:
+                    x = self.encoder.layers[i - 1](x)
+                else:
+                    sub = self.encoder.layers[i - 1](x[rows] if sub is None else sub)
+            if i in want:
+                got[want[i]] = (x[rows] if i <= run else sub)[:, 1:]
+        return x[:, 1:], got
+
 
 class VisionTower(nn.Module):
     """Checkpoint prefix `vis_encoder.`; parameters live under `vision_model.` as in HF."""
@@ -105,3 +136,9 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision_model(pixels)
+
+    def hidden_states(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return self.vision_model.hidden_states(pixels)
+
+    def forward_with_levels(self, pixels: torch.Tensor, rows: torch.Tensor, levels: tuple[int, ...]):
+        return self.vision_model.forward_with_levels(pixels, rows, levels)
