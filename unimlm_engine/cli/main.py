@@ -1,4 +1,4 @@
-"""`unimlm` command: generate, serve-bench, convert, export.
+"""`unimlm` command: generate, serve, serve-bench, convert, export.
 
 Arguments are checked before a model loads; a usage problem prints one `unimlm: error: ...` line and
 exits 2. `generate` exits 1 when the request or any of its tasks failed.
@@ -179,6 +179,32 @@ def cmd_serve_bench(args) -> int:
         engine.close()
 
 
+def cmd_serve(args) -> int:
+    try:
+        from ..server import ServerConfig, serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra (pip install 'unimlm-engine[serve]'): {e}") from None
+    backends = _decoder_backends(args.decoder_backend)
+    _check_device(args.device)
+    _check_model(args.model)
+    media = args.allowed_local_media_path
+    if media is not None and not Path(media).is_dir():
+        raise UsageError(f"--allowed-local-media-path {media}: not a directory")
+    if args.api_key is None and os.environ.get("UNIMLM_API_KEY"):
+        args.api_key = os.environ["UNIMLM_API_KEY"]
+    import unimlm_engine as ue
+
+    cfg = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                       allowed_local_media_path=media, max_body_bytes=args.max_body_bytes,
+                       max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout or None,
+                       default_max_tokens=args.default_max_tokens, cors_origins=tuple(args.cors_origin or ()),
+                       drain_timeout_s=args.drain_timeout)
+    engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_queue_size=args.max_queue_size, decoder_backends=backends))
+    serve(engine, cfg, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from ..checkpoint.loader import convert_checkpoint
 
@@ -218,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-dir", help="save visualisations and generated images here (JSON then names the "
                                       "image files instead of inlining them)")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    v.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    v.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default=None)
+    v.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (or set "
+                                                   "UNIMLM_API_KEY)")
+    v.add_argument("--max-queue-size", type=int, default=256, help="waiting requests before new ones get 429")
+    v.add_argument("--max-num-seqs", type=int, default=64)
+    v.add_argument("--allowed-local-media-path", default=None, help="serve file:// images from inside this folder")
+    v.add_argument("--max-body-bytes", type=int, default=32 << 20)
+    v.add_argument("--max-image-pixels", type=int, default=32_000_000)
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
+    v.add_argument("--default-max-tokens", type=int, default=256)
+    v.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests in "
+                                                                     "flight finish before cancelling them")
+    v.add_argument("--cors-origin", action="append", help="allow this origin (repeatable); CORS is off without")
+    v.add_argument("--decoder-backend", action="append", help=backend_help)
+    v.add_argument("--log-level", default="info")
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("serve-bench", help="load generator over the Python API")
     b.add_argument("--model", default="tiny")
