@@ -17,12 +17,12 @@ KEY = "test-key"
 
 @contextlib.contextmanager
 def running_server(engine_cfg=None, **server_kw):
-    """(engine, base URL) of a uvicorn server on a background thread; stopped and closed on exit."""
+    """(engine, base URL, ServerState) of a uvicorn server on a background thread; stopped and closed on exit."""
     model, tok = tiny_model()
     engine = ue.Engine(model, tok, engine_cfg or ue.EngineConfig())
     server, thread, url = start_in_thread(engine, ServerConfig(**server_kw))
     try:
-        yield engine, url
+        yield engine, url, server.state
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -35,7 +35,7 @@ def media(tmp_path_factory):
 def server(media):
     with running_server(api_key=KEY, allowed_local_media_path=str(media / "allowed"), max_image_pixels=MAX_PIXELS,
                         max_body_bytes=1 << 20) as s:
-        yield s
+        yield s[:2]
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,7 @@ def test_metrics_parse(server, client):
 def test_a_full_queue_gives_429_with_retry_after():
     """One sequence runs, one waits (max_queue_size=1): the next request is refused at once."""
     cfg = ue.EngineConfig(max_num_seqs=1, max_queue_size=1)
-    with running_server(cfg) as (engine, url):
+    with running_server(cfg) as (engine, url, _):
         long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
                 "ignore_eos": True, "stream": True}
         waiting = threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, httpx.post, url + "/v1/chat/"
