@@ -38,6 +38,10 @@ class DrainingServer(uvicorn.Server):
             while state.handles and time.monotonic() < end:  # the cancelled requests answer their clients
                 await asyncio.sleep(0.02)
         await super().shutdown(sockets)
+        # uvicorn re-raises a captured SIGTERM after serving, which would kill the process before `serve`
+        # closes the engine; the drain above is the graceful exit, so `unimlm serve` returns 0 instead
+        if hasattr(self, "_captured_signals"):
+            self._captured_signals.clear()
 
 
 def make_server(engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
