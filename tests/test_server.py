@@ -315,3 +315,23 @@ def test_a_full_queue_gives_429_with_retry_after():
         s = wait_idle(engine)  # both long requests were cancelled when their clients closed
         assert s["kv_blocks_free"] == s["kv_blocks_total"]
         assert _post(url, "/v1/chat/completions", {**long, "stream": False, "max_tokens": 2}).status_code == 200
+
+
+def test_serve_bench_against_the_running_server(server, tmp_path, capsys):
+    from unimlm_engine.cli.main import main
+
+    _, url = server
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["serve-bench", "--url", url, "--api-key", KEY, "--num-requests", "4", "--request-rate", "50,100",
+               "--mix", "text:0.5,vqa:0.3,det:0.2", "--max-tokens", "5", "--out", str(out), "--plot", str(png)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| rate | conc | ok |") and table.count("\n") >= 3
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [50.0, 100.0]
+    for r in runs:
+        assert r["ok"] == 4 and r["failed"] == 0
+        # ignore_eos: every request generates exactly max_tokens tokens
+        assert abs(r["output_tok_per_s"] * r["wall_s"] - 4 * 5) < 1e-6
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"]
+    assert png.stat().st_size > 1000
