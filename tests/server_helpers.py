@@ -1,7 +1,6 @@
 """Shared pieces of the HTTP server tests: a real uvicorn on 127.0.0.1 (a free port) over the tiny engine."""
 import base64
 import contextlib
-import json
 import struct
 import time
 import zlib
@@ -60,10 +59,6 @@ def sse_events(resp: httpx.Response) -> list[tuple[str, str]]:
     if data:
         events.append((name, "\n".join(data)))
     return events
-
-
-def chunks(events) -> list[dict]:
-    return [json.loads(d) for _, d in events if d != "[DONE]"]
 
 
 def wait_idle(engine, timeout: float = 10.0) -> dict:

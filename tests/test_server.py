@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import unimlm_engine as ue
-from server_helpers import (KEY, chunks, data_url, png_header_only, running_server, sse_events, wait_idle)
+from server_helpers import KEY, data_url, png_header_only, running_server, sse_events, wait_idle
 from unimlm_engine.cli.forcing import forced_route_tokens, parse_routes
 from unimlm_engine.routes import RouteSpec, register_route, unregister_route
 

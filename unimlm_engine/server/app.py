@@ -151,7 +151,11 @@ async def _serve(request: Request, state: ServerState, chat: bool) -> Response:
     _check_key(request, cfg)
     if state.draining:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-    body = proto.parse_json(await _read_body(request, cfg.max_body_bytes))
+    raw = await _read_body(request, cfg.max_body_bytes)
+    loop = asyncio.get_running_loop()
+    # a body with images can be megabytes of JSON: parse it off the loop
+    body = proto.parse_json(raw) if len(raw) < 65536 else await loop.run_in_executor(state.media_pool,
+                                                                                   proto.parse_json, raw)
     p = (proto.parse_chat if chat else proto.parse_completion)(body, cfg.default_max_tokens)
     if p.model != cfg.model_name:
         raise APIError(404, f"model {p.model!r} is not served here; this server serves {cfg.model_name!r}",
@@ -163,7 +167,6 @@ async def _serve(request: Request, state: ServerState, chat: bool) -> Response:
     sampling = proto.finish_sampling(p, forced)
     if len(p.image_urls) > cfg.max_images:
         raise bad_request(f"{len(p.image_urls)} images; at most {cfg.max_images} per request", code="too_many_images")
-    loop = asyncio.get_running_loop()
     images = await _race(loop.run_in_executor(state.media_pool, _load_images, p.image_urls, cfg), request)
     timeout = min((t for t in (p.timeout_s, cfg.request_timeout_s) if t is not None), default=None)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{next(state.ids)}"

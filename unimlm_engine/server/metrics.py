@@ -26,7 +26,8 @@ class _EngineCollector:
                 ("unimlm_kv_blocks_total", "KV-cache blocks in the pool", s["kv_blocks_total"]),
                 ("unimlm_kv_blocks_free", "Free KV-cache blocks (evictable prefix-cache blocks included)",
                  s["kv_blocks_free"]),
-                ("unimlm_kv_blocks_used", "KV-cache blocks held by sequences", s["kv_blocks_total"] - s["kv_blocks_free"]),
+                ("unimlm_kv_blocks_used", "KV-cache blocks held by sequences",
+                 s["kv_blocks_total"] - s["kv_blocks_free"]),
                 ("unimlm_kv_blocks_cached", "Free blocks that still hold a reusable prefix", s["kv_blocks_cached"])):
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("unimlm_preemptions", "Sequences preempted by the scheduler", value=s["preemptions"])

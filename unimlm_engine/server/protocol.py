@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from ..inputs.processor import IMAGE_TOKEN, VICUNA_SYSTEM, chat_prompt
 from ..sampling import SamplingParams
-from .errors import APIError, bad_request
+from .errors import bad_request
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "n",
           "user", "logit_bias", "presence_penalty", "frequency_penalty", "logprobs", "routes", "ignore_eos",
