@@ -10,10 +10,11 @@ from engine_helpers import IMAGES, tiny_model
 from server_helpers import wait_idle
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-output", "output-thread"])
+def engine(request):
+    """Events come from the loop thread (inline output, the CPU default) or the output thread (CUDA's)."""
     model, tok = tiny_model()
-    with ue.Engine(model, tok) as eng:
+    with ue.Engine(model, tok, ue.EngineConfig(output_thread=request.param)) as eng:
         yield eng
 
 
