@@ -7,6 +7,7 @@ import random
 import time
 
 import httpx
+import pytest
 
 import unimlm_engine as ue
 from server_helpers import data_url, running_server, wait_idle
@@ -79,6 +80,7 @@ async def _run(url: str, route_ids) -> list[str]:
         return await asyncio.gather(*(guarded(i) for i in range(TOTAL)))
 
 
+@pytest.mark.timeout(180)
 def test_300_requests_at_concurrency_64_with_disconnects_and_timeouts():
     with running_server(ue.EngineConfig(max_num_seqs=64)) as (engine, url, state):
         t0 = time.monotonic()
