@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+COMMA := ,
 IMAGE ?= examples/images/chelsea.png
 PROMPT ?= Where is the cat? Describe it and find it.
 
@@ -13,7 +14,7 @@ PROMPT ?= Where is the cat? Describe it and find it.
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
 
-# run: what running needs (the package, diffusers for [GEN]/[EDIT]); test: the test extras on top
+# run: what running needs (the package, diffusers for [GEN]/[EDIT], the HTTP server); test: the test extras on top
 # (one install each: `make test` alone never installs the package twice)
 define install_into_venv
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ define install_into_venv
 endef
 
 $(VENV)/.installed-run: setup.py pyproject.toml CMakeLists.txt
-	$(call install_into_venv,decoders)
+	$(call install_into_venv,decoders$(COMMA)serve)
 
 $(VENV)/.installed-test: setup.py pyproject.toml CMakeLists.txt
 	$(call install_into_venv,test)

@@ -1,4 +1,4 @@
-"""`unimlm` command: generate, serve-bench, convert, export.
+"""`unimlm` command: generate, serve, serve-bench, convert, export.
 
 Arguments are checked before a model loads; a usage problem prints one `unimlm: error: ...` line and
 exits 2. `generate` exits 1 when the request or any of its tasks failed.
@@ -167,17 +167,58 @@ def _save(out, image, save_dir: str) -> list:
     return paths
 
 
+def _rates(spec: str | None) -> list[float]:
+    if not spec:
+        return []
+    try:
+        rates = [float(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--request-rate {spec}: expected numbers, e.g. 2 or 1,2,4") from None
+    if any(r <= 0 for r in rates):
+        raise UsageError(f"--request-rate {spec}: rates must be positive")
+    return rates
+
+
+def cmd_serve_bench_http(args, mix: dict) -> int:
+    """serve-bench --url: load on a running server, one run per request rate (or one closed-loop run)."""
+    from tqdm import tqdm
+
+    from . import serve_bench_http as hb
+
+    rates = _rates(args.request_rate)
+    model = hb.served_model(args.url, args.api_key)
+    summaries = []
+    for rate in rates or [None]:
+        bodies = hb.make_bodies(args.num_requests, mix, args.images, args.max_tokens, model, seed=args.seed)
+        with tqdm(total=len(bodies), desc=f"serve-bench {args.url}", file=sys.stderr) as bar:
+            summaries.append(hb.run(args.url, bodies, rate, args.concurrency, args.api_key, args.seed, bar))
+    print(hb.table(summaries))
+    for s in summaries:
+        if s["errors"]:
+            print(f"errors (rate {s['request_rate']}): {'; '.join(s['errors'])}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"url": args.url, "model": model, "runs": summaries}, indent=2))
+    if args.plot:
+        hb.plot(summaries, args.plot)
+        print(f"saved {args.plot}", file=sys.stderr)
+    return 0 if all(s["ok"] for s in summaries) else 1
+
+
 def cmd_serve_bench(args) -> int:
     from tqdm import tqdm
 
     from . import serve_bench as sb
 
     mix = sb.parse_mix(args.mix)
+    for path in args.images:
+        _load_image(path)
+    if args.url:
+        return cmd_serve_bench_http(args, mix)
+    if args.plot or len(_rates(args.request_rate)) > 1:
+        raise UsageError("--plot and several --request-rate values need --url (a running server)")
     backends = _decoder_backends(args.decoder_backend)
     _check_device(args.device)
     _check_model(args.model)
-    for path in args.images:
-        _load_image(path)
     import unimlm_engine as ue
 
     engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
@@ -187,7 +228,7 @@ def cmd_serve_bench(args) -> int:
                                 tokenizer=engine.tokenizer)
         with tqdm(total=len(reqs), desc="serve-bench", file=sys.stderr) as bar:
             if args.request_rate:
-                res = sb.run_poisson(engine, reqs, args.request_rate, seed=args.seed, progress=bar)
+                res = sb.run_poisson(engine, reqs, _rates(args.request_rate)[0], seed=args.seed, progress=bar)
             else:
                 res = sb.run_closed_loop(engine, reqs, args.concurrency, progress=bar)
         summary = res.summary()
@@ -201,6 +242,32 @@ def cmd_serve_bench(args) -> int:
         return 0
     finally:
         engine.close()
+
+
+def cmd_serve(args) -> int:
+    try:
+        from ..server import ServerConfig, serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra (pip install 'unimlm-engine[serve]'): {e}") from None
+    backends = _decoder_backends(args.decoder_backend)
+    _check_device(args.device)
+    _check_model(args.model)
+    media = args.allowed_local_media_path
+    if media is not None and not Path(media).is_dir():
+        raise UsageError(f"--allowed-local-media-path {media}: not a directory")
+    if args.api_key is None and os.environ.get("UNIMLM_API_KEY"):
+        args.api_key = os.environ["UNIMLM_API_KEY"]
+    import unimlm_engine as ue
+
+    cfg = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                       allowed_local_media_path=media, max_body_bytes=args.max_body_bytes,
+                       max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout or None,
+                       default_max_tokens=args.default_max_tokens, cors_origins=tuple(args.cors_origin or ()),
+                       drain_timeout_s=args.drain_timeout)
+    engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_queue_size=args.max_queue_size, decoder_backends=backends))
+    serve(engine, cfg, args.host, args.port, log_level=args.log_level)
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -249,12 +316,39 @@ def build_parser() -> argparse.ArgumentParser:
                                       "image files instead of inlining them)")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("serve-bench", help="load generator over the Python API")
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    v.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    v.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default=None)
+    v.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (or set "
+                                                   "UNIMLM_API_KEY)")
+    v.add_argument("--max-queue-size", type=int, default=256, help="waiting requests before new ones get 429")
+    v.add_argument("--max-num-seqs", type=int, default=64)
+    v.add_argument("--allowed-local-media-path", default=None, help="serve file:// images from inside this folder")
+    v.add_argument("--max-body-bytes", type=int, default=32 << 20)
+    v.add_argument("--max-image-pixels", type=int, default=32_000_000)
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
+    v.add_argument("--default-max-tokens", type=int, default=256)
+    v.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests in "
+                                                                     "flight finish before cancelling them")
+    v.add_argument("--cors-origin", action="append", help="allow this origin (repeatable); CORS is off without")
+    v.add_argument("--decoder-backend", action="append", help=backend_help)
+    v.add_argument("--log-level", default="info")
+    v.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("serve-bench", help="load generator: a running server (--url) or the Python API")
+    b.add_argument("--url", default=None, help="benchmark the OpenAI-compatible server at this URL instead of an "
+                                               "in-process engine (--model, --device, engine knobs then unused)")
+    b.add_argument("--api-key", default=None, help="with --url")
+    b.add_argument("--plot", default=None, help="with --url: save latency against request rate here (PNG)")
     b.add_argument("--model", default="tiny")
     b.add_argument("--device", default=None)
     b.add_argument("--num-requests", type=int, default=64)
     b.add_argument("--concurrency", type=int, default=16)
-    b.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
+    b.add_argument("--request-rate", default=None, help="Poisson arrivals per second (open loop); with --url a list "
+                                                        "like 1,2,4 runs once per rate")
     b.add_argument("--mix", default="vqa:0.4,text:0.2,det:0.2,seg:0.1,pose:0.1",
                    help="workload kinds with weights: vqa, text, or any route name (det, seg, pose, gen...)")
     b.add_argument("--max-tokens", type=int, default=16)

@@ -81,19 +81,21 @@ class BenchResult:
 
     def summary(self) -> dict:
         ok = [o for o in self.outputs if o.ok]
-        toks = sum(len(o.token_ids) for o in ok)
+        return latency_summary(len(self.outputs), [o.time_to_first_token_s for o in ok],
+                               [o.time_per_output_token_s for o in ok], [o.e2e_time_s for o in ok],
+                               sum(len(o.token_ids) for o in ok), self.wall_s)
 
-        def pct(xs, p):
-            xs = [x for x in xs if x is not None]
-            return float(np.percentile(xs, p)) if xs else None
 
-        e2e = [o.e2e_time_s for o in ok]
-        ttft = [o.time_to_first_token_s for o in ok]
-        tpot = [o.time_per_output_token_s for o in ok]
-        return {"requests": len(self.outputs), "ok": len(ok), "failed": len(self.outputs) - len(ok),
-                "wall_s": self.wall_s, "req_per_s": len(ok) / self.wall_s, "output_tok_per_s": toks / self.wall_s,
-                "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
-                "tpot_p99_s": pct(tpot, 99), "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99)}
+def latency_summary(n: int, ttft: list, tpot: list, e2e: list, tokens: int, wall_s: float) -> dict:
+    """n requests, of them len(e2e) ok with these latencies (None: not measured) and `tokens` generated."""
+    def pct(xs, p):
+        xs = [x for x in xs if x is not None]
+        return float(np.percentile(xs, p)) if xs else None
+
+    return {"requests": n, "ok": len(e2e), "failed": n - len(e2e), "wall_s": wall_s,
+            "req_per_s": len(e2e) / wall_s, "output_tok_per_s": tokens / wall_s,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
+            "tpot_p99_s": pct(tpot, 99), "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99)}
 
 
 def run_closed_loop(engine, requests: list[Request], concurrency: int, progress=None) -> BenchResult:

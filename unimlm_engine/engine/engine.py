@@ -10,7 +10,9 @@ Every handle ends exactly once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
+import os
 import time
 from typing import Optional, Sequence as Seq
 
@@ -50,6 +52,7 @@ class Engine:
         self.router = self.core.router
         self._ids = itertools.count(1)
         self._closed = False
+        self._intake_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # submit_async's threads
 
     # ---- construction / shutdown -----------------------------------------------------
     @classmethod
@@ -77,6 +80,8 @@ class Engine:
             while time.monotonic() < end and self.core.busy():
                 time.sleep(0.005)
         self.core.shutdown(timeout)
+        if self._intake_pool is not None:
+            self._intake_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- public API ------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
@@ -110,12 +115,24 @@ class Engine:
         handles = [self.submit(r) for r in requests]
         return [h.future.result() for h in handles]
 
+    async def submit_async(self, request: Request) -> RequestHandle:
+        """submit() for an event loop: the intake (image decoding, tiling, tokenizing) runs on the
+        engine's intake threads, never on the loop. If the awaiting task is cancelled meanwhile, the
+        request is cancelled as soon as it was queued."""
+        if self._intake_pool is None:
+            self._intake_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="unimlm-intake")
+        fut = asyncio.get_running_loop().run_in_executor(self._intake_pool, self.submit, request)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().cancel())
+            raise
+
     async def generate_async(self, prompt: Optional[str] = None, **kw) -> RequestOutput:
-        handle = self.submit(Request(prompt=prompt, **kw))
-        out: RequestOutput = await asyncio.wrap_future(handle.future)
-        if out.finish_reason == "error" and out.error is not None:
-            raise out.error
-        return out
+        """generate() for an event loop (intake off the loop, see submit_async)."""
+        handle = await self.submit_async(Request(prompt=prompt, **kw))
+        return await handle.aresult()
 
     def stats(self) -> dict:
         sch, core = self.scheduler, self.core
@@ -125,7 +142,9 @@ class Engine:
             "active_requests": len(core.seqs) + len(core.incoming),
             "kv_blocks_total": self.memory["num_kv_blocks"], "kv_blocks_free": sch.num_free_blocks,
             "kv_blocks_cached": sch.num_cached_blocks, "preemptions": sch.num_preemptions,
-            "decoder_queue_depths": {**self.router.depths(), **core.span_router.depths()}, "decoder_mean_batch_size": self.router.mean_batch_size(),
+            "decoder_queue_depths": {**self.router.depths(), **core.span_router.depths()},
+            "decoder_mean_batch_size": self.router.mean_batch_size(),
+            "decoder_mean_queue_delay_s": self.router.mean_queue_delay_s(),
             "decoder_backends": {r: b.kind for r, b in self.router.backends.items()},
             "steps": core.steps, "iteration_latency_s": (sum(times) / len(times)) if times else None,
             # CPU seconds: the loop thread (working iterations), of it the model's forward, the output thread

@@ -8,10 +8,11 @@ their order. The deltas a stream yields still concatenate to the output's text a
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import queue
 import threading
-from typing import Callable, Iterator, Optional, Sequence
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from .types import EngineError, RequestOutput, StreamEvent
 
@@ -28,6 +29,7 @@ class RequestHandle:
         self._text: list[str] = []  # backlog while nobody streams: text deltas and their ids,
         self._ids: list[int] = []  # then the other events in order (all text precedes them)
         self._backlog: list[StreamEvent] = []
+        self._notify: Optional[Callable[[], None]] = None  # astream(): wakes its event loop after a put
         self.seq_id: Optional[int] = None
 
     # ---- user side -------------------------------------------------------------
@@ -38,6 +40,31 @@ class RequestHandle:
         """Blocks for the output. Raises the request's error when it failed (finish_reason
         "error"); a cancelled or timed-out request returns its partial output."""
         out: RequestOutput = self.future.result(timeout)
+        if out.finish_reason == "error" and out.error is not None:
+            raise out.error
+        return out
+
+    async def aresult(self) -> RequestOutput:
+        """The output, awaited on the running event loop (result() without blocking a thread; a failed
+        request raises its error). If the awaiting task is cancelled, the request is cancelled too."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def deliver(f: concurrent.futures.Future) -> None:
+            def set_result() -> None:
+                if not fut.done():
+                    fut.set_result(f.result())
+            try:
+                loop.call_soon_threadsafe(set_result)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        self.future.add_done_callback(deliver)  # not asyncio.wrap_future: cancelling that cancels self.future
+        try:
+            out: RequestOutput = await fut
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
         if out.finish_reason == "error" and out.error is not None:
             raise out.error
         return out
@@ -59,6 +86,46 @@ class RequestHandle:
             if ev.finished:
                 return
 
+    async def astream(self) -> AsyncIterator[StreamEvent]:
+        """The async twin of stream(): the same events, awaited on the running event loop (no thread
+        blocks; the engine wakes the loop with call_soon_threadsafe after each event). Leaving the
+        iteration before the end (break, aclose, a cancelled task: a client that went away) cancels
+        the request, so its KV blocks are freed."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
+
+        self._notify = notify
+        self._start_streaming()
+        finished = False
+        try:
+            while True:
+                try:
+                    ev = self._events.get_nowait()
+                except queue.Empty:
+                    wake.clear()  # then look again: an event put before the clear is not lost
+                    try:
+                        ev = self._events.get_nowait()
+                    except queue.Empty:
+                        await wake.wait()
+                        continue
+                finished = ev.finished
+                yield ev
+                if finished:
+                    return
+        finally:
+            self._notify = None
+            if not finished:
+                self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self.astream()
+
     def _start_streaming(self) -> None:
         with self._lock:
             if self._streaming:
@@ -76,12 +143,14 @@ class RequestHandle:
         if self._streaming:  # set once and never cleared: an unlocked read is safe
             if not self._ended:
                 self._events.put(StreamEvent(text, tuple(token_ids)))
+                if (notify := self._notify) is not None:
+                    notify()
             return
         with self._lock:
             if self._ended:
                 return
             if self._streaming:
-                self._events.put(StreamEvent(text, tuple(token_ids)))
+                self._put(StreamEvent(text, tuple(token_ids)))
             else:
                 self._text.append(text)
                 self._ids.extend(token_ids)
@@ -95,6 +164,8 @@ class RequestHandle:
     def _put(self, event: StreamEvent) -> None:
         if self._streaming:
             self._events.put(event)
+            if (notify := self._notify) is not None:
+                notify()
         else:
             self._backlog.append(event)
 

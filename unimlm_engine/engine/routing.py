@@ -42,11 +42,13 @@ class DecoderRouter:
         policy = _C.DecoderPolicy(max_batch_size=cfg.decoder_max_batch_size,
                                   max_queue_delay_us=int(cfg.decoder_max_queue_delay_ms * 1000),
                                   max_queue_size=max(cfg.max_queue_size, 1) * 8)
-        self.batch_sizes: dict[str, list[int]] = {}
+        self.batch_sizes: dict[str, list[int]] = {}  # per decoder: the size of each batch run
+        self.queue_delays_s: dict[str, list[float]] = {}  # per decoder: each item's wait in the batcher
         self._threads = []
         for spec in self.available.values():
             self.batcher.add_decoder(spec.name, policy)
             self.batch_sizes[spec.name] = []
+            self.queue_delays_s[spec.name] = []
             t = threading.Thread(target=self._worker, args=(spec,), name=f"unimlm-decoder-{spec.name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -127,6 +129,9 @@ class DecoderRouter:
     def mean_batch_size(self) -> dict[str, Optional[float]]:
         return {k: (sum(v) / len(v) if v else None) for k, v in self.batch_sizes.items()}
 
+    def mean_queue_delay_s(self) -> dict[str, Optional[float]]:
+        return {k: (sum(v) / len(v) if v else None) for k, v in self.queue_delays_s.items()}
+
     # ---- worker -----------------------------------------------------------------
     def _take(self, items) -> list[tuple[Sequence, int, RouteSpec]]:
         with self._lock:
@@ -138,6 +143,8 @@ class DecoderRouter:
             self._take(list(batch.expired) + list(batch.cancelled))  # the engine loop ends those requests
             jobs = self._take(batch.items)
             if jobs:
+                now = _C.DecoderBatcher.now_us()
+                self.queue_delays_s[spec.name].extend((now - it.enqueue_us) / 1e6 for it in batch.items)
                 self.batch_sizes[spec.name].append(len(jobs))
                 self._run(spec, jobs)
             if batch.closed:
