@@ -33,7 +33,8 @@ log = logging.getLogger("unimlm_engine")
 
 
 class WorkerDiedError(EngineError):
-    """A tensor-parallel worker process died (or a collective with it failed): the engine is closed."""
+    """A tensor-parallel worker process died, or a collective with it failed or timed out (a hung worker):
+    the requests in flight end with it and the engine is closed."""
 
 
 class WorkerStartError(EngineError):
@@ -54,11 +55,14 @@ class TensorParallel:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.failed: Optional[EngineError] = None
         self._closing = False
-        self._send_lock = threading.Lock()
+        self._send_lock, self._fail_lock = threading.Lock(), threading.Lock()
         store = make_store("127.0.0.1", 0, tp, True, timeout_s)
         full = {k: v.detach().to("cpu") for k, v in model.llm.model.state_dict().items()
                 if not k.startswith("embed_tokens.")}
         ctx = mp.get_context("spawn")
+        # the ranks share the CPU cores: each worker takes 1/tp of this process's intra-op threads (spinning
+        # OpenMP threads of oversubscribed ranks slow every step several times; RESULTS.md)
+        threads = max(1, torch.get_num_threads() // tp)
         self.procs, self.conns = [], []
         try:
             for rank in range(1, tp):
@@ -67,7 +71,7 @@ class TensorParallel:
                 spec = WorkerSpec(rank=rank, world_size=tp, backend=backend, host="127.0.0.1", port=store.port,
                                   timeout_s=timeout_s, device=str(device), dtype=self.dtype,
                                   kv_dtype=kv_dtype or self.dtype, llm_cfg=cfg, lora_moe=model.cfg.lora_moe,
-                                  num_blocks=num_blocks, block_size=block_size, num_threads=torch.get_num_threads())
+                                  num_blocks=num_blocks, block_size=block_size, num_threads=threads)
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=worker_main, args=(spec, state, child), name=f"unimlm-tp-rank{rank}",
                                 daemon=True)
@@ -122,12 +126,16 @@ class TensorParallel:
 
     # ---- the step ---------------------------------------------------------------------------------
     def _send(self, op: str, args: tuple) -> None:
+        error = None
         with self._send_lock:
             for rank, conn in enumerate(self.conns, start=1):
                 try:
                     conn.send((op, args))
                 except (OSError, ValueError) as e:
-                    raise self._died(f"sending to rank {rank}: {e}") from None
+                    error = f"sending to rank {rank}: {e}"
+                    break
+        if error is not None:
+            raise self._died(error)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         """The runner's `llm.forward`: broadcast the step (metadata from `attn.meta`) and run rank 0's shard."""
@@ -162,32 +170,37 @@ class TensorParallel:
 
     # ---- failure and shutdown ---------------------------------------------------------------------
     def _died(self, detail: str) -> WorkerDiedError:
-        """The error for a failed collective / send: names the dead worker when one exits within 2 s."""
-        if self.failed is not None:
-            return self.failed
-        mp_wait([p.sentinel for p in self.procs], timeout=2.0)
-        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
-        if dead:
-            return WorkerDiedError(f"tensor-parallel worker rank {dead[0][0]} died (exit code {dead[0][1]}); "
-                                   "the engine is closed")
-        return WorkerDiedError(f"tensor-parallel collective failed ({detail}); the engine is closed")
+        """A collective or a send failed (on the loop thread): the group is broken whatever the cause. The
+        error names the dead worker when one exits within 2 s; the engine is closed (`_fail`)."""
+        if self.failed is None:
+            mp_wait([p.sentinel for p in self.procs], timeout=2.0)
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+            self._fail(WorkerDiedError(
+                f"tensor-parallel worker rank {dead[0][0]} died (exit code {dead[0][1]}); the engine is closed"
+                if dead else f"tensor-parallel collective failed ({detail}); the engine is closed"))
+        return self.failed
+
+    def _fail(self, err: WorkerDiedError) -> None:
+        """Once: record `err`, stop every worker (their collectives cannot go on) and run `on_failure` on a
+        thread of its own (it closes the engine, which joins the loop thread that may be the caller)."""
+        with self._fail_lock:
+            if self.failed is not None:
+                return
+            self.failed = err
+        log.error("%s", err)
+        self._kill_all()
+        if self.on_failure is not None:
+            threading.Thread(target=self.on_failure, args=(err,), name="unimlm-tp-failure", daemon=True).start()
 
     def _watch(self) -> None:
         alive = {p.sentinel: (r, p) for r, p in enumerate(self.procs, start=1)}
         while alive:
             for s in mp_wait(list(alive)):
                 rank, p = alive.pop(s)
-                if self._closing:
-                    continue
-                p.join(0.1)
-                err = WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {p.exitcode}); "
-                                      "the engine is closed")
-                if self.failed is None:
-                    self.failed = err
-                    log.error("%s", err)
-                    self._kill_all()  # the other workers cannot go on: their collectives fail at once
-                    if self.on_failure is not None:
-                        self.on_failure(err)
+                if not self._closing:
+                    p.join(0.1)
+                    self._fail(WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {p.exitcode});"
+                                               " the engine is closed"))
 
     def _kill_all(self) -> None:
         for p in self.procs:
