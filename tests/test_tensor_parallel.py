@@ -226,3 +226,31 @@ def test_cli_tp_flag():
     assert p.parse_args(["generate", "--prompt", "x"]).tp == 1
     with pytest.raises(SystemExit):
         p.parse_args(["generate", "--prompt", "x", "--tp", "0"])
+
+
+@pytest.mark.slow
+def test_hung_worker_times_out_and_closes_engine():
+    """A stopped (not dead) worker: rank 0's collective times out (distributed_timeout_s) and the engine
+    fails the requests and closes; nothing waits longer than the timeout plus a few seconds."""
+    model, tok = tiny_model()
+    engine = ue.Engine(model, tok, ue.EngineConfig(tensor_parallel_size=2, num_kv_blocks=64,
+                                                   distributed_timeout_s=2.0))
+    worker = engine.tp.procs[0]
+    try:
+        sp = ue.SamplingParams(max_tokens=1000, ignore_eos=True)
+        handles = [engine.submit(ue.Request(prompt=f"Go on forever {i}", sampling=sp)) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while engine.core.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        os.kill(worker.pid, signal.SIGSTOP)
+        outs = [h.future.result(timeout=20) for h in handles]
+        assert time.monotonic() - t0 < 2.0 + 5.0
+        for o in outs:
+            assert isinstance(o.error, WorkerDiedError) and "timed out" in str(o.error), o.error
+        worker.join(5)
+        assert not worker.is_alive()  # the stopped worker was killed
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+        engine.close()

@@ -41,6 +41,11 @@ class WorkerStartError(EngineError):
     """A tensor-parallel worker failed to start."""
 
 
+def _death(rank: int, p) -> str:
+    code = f" (exit code {p.exitcode})" if p.exitcode is not None else ""
+    return f"tensor-parallel worker rank {rank} died{code}; the engine is closed"
+
+
 class TensorParallel:
     """tp ranks over `model`'s LLM. kv_dtype: the paged cache's dtype. on_failure: called once, from the
     watchdog thread, when a worker dies while the engine runs."""
@@ -172,12 +177,11 @@ class TensorParallel:
     def _died(self, detail: str) -> WorkerDiedError:
         """A collective or a send failed (on the loop thread): the group is broken whatever the cause. The
         error names the dead worker when one exits within 2 s; the engine is closed (`_fail`)."""
-        if self.failed is None:
-            mp_wait([p.sentinel for p in self.procs], timeout=2.0)
-            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
-            self._fail(WorkerDiedError(
-                f"tensor-parallel worker rank {dead[0][0]} died (exit code {dead[0][1]}); the engine is closed"
-                if dead else f"tensor-parallel collective failed ({detail}); the engine is closed"))
+        if self.failed is None:  # by sentinel, not is_alive(): the watchdog may be reaping the same process
+            ended = set(mp_wait([p.sentinel for p in self.procs], timeout=2.0))
+            dead = [(r, p) for r, p in enumerate(self.procs, start=1) if p.sentinel in ended]
+            self._fail(WorkerDiedError(_death(*dead[0]) if dead else
+                                       f"tensor-parallel collective failed ({detail}); the engine is closed"))
         return self.failed
 
     def _fail(self, err: WorkerDiedError) -> None:
@@ -199,8 +203,7 @@ class TensorParallel:
                 rank, p = alive.pop(s)
                 if not self._closing:
                     p.join(0.1)
-                    self._fail(WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {p.exitcode});"
-                                               " the engine is closed"))
+                    self._fail(WorkerDiedError(_death(rank, p)))
 
     def _kill_all(self) -> None:
         for p in self.procs:
