@@ -254,3 +254,31 @@ def test_hung_worker_times_out_and_closes_engine():
         if worker.is_alive():
             os.kill(worker.pid, signal.SIGKILL)
         engine.close()
+
+
+@pytest.mark.slow
+def test_rank0_failure_mid_step_closes_engine():
+    """Rank 0 fails inside a step (after the workers got it): they would wait in a collective rank 0 never
+    joins, so the requests end with TensorParallelError, the workers are stopped and the engine closes."""
+    from unimlm_engine.distributed import TensorParallelError
+
+    model, tok = tiny_model()
+    engine = ue.Engine(model, tok, ue.EngineConfig(tensor_parallel_size=2, num_kv_blocks=64))
+    try:
+        ok = engine.generate("fine", sampling=ue.SamplingParams(max_tokens=3))
+        assert ok.error is None
+        mlp = engine.tp.stack.layers[1].mlp
+
+        def broken(x):
+            raise RuntimeError("injected")
+        mlp.forward = broken
+        t0 = time.monotonic()
+        out = engine.submit(ue.Request(prompt="breaks", sampling=ue.SamplingParams(max_tokens=3))).future.result(10)
+        assert isinstance(out.error, TensorParallelError) and "injected" in str(out.error), out.error
+        for p in engine.tp.procs:
+            p.join(5)
+            assert not p.is_alive()
+        assert time.monotonic() - t0 < 8
+        assert isinstance(engine.submit(ue.Request(prompt="x")).future.result(5).error, EngineClosedError)
+    finally:
+        engine.close()

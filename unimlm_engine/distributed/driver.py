@@ -32,7 +32,11 @@ from .worker import COPY, FORWARD, SHUTDOWN, WorkerSpec, worker_main
 log = logging.getLogger("unimlm_engine")
 
 
-class WorkerDiedError(EngineError):
+class TensorParallelError(EngineError):
+    """The tensor-parallel group cannot go on (the ranks are out of step): the engine is closed."""
+
+
+class WorkerDiedError(TensorParallelError):
     """A tensor-parallel worker process died, or a collective with it failed or timed out (a hung worker):
     the requests in flight end with it and the engine is closed."""
 
@@ -162,6 +166,10 @@ class TensorParallel:
             return self.stack(embeds, positions, attn)
         except CollectiveError as e:
             raise self._died(str(e)) from None
+        except Exception as e:  # rank 0 failed mid-step: the workers wait in a collective it will not join
+            self._fail(TensorParallelError(f"rank 0 failed inside a tensor-parallel step ({type(e).__name__}: "
+                                           f"{e}); the ranks are out of step, the engine is closed"))
+            raise self.failed from e
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Tell the workers to copy KV blocks src -> dst in their shares (rank 0 copies its own)."""
@@ -184,7 +192,7 @@ class TensorParallel:
                                        f"tensor-parallel collective failed ({detail}); the engine is closed"))
         return self.failed
 
-    def _fail(self, err: WorkerDiedError) -> None:
+    def _fail(self, err: TensorParallelError) -> None:
         """Once: record `err`, stop every worker (their collectives cannot go on) and run `on_failure` on a
         thread of its own (it closes the engine, which joins the loop thread that may be the caller)."""
         with self._fail_lock:
