@@ -7,6 +7,7 @@
   killed worker fails the requests in flight with WorkerDiedError within a few seconds.
 Spawned workers start slowly on a shared machine: one TP=2 engine serves the equivalence tests.
 """
+import multiprocessing
 import os
 import signal
 import threading
@@ -282,3 +283,24 @@ def test_rank0_failure_mid_step_closes_engine():
         assert isinstance(engine.submit(ue.Request(prompt="x")).future.result(5).error, EngineClosedError)
     finally:
         engine.close()
+
+
+def test_worker_start_failure_is_a_typed_error(monkeypatch):
+    """A worker that fails while building its shard (here: a shard missing a weight) reports its traceback:
+    the engine raises WorkerStartError and leaves no process behind."""
+    from unimlm_engine.distributed import WorkerStartError, driver
+
+    real = driver.shard_state
+
+    def missing_one(full, rank, tp):
+        shard = real(full, rank, tp)
+        if rank == 1:
+            shard.pop("norm.weight")
+        return shard
+    monkeypatch.setattr(driver, "shard_state", missing_one)
+    model, tok = tiny_model()
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(WorkerStartError, match="rank 1 failed to start(.|\n)*norm.weight"):
+        ue.Engine(model, tok, ue.EngineConfig(tensor_parallel_size=2, num_kv_blocks=16))
+    time.sleep(0.2)
+    assert {p.pid for p in multiprocessing.active_children()} <= before

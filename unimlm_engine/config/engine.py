@@ -53,7 +53,8 @@ class EngineConfig:
                   "cpu_kv_cache_bytes"):
             require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
         require(self.policy in ("fcfs", "priority"), o, f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        require(self.tensor_parallel_size >= 1, o, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        require(self.tensor_parallel_size >= 1, o,
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         require(self.distributed_timeout_s > 0, o, "distributed_timeout_s must be positive")
         require(self.decoder_max_queue_delay_ms >= 0, o, "decoder_max_queue_delay_ms must be >= 0")
         from ..model.decoders.backends import parse_backend_spec

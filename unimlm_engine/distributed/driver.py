@@ -51,8 +51,9 @@ def _death(rank: int, p) -> str:
 
 
 class TensorParallel:
-    """tp ranks over `model`'s LLM. kv_dtype: the paged cache's dtype. on_failure: called once, from the
-    watchdog thread, when a worker dies while the engine runs."""
+    """tp ranks over `model`'s LLM. kv_dtype: the paged cache's dtype. on_failure: called once, on a thread
+    of its own, when the group breaks while the engine runs (a worker died, a collective failed or timed
+    out, rank 0 failed mid-step)."""
 
     def __init__(self, model, tp: int, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None,
                  timeout_s: float = 60.0, on_failure: Optional[Callable[[EngineError], None]] = None):
@@ -72,13 +73,13 @@ class TensorParallel:
         # the ranks share the CPU cores: each worker takes 1/tp of this process's intra-op threads (spinning
         # OpenMP threads of oversubscribed ranks slow every step several times; RESULTS.md)
         threads = max(1, torch.get_num_threads() // tp)
+        devices = [self._rank_device(rank) for rank in range(tp)]
         self.procs, self.conns = [], []
         try:
             for rank in range(1, tp):
                 state = {k: v.share_memory_() for k, v in shard_state(full, rank, tp).items()}
-                device = self._rank_device(rank)
                 spec = WorkerSpec(rank=rank, world_size=tp, backend=backend, host="127.0.0.1", port=store.port,
-                                  timeout_s=timeout_s, device=str(device), dtype=self.dtype,
+                                  timeout_s=timeout_s, device=str(devices[rank]), dtype=self.dtype,
                                   kv_dtype=kv_dtype or self.dtype, llm_cfg=cfg, lora_moe=model.cfg.lora_moe,
                                   num_blocks=num_blocks, block_size=block_size, num_threads=threads)
                 parent, child = ctx.Pipe()
@@ -104,6 +105,8 @@ class TensorParallel:
     def _rank_device(self, rank: int) -> torch.device:
         if self.device.type != "cuda":
             return torch.device("cpu")
+        if rank == 0:
+            return self.device
         base = self.device.index or 0  # untested: rank r on the r-th GPU after rank 0's
         if base + rank >= torch.cuda.device_count():
             raise EngineError(f"tensor_parallel_size={self.tp} needs {base + self.tp} GPUs from cuda:{base}, "
