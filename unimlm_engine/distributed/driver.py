@@ -22,6 +22,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..engine.types import EngineError
@@ -63,6 +64,9 @@ class TensorParallel:
         self.dtype, self.device = model.dtype, torch.device(model.device)
         self.local = local_config(cfg, tp)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if not (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()):
+            raise EngineError(f"tensor parallelism on {self.device.type} needs torch.distributed's {backend} "
+                              "backend, which this torch build lacks")
         self.failed: Optional[EngineError] = None
         self._closing = False
         self._send_lock, self._fail_lock = threading.Lock(), threading.Lock()
