@@ -84,7 +84,8 @@ def cmd_generate(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ue.SamplingParams(**sampling)  # validate before loading
     engine = ue.Engine.from_pretrained(args.model, device=args.device,
-                                       config=ue.EngineConfig(decoder_backends=backends))
+                                       config=ue.EngineConfig(decoder_backends=backends,
+                                                              tensor_parallel_size=args.tp))
     try:
         return _generate(engine, args, routes, sampling, image, regions)
     finally:
@@ -222,7 +223,8 @@ def cmd_serve_bench(args) -> int:
     import unimlm_engine as ue
 
     engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
-        max_num_seqs=args.max_num_seqs, decoder_max_batch_size=args.decoder_batch, decoder_backends=backends))
+        max_num_seqs=args.max_num_seqs, decoder_max_batch_size=args.decoder_batch, decoder_backends=backends,
+        tensor_parallel_size=args.tp))
     try:
         reqs = sb.make_workload(args.num_requests, mix, engine.model, args.images, args.max_tokens, seed=args.seed,
                                 tokenizer=engine.tokenizer)
@@ -287,6 +289,19 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _add_tp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                        help="tensor parallelism of the LLM over N ranks (worker processes; README: tensor "
+                             "parallelism)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unimlm", description="unimlm-engine command line")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -314,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the whole output as JSON (README: task results)")
     g.add_argument("--save-dir", help="save visualisations and generated images here (JSON then names the "
                                       "image files instead of inlining them)")
+    _add_tp(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
@@ -358,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", nargs="+", default=["examples/images/chelsea.png", "examples/images/coffee.png"])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="write the summary JSON here")
+    _add_tp(b)
     b.set_defaults(func=cmd_serve_bench)
 
     c = sub.add_parser("convert", help="rewrite a checkpoint directory as safetensors shards")

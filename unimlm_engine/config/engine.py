@@ -34,6 +34,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # all-decode steps replay a captured CUDA graph per batch-size bucket (CUDA only)
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     cuda_graph_max_context: int = 8192  # longer sequences take the eager path
+    # tensor parallelism of the LLM over this many ranks (worker processes 1 .. N-1; unimlm_engine/distributed)
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 60.0  # the longest wait of one collective (a hung peer fails the engine)
 
     def __post_init__(self) -> None:
         o = "EngineConfig"
@@ -50,6 +53,9 @@ class EngineConfig:
                   "cpu_kv_cache_bytes"):
             require(getattr(self, n) > 0, o, f"{n} must be positive, got {getattr(self, n)}")
         require(self.policy in ("fcfs", "priority"), o, f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        require(self.tensor_parallel_size >= 1, o,
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        require(self.distributed_timeout_s > 0, o, "distributed_timeout_s must be positive")
         require(self.decoder_max_queue_delay_ms >= 0, o, "decoder_max_queue_delay_ms must be >= 0")
         from ..model.decoders.backends import parse_backend_spec
 

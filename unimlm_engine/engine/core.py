@@ -108,6 +108,7 @@ class EngineCore:
         self._inflight: Optional[Step] = None
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, seq_id) of admitted requests
         self._stop = threading.Event()
+        self.fatal: Optional[EngineError] = None  # the engine cannot go on (a TP worker died): what ends requests
         self.iter_times: collections.deque[float] = collections.deque(maxlen=256)
         self.steps = 0
         self.loop_cpu_s = 0.0  # CPU seconds of the loop in working iterations (of it the model: runner.model_cpu_s)
@@ -139,8 +140,9 @@ class EngineCore:
         self._thread.join(timeout=timeout)
         with self.lock:
             left = list(self.incoming.values()) + list(self.seqs.values())
+        reason, error = ("error", self.fatal) if self.fatal is not None else ("cancelled", None)
         for s in left:
-            self.end(s, "cancelled")
+            self.end(s, reason, error)
         self.router.close(timeout=timeout)
         self.span_router.close(timeout=timeout)
         self.output.close(timeout=timeout)
@@ -176,9 +178,13 @@ class EngineCore:
             try:
                 worked = self._iteration()
             except Exception as e:  # noqa: BLE001 - an internal failure ends the batch, not the engine
-                log.exception("engine step failed")
                 self._inflight = None
-                self._fail_running(EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                if self.fatal is None:
+                    log.exception("engine step failed")
+                    if getattr(e, "closes_engine", False):  # a TP worker died mid-step: nothing can run again
+                        self.fatal = e
+                self._fail_running(self.fatal or (e if isinstance(e, EngineError) else
+                                                  EngineError(f"engine step failed: {type(e).__name__}: {e}")))
                 worked = True
             if not worked:
                 seq_id = self.queue.pop(self.cfg.idle_wait_s)

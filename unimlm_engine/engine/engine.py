@@ -43,15 +43,27 @@ class Engine:
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_queue_size=cfg.max_queue_size,
             max_model_len=self.max_model_len, policy=policy))
         self.superlinks = SuperLinks(model)
-        self.runner = ModelRunner(model, self.memory["num_kv_blocks"], cfg.block_size,
-                                  cuda_graphs=cfg.cuda_graphs, cuda_graph_batch_sizes=cfg.cuda_graph_batch_sizes,
-                                  cuda_graph_max_context=cfg.cuda_graph_max_context, superlinks=self.superlinks)
-        self.intake = Intake(model, tokenizer, cfg, self.max_model_len, self.superlinks)
-        self.core = EngineCore(model, self.scheduler, self.runner, self.superlinks, self.intake, cfg)
+        self.tp = None  # tensor parallelism: rank 0's driver of the worker processes (unimlm_engine/distributed)
+        self._closed = False
+        if cfg.tensor_parallel_size > 1:
+            from ..distributed import TensorParallel
+
+            self.tp = TensorParallel(model, cfg.tensor_parallel_size, self.memory["num_kv_blocks"], cfg.block_size,
+                                     timeout_s=cfg.distributed_timeout_s, on_failure=self._on_tp_failure)
+        try:
+            self.runner = ModelRunner(model, self.memory["num_kv_blocks"], cfg.block_size,
+                                      cuda_graphs=cfg.cuda_graphs, cuda_graph_batch_sizes=cfg.cuda_graph_batch_sizes,
+                                      cuda_graph_max_context=cfg.cuda_graph_max_context, superlinks=self.superlinks,
+                                      tp=self.tp)
+            self.intake = Intake(model, tokenizer, cfg, self.max_model_len, self.superlinks)
+            self.core = EngineCore(model, self.scheduler, self.runner, self.superlinks, self.intake, cfg)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close(graceful=False)
+            raise
         self.output = self.core.output
         self.router = self.core.router
         self._ids = itertools.count(1)
-        self._closed = False
         self._intake_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # submit_async's threads
 
     # ---- construction / shutdown -----------------------------------------------------
@@ -82,13 +94,22 @@ class Engine:
         self.core.shutdown(timeout)
         if self._intake_pool is not None:
             self._intake_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tp is not None:  # graceful unless the loop thread is still inside a step
+            self.tp.close(graceful=not self.core._thread.is_alive())
+
+    def _on_tp_failure(self, error: EngineError) -> None:
+        """A tensor-parallel worker died (watchdog thread): no new requests; the ones in flight end with
+        `error`; the engine closes."""
+        self._closed = True
+        self.core.fatal = error
+        self.close(timeout=2.0)
 
     # ---- public API ------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request and return its handle at once. Problems with the request itself
         end the handle with a typed error (result() raises it); the engine goes on."""
         handle = RequestHandle(request.request_id, canceller=self._request_cancel)
-        if self._closed:
+        if self._closed or self.core.fatal is not None:
             handle.fail(RequestOutput(request.request_id), EngineClosedError("engine is closed"))
             return handle
         seq_id = next(self._ids)

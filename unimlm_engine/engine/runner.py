@@ -44,18 +44,23 @@ class ModelRunner:
                  *, cuda_graphs: bool = _GRAPH_DEFAULTS.cuda_graphs,
                  cuda_graph_batch_sizes: tuple[int, ...] = _GRAPH_DEFAULTS.cuda_graph_batch_sizes,
                  cuda_graph_max_context: int = _GRAPH_DEFAULTS.cuda_graph_max_context,
-                 graph_capture: Optional[bool] = None, superlinks: Optional[SuperLinks] = None):
+                 graph_capture: Optional[bool] = None, superlinks: Optional[SuperLinks] = None, tp=None):
         self.model = model
+        # tp: a `distributed.TensorParallel` runs the decoder stack over its ranks (this runner's cache is
+        # rank 0's share of the KV heads); the embedding and the logits stay `model.llm`'s
+        self.tp = tp
+        self.llm = tp if tp is not None else model.llm
         self.superlinks = superlinks or SuperLinks(model)
         self.model_cpu_s = 0.0  # CPU seconds of the calling thread inside the model (vision, embedding, LLM, logits)
         c = model.cfg.llm
         self.block_size = block_size
-        self.cache = PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+        kv_heads = tp.num_kv_heads if tp is not None else c.num_key_value_heads
+        self.cache = PagedKVCache(c.num_hidden_layers, num_blocks, block_size, kv_heads, c.head_dim,
                                   dtype=kv_dtype or model.dtype, device=model.device)
         self.attn = PagedAttention(self.cache)
         self.device = model.device
         self.graphs: Optional[DecodeGraphRunner] = None
-        if cuda_graphs and (graph_capture is not None or torch.device(self.device).type == "cuda"):
+        if cuda_graphs and tp is None and (graph_capture is not None or torch.device(self.device).type == "cuda"):
             self.graphs = DecodeGraphRunner(model.llm, PagedAttention(self.cache), cuda_graph_batch_sizes,
                                             cuda_graph_max_context, capture=graph_capture is not False)
 
@@ -67,6 +72,8 @@ class ModelRunner:
         """Copy-on-write: KV block src -> dst in every layer."""
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        if self.tp is not None:
+            self.tp.copy_blocks(src, dst)
         for t in self.cache.k + self.cache.v:
             t[dst] = t[src]
 
@@ -187,7 +194,7 @@ class ModelRunner:
         self.attn.set_metadata(meta)
         embeds = self._embeddings(seqs, starts, counts, ids, placeholders, prefill)
         c0 = time.thread_time()
-        hidden = self.model.llm.forward(embeds, h2d(positions, self.device), self.attn)
+        hidden = self.llm.forward(embeds, h2d(positions, self.device), self.attn)
         self.model_cpu_s += time.thread_time() - c0
         return hidden, torch.from_numpy(qsl[1:] - 1)
 
