@@ -335,3 +335,22 @@ def test_serve_bench_against_the_running_server(server, tmp_path, capsys):
         assert abs(r["output_tok_per_s"] * r["wall_s"] - 4 * 5) < 1e-6
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"]
     assert png.stat().st_size > 1000
+
+
+def test_span_route_results_are_in_the_message_tasks():
+    """UnifiedMLLM span results (RequestOutput.spans) join the super-link ones in `message.tasks`, in that
+    order, each with its character offsets, as the stream sends both kinds as task events."""
+    import torch
+
+    from unimlm_engine.server import app as server_app
+    from unimlm_engine.engine.types import RequestOutput, TaskResult
+
+    det = TaskResult(route="[DET]", num_groups=1, boxes=torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+                     scores=torch.tensor([0.5]), labels=torch.tensor([0]), kind="detection", backend="eager")
+    seg = TaskResult(route="box", num_groups=1, boxes=torch.tensor([[5.0, 6.0, 7.0, 8.0]]),
+                     scores=torch.tensor([1.0]), labels=torch.tensor([0]), kind="detection", span=(10, 42),
+                     span_text="dog", phrases=["dog"])
+    out = RequestOutput("r", text="x", tasks=[det], spans=[seg])
+    got = server_app._tasks_json(out)
+    assert [t["route"] for t in got] == ["[DET]", "box"]
+    assert got[0] == det.to_json() and got[1] == seg.to_json() and got[1]["span"] == {"start": 10, "end": 42, "text": "dog"}

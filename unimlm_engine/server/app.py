@@ -237,7 +237,9 @@ async def _race(aw, request: Request):
 
 
 def _tasks_json(out) -> list[dict]:
-    return [t.to_json() for t in out.tasks]
+    """Super-link task results, then span-route results (UnifiedMLLM; theirs carry `span` offsets), as
+    the stream sends both kinds as `event: task` chunks."""
+    return [t.to_json() for t in (*out.tasks, *out.spans)]
 
 
 async def _complete(state: ServerState, out, rid: str, model: str, chat: bool) -> Response:
