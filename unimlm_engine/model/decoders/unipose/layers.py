@@ -86,7 +86,11 @@ class MSDeformAttn(nn.Module):
             loc = ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
         else:
             loc = ref[:, :, None, :, None, :2] + off / p * ref[:, :, None, :, None, 2:] * 0.5
-        return self.output_proj(ms_deform_attn(value, shapes, starts, loc, w))
+        if value.dtype != torch.float32:  # as the official module: the op in fp32, back to the model dtype
+            out = ms_deform_attn(value.float(), shapes, starts, loc.float(), w.float()).to(value.dtype)
+        else:
+            out = ms_deform_attn(value, shapes, starts, loc, w)
+        return self.output_proj(out)
 
 
 def _mha(mod: nn.MultiheadAttention, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
