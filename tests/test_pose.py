@@ -50,21 +50,49 @@ def test_result_schema(pose):
     assert (r.scores[:-1] >= r.scores[1:]).all()
 
 
-def test_state_dict_round_trip_through_loader(pose, tmp_path):
-    """The tiny model saved with official key names loads back with 0 missing / 0 unexpected keys."""
-    from unimlm_engine.checkpoint.loader import load_checkpoint, save_checkpoint
-    from unimlm_engine.model import build_model
-    from unimlm_engine.inputs.tokenizer import ByteTokenizer
+@pytest.mark.parametrize("dedup", [False, True], ids=["all-keys", "aliases-dropped"])
+def test_official_layout_checkpoint_loads(tmp_path, dedup):
+    """The tiny model's unipose.* weights taken from tests/unipose_reference.py (official key names and
+    shapes) load through the public loader with 0 missing / 0 unexpected keys, also when the shared heads are
+    stored under one name only (transformers' safetensors save_pretrained drops aliased names)."""
+    import json
 
-    model = build_model(tiny(), seed=0)
-    path = save_checkpoint(model, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    from safetensors.torch import load_file, save_file
+
+    from tests.unipose_reference import ReferenceUniPose
+    from unimlm_engine.checkpoint.loader import load_checkpoint, save_checkpoint
+    from unimlm_engine.inputs.tokenizer import ByteTokenizer
+    from unimlm_engine.model import build_model
+
+    cfg = tiny()
+    ref = ReferenceUniPose(cfg.pose.to_dict(), cfg.pose.swin_params)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    want = ref.state_dict()
+    model = build_model(cfg, seed=0)
+    assert set(model.decoders.unipose.state_dict()) == set(want)
+    model.decoders.unipose.load_state_dict(want, strict=True)
+    path = save_checkpoint(model, tmp_path / "ckpt", tokenizer=ByteTokenizer(), fmt="safetensors")
+    dropped = 0
+    if dedup:  # keep the first name of every group of aliased unipose tensors, as save_pretrained does
+        first: dict = {}
+        for k, v in want.items():
+            first.setdefault(v.data_ptr(), k)
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        for shard in sorted(set(index["weight_map"].values())):
+            sd = load_file(str(path / shard))
+            keep = {k: v for k, v in sd.items()
+                    if not k.startswith("unipose.") or first[want[k[8:]].data_ptr()] == k[8:]}
+            dropped += len(sd) - len(keep)
+            save_file(keep, str(path / shard), metadata={"format": "pt"})
+            index["weight_map"] = {k: f for k, f in index["weight_map"].items() if f != shard or k in keep}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert dropped > 0
     loaded, _, report = load_checkpoint(path, device="cpu")
-    keys = {k for k in loaded.decoders.unipose.state_dict()}
-    assert {"backbone.0.norm3.weight", "input_proj.3.0.weight", "projection_kpt_llava.layers.2.bias",
-            "transformer.decoder.hw_append.weight", "transformer.encoder.fusion_layers.0.gam_v"} <= keys
     assert "unipose" not in report.not_loaded
-    for k, v in model.decoders.unipose.state_dict().items():
-        assert torch.equal(v, loaded.decoders.unipose.state_dict()[k]), k
+    got = loaded.decoders.unipose.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_official_resize():

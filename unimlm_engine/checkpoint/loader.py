@@ -117,6 +117,16 @@ def _skip_prefix(key: str) -> str:
     return key.split(".", 1)[0]
 
 
+def _aliased_loaded(own: dict, missing: set[str], seen: set[str]) -> set[str]:
+    """`missing` minus the keys whose tensor is shared with a loaded key: modules registered under several
+    names (the decoders' shared heads, e.g. unipose.bbox_embed.i = transformer.decoder.bbox_embed.i) are
+    stored once by transformers' safetensors save_pretrained, which drops aliased names."""
+    if not missing:
+        return missing
+    loaded_ptrs = {(own[k].data_ptr(), tuple(own[k].shape)) for k in seen if own[k].numel()}
+    return {k for k in missing if not own[k].numel() or (own[k].data_ptr(), tuple(own[k].shape)) not in loaded_ptrs}
+
+
 def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadReport) -> None:
     """Copy shard tensors into `model`; all problems raise CheckpointError."""
     own = model.state_dict()
@@ -150,7 +160,7 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
         files = sorted(set(unexpected.values()))
         raise CheckpointError(f"unexpected keys in {', '.join(files)}: {_fmt_keys(unexpected)}")
     tied = {"llm.lm_head.weight"} if model.cfg.llm.tie_word_embeddings else set()
-    missing = model_keys - seen - tied
+    missing = _aliased_loaded(own, model_keys - seen - tied, seen)
     if missing:
         raise CheckpointError(f"keys missing from {', '.join(report.files)}: {_fmt_keys(missing)}")
 
