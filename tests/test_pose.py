@@ -124,3 +124,13 @@ def test_bf16_runs(pose):
     half = copy.deepcopy(pose).to(torch.bfloat16)
     (r,) = half([_image(40, 52, 3)], [_groups(1, 3)], [_groups(17, 4)])
     assert r.keypoints.shape == (50, 17, 3) and torch.isfinite(r.keypoints).all() and torch.isfinite(r.boxes).all()
+
+
+def test_too_few_feature_tokens_raise():
+    """num_queries above the image's feature tokens: a typed error, not a topk crash."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny().pose, num_queries=200)
+    model = PoseDecoder(cfg).eval()
+    with pytest.raises(ValueError, match="fewer than num_queries=200"):
+        model([_image(40, 40, 0)], [_groups(1, 0)], [_groups(3, 0)])

@@ -84,7 +84,8 @@ def group_self_attention(kpt_mask: torch.Tensor, n_groups: int) -> torch.Tensor:
     """prepare_for_mask: kpt_mask [B, N+1] (box, then keypoint validity) -> allowed [B, 1, G(N+1), G(N+1)].
 
     Off the diagonal blocks the official loop masks in groups of N (not N+1), only the first G*N rows, and
-    never the columns after the last N-group (its `ej < G*N` test); inside each (N+1)-block a token may attend where the validity flags are equal."""
+    never the columns after the last N-group (its `ej < G*N` test); inside each (N+1)-block a token may
+    attend where the validity flags are equal."""
     b, blk = kpt_mask.shape
     n = blk - 1
     size = n_groups * blk
@@ -163,6 +164,9 @@ class UniPoseNet(nn.Module):
         shapes_list = [tuple(s.shape[-2:]) for s in srcs]
         shapes = torch.as_tensor(shapes_list, dtype=torch.long, device=pixels.device)
         starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        if int(shapes.prod(1).sum()) < c.num_queries:
+            raise ValueError(f"UniPose: the image gives {int(shapes.prod(1).sum())} feature tokens, fewer than "
+                             f"num_queries={c.num_queries} (image_short too small for this config)")
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pad = torch.cat([m.flatten(1) for m in masks], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + tr.level_embed[i] for i, p in enumerate(poss)], 1)
