@@ -35,6 +35,9 @@ def artifact_name(decoder_name: str, canvas: tuple[int, int], main: tuple[int, i
 def _check_args(decoder_name: str, fmt: str, msda: str, opset: int) -> None:
     if decoder_name not in DECODERS:
         raise ValueError(f"unknown decoder {decoder_name!r}; decoders: {', '.join(DECODERS)}")
+    if DECODERS[decoder_name][0] == "pose":
+        raise ValueError("pose: the [POSE] decoder is the official UniPose now, which has no export wrapper yet "
+                         "(the export covered the engine's former pose network); serve [POSE] eagerly")
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if msda not in MSDA_FORMS:

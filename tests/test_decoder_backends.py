@@ -202,8 +202,13 @@ def test_make_backend_errors(tmp_path):
 
 
 def test_backend_rejects_generation_route(decoder_set):
-    with pytest.raises(ValueError, match="detector and pose"):
+    with pytest.raises(ValueError, match="serve the detector only"):
         load_route_backend(decoder_set.sd, [get_route("[GEN]")], "eager")
+
+
+def test_backend_refuses_unipose(decoder_set):
+    with pytest.raises(ValueError, match="UniPose.*no export path"):
+        load_route_backend(decoder_set.unipose, [get_route("[POSE]")], "eager")
 
 
 @pytest.mark.parametrize("spec,want", [

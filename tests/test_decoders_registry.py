@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from unimlm_engine.config.decoders import PoseConfig
 from unimlm_engine.model.decoders import DecoderSet, GenerationResult, build_tiny_pipeline
 from unimlm_engine.config.presets import tiny
 
@@ -24,13 +23,8 @@ def _one_thread():
 
 
 def small_cfg(pipe_root=None):
-    """The tiny preset with a pose decoder as small as its detector, and local tiny pipelines."""
+    """The tiny preset (its UniPose is already small) with local tiny pipelines."""
     cfg = tiny()
-    cfg.pose = PoseConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
-                          num_keypoints=17, keypoint_decoder_layers=1, llm_hidden_size=HIDDEN, image_short=64,
-                          image_long=96, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4,
-                          max_detections=3)
     if pipe_root is not None:
         cfg.gen = dataclasses.replace(cfg.gen, pipeline_dir=str(pipe_root / "gen"))
         cfg.edit = dataclasses.replace(cfg.edit, pipeline_dir=str(pipe_root / "edit"))
@@ -140,7 +134,7 @@ ERRORS = {
     "edit-without-image": ("[EDIT]", [groups(1, K_GEN)], [None], {}, "needs an input image"),
     "image-count": ("[GEN]", [groups(1, K_GEN)], [None, None], {}, "1 payload lists but 2 images"),
     "pose-no-det": ("[POSE]", [groups(17)], [IMG], {}, "det_payloads"),
-    "pose-keypoints": ("[POSE]", [groups(5)], [IMG], {"det_payloads": [groups(1)]}, "5 keypoint groups"),
+    "pose-keypoints": ("[POSE]", [groups(69)], [IMG], {"det_payloads": [groups(1)]}, "keypoints: 69 groups"),
     "pose-det-width": ("[POSE]", [groups(17)], [IMG], {"det_payloads": [[torch.randn(K_DET, 3)]]}, "det_payloads"),
     "gen-bad-opt": ("[GEN]", [groups(1, K_GEN)], [None], {"strength": 0.5}, "unknown options"),
     "det-bad-opt": ("[DET]", [groups(1)], [IMG], {"seeds": [1]}, "unknown options"),

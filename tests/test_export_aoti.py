@@ -1,7 +1,7 @@
-"""AOTInductor packages of the tiny detector and pose, loaded back and checked against eager at image sizes,
-batch sizes and class counts other than the ones traced (one canvas per package, batch and classes dynamic;
-smaller images are padded + masked). A compile takes minutes on 2 shared CPU cores: every case is marked
-slow. These tests caught the MSDA output layout mismatch (non-contiguous reference output vs contiguous
+"""AOTInductor packages of the tiny detector (UniPose for [POSE] has no export path), loaded back and checked against
+eager at image sizes, batch sizes and class counts other than the ones traced (one canvas per package, batch and
+classes dynamic; smaller images are padded + masked). A compile takes minutes on 2 shared CPU cores: every case is
+marked slow. These tests caught the MSDA output layout mismatch (non-contiguous reference output vs contiguous
 fake) that ops/msda.py now avoids."""
 import json
 
@@ -19,11 +19,10 @@ TOL = 1e-4
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,canvas,runs", [
     pytest.param("detector", (128, 128), [(1, 1, (64, 96)), (3, 7, (128, 100))], id="detector_128x128"),
-    pytest.param("pose", (128, 64), [(2, 2, (100, 64)), (1, 9, (64, 64))], id="pose_128x64"),
 ])
 def test_aoti_package_matches_eager(tmp_path, kind, canvas, runs):
     decoder = load_decoder(kind, "tiny")
-    keypoints = 17 if kind == "pose" else 0
+    keypoints = 0
     path = tmp_path / f"{kind}.pt2"
     entry = export_aoti(kind, decoder, ExportShape(2, *canvas, 4, keypoints), path, batch=Range(1, 2, 4),
                         classes=Range(1, 4, 256))
@@ -32,8 +31,6 @@ def test_aoti_package_matches_eager(tmp_path, kind, canvas, runs):
     for batch, classes, valid_hw in runs:
         res = compare(kind, decoder, lambda x: run(*x), ExportShape(batch, *canvas, classes, keypoints), valid_hw)
         assert res["max_diff"] < TOL, (batch, classes, res)
-        if kind == "pose":
-            assert res["labels_equal"], res
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """Load generator over the Python API (`unimlm serve-bench`, and benchmarks/bench_e2e.py).
 
 Workload kinds: vqa (one image, free text), text (no image), and every route by its name: det
-(image, 1..3 forced [DET] groups), seg, grd (one group), pose (one [DET] class + one [POSE] group
-per keypoint), gen, edit... (forcing.py derives the groups from the route registry and the
-decoders), and every span route by its name: imggen, imgseg, layoutgen... (the answer starts with a
+(image, 1..3 forced [DET] groups), seg, grd (one group), pose (one [DET] class + 17 [POSE]
+keypoint groups, COCO person), gen, edit... (forcing.py derives the groups from the route registry and
+the decoders), and every span route by its name: imggen, imgseg, layoutgen... (the answer starts with a
 sample span, forcing.span_text; needs the tokenizer). Routing tokens and spans are forced through
 `SamplingParams.forced_prefix`, because a model with random weights would not emit them by itself; the
 decoders then really run.
@@ -60,7 +60,8 @@ def make_request(kind: str, rng: random.Random, model, images: list, max_tokens:
         forced = tuple(tokenizer.encode(span_text(get_span_route(kind))))
     elif kind not in TEXT_KINDS:
         spec = get_route(kind)
-        forced = forced_route_tokens(model, [spec], lambda s: rng.randint(1, 3) if s.result == "detection" else 1)
+        forced = forced_route_tokens(model, [spec], lambda s: rng.randint(1, 3) if s.result == "detection"
+                                     else 17 if s.result == "pose" else 1)
     sp = SamplingParams(max_tokens=max(max_tokens, len(forced) + 1), forced_prefix=forced, ignore_eos=True)
     return Request(prompt=q, images=image, sampling=sp)
 

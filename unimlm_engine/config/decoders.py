@@ -7,7 +7,7 @@ are ignored, known ones validated).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 def _check_positive(owner: str, obj: Any, names: tuple[str, ...]) -> None:
@@ -90,38 +90,140 @@ class DetectorConfig(_DictMixin):
         _check_grounding("DetectorConfig", self)
 
 
+# the official build_swin_transformer table: name -> (embed_dim, depths, num_heads, window_size)
+UNIPOSE_SWIN = {
+    "swin_T_224_1k": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin_B_224_22k": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7),
+    "swin_B_384_22k": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+    "swin_L_224_22k": (192, (2, 2, 18, 2), (6, 12, 24, 48), 7),
+    "swin_L_384_22k": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+}
+# keys the official unipose_config (UniPoseConfig, no defaults) must give; everything else in it is ignored
+# unless it names a field below (then it is validated)
+UNIPOSE_REQUIRED = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
+                    "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points", "return_interm_indices",
+                    "num_body_points", "num_box_decoder_layers", "l_hidden_size")
+# (field, the only value this engine (and the official inference path as released) supports)
+_UNIPOSE_FIXED = (("hidden_dim", 256), ("num_body_points", 68), ("num_box_decoder_layers", 2), ("query_dim", 4),
+                  ("two_stage_type", "standard"), ("embed_init_tgt", True), ("position_embedding", "sine"),
+                  ("transformer_activation", "relu"), ("decoder_sa_type", "sa"), ("two_stage_add_query_num", 0),
+                  ("two_stage_pat_embed", 0), ("two_stage_learn_wh", False), ("num_patterns", 0),
+                  ("binary_query_selection", False), ("pre_norm", False), ("use_text_enhancer", True),
+                  ("use_fusion_layer", True), ("use_text_cross_attention", True),
+                  ("dec_pred_bbox_embed_share", True), ("dec_pred_class_embed_share", True),
+                  ("two_stage_bbox_embed_share", False), ("two_stage_class_embed_share", False))
+
+
 @dataclass(slots=True)
 class PoseConfig(_DictMixin):
-    """UniPose-style keypoint decoder for [POSE]."""
+    """The official UniPose for [POSE]: `unipose_config` (ED-Pose / X-Pose names). Defaults are the values the
+    released 7B implies (X-Pose's UniPose Swin-T config; l_hidden_size = the LLM width); `from_dict` (the
+    checkpoint's JSON) requires UNIPOSE_REQUIRED. Engine extensions (not in the official JSON):
+    `swin_params` = (embed_dim, depths, num_heads, window_size) for a backbone name outside the official table
+    (small test models), and the eval resize `image_short` / `image_long` (make_coco_transforms('val'))."""
 
-    d_model: int = 256
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    encoder_attention_heads: int = 8
-    decoder_attention_heads: int = 8
-    encoder_ffn_dim: int = 2048
-    decoder_ffn_dim: int = 2048
-    num_feature_levels: int = 4
-    encoder_n_points: int = 4
-    decoder_n_points: int = 4
+    backbone: str = "swin_T_224_1k"
+    return_interm_indices: tuple[int, ...] = (1, 2, 3)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
     num_queries: int = 900
-    num_keypoints: int = 17
-    keypoint_decoder_layers: int = 2  # deformable layers refining the keypoints of the selected instances
-    max_classes: int = 256
-    llm_hidden_size: int = 4096
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_body_points: int = 68
+    num_box_decoder_layers: int = 2
+    l_hidden_size: int = 4096
+    pe_temperatureH: float = 20.0
+    pe_temperatureW: float = 20.0
+    query_dim: int = 4
+    two_stage_type: str = "standard"
+    embed_init_tgt: bool = True
+    position_embedding: str = "sine"
+    transformer_activation: str = "relu"
+    decoder_sa_type: str = "sa"
+    two_stage_add_query_num: int = 0
+    two_stage_pat_embed: int = 0
+    two_stage_learn_wh: bool = False
+    num_patterns: int = 0
+    binary_query_selection: bool = False
+    pre_norm: bool = False
+    use_text_enhancer: bool = True
+    use_fusion_layer: bool = True
+    use_text_cross_attention: bool = True
+    dec_pred_bbox_embed_share: bool = True
+    dec_pred_class_embed_share: bool = True
+    two_stage_bbox_embed_share: bool = False
+    two_stage_class_embed_share: bool = False
+    swin_params: Any = None
     image_short: int = 800
     image_long: int = 1333
-    # Swin backbone
-    embed_dim: int = 96
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    score_threshold: float = 0.3
-    max_detections: int = 100  # instances (top-k by score) that get keypoints
+
+    # the official forward hard-codes these: 50 pose groups, objects padded to 100 slots
+    num_groups: ClassVar[int] = 50
+    max_classes: ClassVar[int] = 100
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PoseConfig":
+        missing = [k for k in UNIPOSE_REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"unipose_config: missing {', '.join(missing)} (the official UniPoseConfig has no "
+                             "defaults)")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def swin(self) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+        if self.backbone in UNIPOSE_SWIN:
+            return UNIPOSE_SWIN[self.backbone]
+        e, dep, hd, w = self.swin_params
+        return int(e), tuple(dep), tuple(hd), int(w)
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return self.l_hidden_size
 
     def __post_init__(self) -> None:
-        _check_positive("PoseConfig", self, ("num_keypoints", "keypoint_decoder_layers"))
-        _check_grounding("PoseConfig", self)
+        o = "PoseConfig (unipose_config)"
+        _check_positive(o, self, ("nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
+                                  "num_feature_levels", "enc_n_points", "dec_n_points", "l_hidden_size",
+                                  "image_short", "image_long"))
+        for name, want in _UNIPOSE_FIXED:
+            if getattr(self, name) != want:
+                raise ValueError(f"{o}: {name}={getattr(self, name)!r} is not supported (the official inference "
+                                 f"path needs {want!r})")
+        self.return_interm_indices = tuple(self.return_interm_indices)
+        if self.return_interm_indices not in ((0, 1, 2, 3), (1, 2, 3), (3,)):
+            raise ValueError(f"{o}: return_interm_indices must be [0,1,2,3], [1,2,3] or [3], got "
+                             f"{list(self.return_interm_indices)}")
+        if self.num_feature_levels < len(self.return_interm_indices):
+            raise ValueError(f"{o}: num_feature_levels must be >= len(return_interm_indices)")
+        if self.dec_layers <= self.num_box_decoder_layers:
+            raise ValueError(f"{o}: dec_layers must exceed num_box_decoder_layers ({self.num_box_decoder_layers})")
+        if self.num_queries < self.num_groups:
+            raise ValueError(f"{o}: num_queries must be >= {self.num_groups} (the official top-50 pose groups)")
+        if self.nheads % 2 or self.hidden_dim % self.nheads or (self.dim_feedforward // 2) % (self.nheads // 2):
+            raise ValueError(f"{o}: nheads must be even, divide hidden_dim, and nheads/2 divide dim_feedforward/2")
+        if self.image_short > self.image_long:
+            raise ValueError(f"{o}: image_short must be <= image_long")
+        if self.backbone in UNIPOSE_SWIN:
+            if self.swin_params is not None:
+                raise ValueError(f"{o}: swin_params is only for a backbone outside the official table")
+            return
+        if self.swin_params is None:
+            raise ValueError(f"{o}: unknown backbone {self.backbone!r} (official: {', '.join(UNIPOSE_SWIN)}); a "
+                             "custom name needs swin_params = (embed_dim, depths, num_heads, window_size)")
+        try:
+            e, dep, hd, w = self.swin_params
+            e, dep, hd, w = int(e), tuple(int(x) for x in dep), tuple(int(x) for x in hd), int(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"{o}: swin_params must be (embed_dim, depths, num_heads, window_size), got "
+                             f"{self.swin_params!r}") from None
+        if len(dep) != 4 or len(hd) != 4 or min(dep + hd + (e, w)) <= 0 or any((e << i) % h for i, h in
+                                                                                enumerate(hd)):
+            raise ValueError(f"{o}: swin_params needs 4 positive depths / num_heads dividing each stage width")
+        self.swin_params = [e, list(dep), list(hd), w]
 
 
 @dataclass(slots=True)

@@ -35,10 +35,11 @@ def tiny() -> ModelConfig:
                                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20,
                                 llm_hidden_size=256, mask_dim=32, image_short=64, image_long=96, embed_dim=16,
                                 depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
-        pose=PoseConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
-                        num_keypoints=17, llm_hidden_size=256, image_short=64, image_long=96, embed_dim=16,
-                        depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4, max_detections=3),
+        # UniPose needs hidden_dim 256 (its sine embeddings are hard-coded) and >= 50 queries; small otherwise,
+        # with a Swin outside the official table (the swin_params extension)
+        pose=PoseConfig(backbone="swin_tiny_test", swin_params=(16, (1, 1, 1, 1), (1, 2, 4, 8), 4), enc_layers=1,
+                        dec_layers=3, dim_feedforward=64, num_queries=50, enc_n_points=2, dec_n_points=2,
+                        l_hidden_size=256, image_short=64, image_long=96),
         gen=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,
                       num_prompt_tokens=77),
         edit=GenConfig(llm_hidden_size=256, num_embs=8, mapper_dim=32, mapper_layers=1, mapper_heads=4,
@@ -58,7 +59,7 @@ def visionllm_v2_7b() -> ModelConfig:
         lora_moe=None,
         superlink=SuperLinkConfig(num_embs=4, num_embs_gen=64),
         detector=DetectorConfig(),
-        pose=PoseConfig(),
+        pose=PoseConfig(l_hidden_size=4096),  # X-Pose's UniPose Swin-T config, l_hidden_size = LLM width
         gen=GenConfig(pipeline_dir="checkpoints/stable-diffusion-v1-5"),  # sd.json's sd_model_id
         edit=GenConfig(pipeline_dir="checkpoints/instruct-pix2pix"),  # ip2p.json's sd_model_id
         use_region_encoder=True,

@@ -125,6 +125,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, with_decoders: bool = True,
     with torch.random.fork_rng(devices=fork_devices or []):
         torch.manual_seed(seed)
         model = VisionLLM(cfg, with_decoders=with_decoders)
+        # re-seed: the weights below must not depend on how much randomness the decoders' constructors drew
+        torch.manual_seed(seed)
         for name, p in model.named_parameters():
             if name.startswith("decoders."):
                 continue

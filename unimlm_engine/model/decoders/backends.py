@@ -283,8 +283,10 @@ def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | 
     path or the artifact is another decoder's, FileNotFoundError when the artifact or record is missing."""
     ekind = getattr(decoder, "export_kind", None)
     if ekind is None:
-        raise ValueError(f"{'/'.join(r.token for r in routes)}: back ends serve the detector and pose decoders, "
-                         f"not {type(decoder).__name__}")
+        why = " (UniPose, the official [POSE] decoder, has no export path yet: serve it eagerly)" \
+            if getattr(decoder, "name", "") == "unipose" else ""
+        raise ValueError(f"{'/'.join(r.token for r in routes)}: back ends serve the detector only, not "
+                         f"{type(decoder).__name__}{why}")
     own, tokens = decoder.forward_tensors, tuple(r.token for r in routes)
     if kind == "eager":
         if ekind == "pose":
