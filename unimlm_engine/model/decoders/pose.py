@@ -24,7 +24,7 @@ from ...routes import RouteSpec
 from .base import DecoderInput, TaskDecoder, TensorForward
 from .deformable import DecoderLayer, MLPHead, key_bias, sine_embed_coords
 from .detector import check_payloads, pad_payloads
-from .grounding import GroundingCore
+from .legacy_grounding import GroundingCore
 from .images import boxes_to_pixels, prepare_images
 
 
