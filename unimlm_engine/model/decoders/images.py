@@ -93,10 +93,11 @@ def gdino_image(image, short: int, long: int) -> tuple[torch.Tensor, tuple[int, 
     t = to_uint8_hwc(image)
     h, w = int(t.shape[0]), int(t.shape[1])
     hr, wr = mmcv_rescale_size(h, w, short, long)
-    x = t.permute(2, 0, 1)[None].float()
+    x = t.permute(2, 0, 1)[None].double()  # float64: the round-half-up below does not depend on fp32 error
     if (hr, wr) != (h, w):
         x = F.interpolate(x, size=(hr, wr), mode="bilinear", align_corners=False, antialias=False)
         x = torch.floor(x + 0.5).clamp(0, 255)
+    x = x.float()
     mean = torch.tensor(MMDET_MEAN, dtype=torch.float32).view(3, 1, 1)
     inv_std = (1.0 / torch.tensor(MMDET_STD, dtype=torch.float64)).float().view(3, 1, 1)
     return (x[0] - mean) * inv_std, (hr, wr), (h, w)
