@@ -167,6 +167,10 @@ def random_state_dict(cfg: dict, seed: int = 0, scale: float = 0.3) -> dict[str,
         else:
             fan = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) if len(shape) >= 2 else 16
             sd[k] = torch.randn(shape, generator=g) * scale / math.sqrt(fan) * (3.0 if len(shape) == 1 else 1.0)
+    # the class logits are dot products of two LayerNorm outputs (~d_model): scale the decoder's final norm
+    # so the sigmoid scores spread over (0, 1) instead of tying at 1.0
+    for k in (P + "model.decoder.layer_norm.weight", P + "model.decoder.layer_norm.bias"):
+        sd[k] = sd[k] * 0.1
     for group in tied_names(cfg):
         for k in group[1:]:
             sd[k] = sd[group[0]].clone()

@@ -16,7 +16,7 @@ from unimlm_engine.model.decoders.detector import DetectorDecoder
 from unimlm_engine.model.decoders.images import gdino_image
 
 SHORT, LONG = 96, 160
-CFG = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+CFG = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
            encoder_ffn_dim=64, decoder_ffn_dim=64, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2,
            num_queries=30, max_text_len=256, mask_dim=16, norm="GN", l_hidden_size=48, num_embs=4, two_stage=True,
            embedding_init_target=True, decoder_bbox_embed_share=True, two_stage_bbox_embed_share=False, query_dim=4,
@@ -33,7 +33,7 @@ def _img(h, w, seed):
 
 
 def _payload(c, seed):
-    return torch.randn(c, K, CFG["l_hidden_size"], generator=torch.Generator().manual_seed(seed))
+    return 0.2 * torch.randn(c, K, CFG["l_hidden_size"], generator=torch.Generator().manual_seed(seed))
 
 
 def _load(cfg, sd):

@@ -115,8 +115,10 @@ class DetectorConfig(_DictMixin):
         if c.num_feature_levels != 4:
             raise ValueError(f"{owner}: the official gdino uses 4 feature levels (Swin stages 2-4 + one stride-2 "
                              f"conv), got num_feature_levels={c.num_feature_levels}")
-        if c.d_model % 32 or c.d_model % c.encoder_attention_heads or c.d_model % c.decoder_attention_heads:
-            raise ValueError(f"{owner}: d_model must be a multiple of 32 (GroupNorm(32, d)) and of the head counts")
+        if c.d_model % 32 or c.d_model < 64 or c.d_model % c.encoder_attention_heads or \
+                c.d_model % c.decoder_attention_heads:
+            raise ValueError(f"{owner}: d_model must be a multiple of 32 and >= 64 (GroupNorm(32, d) needs two "
+                             f"values a group on a 1x1 level map) and divide by the head counts, got {c.d_model}")
         if c.encoder_attention_heads < 2 or (c.encoder_ffn_dim // 2) % (c.encoder_attention_heads // 2):
             raise ValueError(f"{owner}: encoder_ffn_dim // 2 must divide by encoder_attention_heads // 2 (>= 1)")
         if (c.d_model // 2) % 2:
@@ -147,6 +149,9 @@ class DetectorConfig(_DictMixin):
         if bb and bb.get("model_type", "swin") != "swin":
             raise ValueError(f"gdino_config.backbone_config: model_type {bb.get('model_type')!r} is not supported "
                              f"(only swin)")
+        if bb.get("out_features") not in (None, ["stage1", "stage2", "stage3", "stage4"]):
+            raise ValueError(f"gdino_config.backbone_config: out_features {bb.get('out_features')} (the official "
+                             f"gdino uses stage1..stage4: stage 1 feeds the mask head, stages 2-4 the levels)")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k not in _SWIN_FIELDS and k not in _GDINO_RENAMES}
         for ours, theirs in _GDINO_RENAMES.items():
