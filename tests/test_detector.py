@@ -129,6 +129,14 @@ def test_mha_matches_torch_multihead_attention():
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("hw,size", [((96, 160), (3, 5)), ((96, 160), (2, 3)), ((160, 96), (20, 12)),
+                                     ((64, 96), (1, 2)), ((7, 13), (3, 5))])
+def test_nearest_resize_equals_interpolate(hw, size):
+    from unimlm_engine.model.decoders.grounding import nearest_resize
+    m = torch.rand(2, *hw) > 0.5
+    assert torch.equal(nearest_resize(m, size), torch.nn.functional.interpolate(m[None].float(), size=size)[0].bool())
+
+
 def test_swin_backbone_matches_transformers():
     """transformers' SwinBackbone (renamed parameters) on maps larger than the window, where its
     always_partition flag and 4.34's window shrinking do not apply."""

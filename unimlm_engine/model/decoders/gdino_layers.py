@@ -36,8 +36,10 @@ class MHA(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         b, h, hd = query.shape[0], self.n_heads, self.head_dim
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3)
+        d = h * hd
+        w, bias_ = self.in_proj_weight, self.in_proj_bias  # sliced, not chunk(): no multi-output Split in ONNX
+        wq, wk, wv = w[:d], w[d:2 * d], w[2 * d:]
+        bq, bk, bv = bias_[:d], bias_[d:2 * d], bias_[2 * d:]
         q = F.linear(query, wq, bq).view(b, -1, h, hd).transpose(1, 2) * math.sqrt(1.0 / hd)
         k = F.linear(key, wk, bk).view(b, -1, h, hd).transpose(1, 2)
         v = F.linear(value, wv, bv).view(b, -1, h, hd).transpose(1, 2)

@@ -27,6 +27,19 @@ from .gdino_layers import DecoderLayer, EncoderLayer, class_self_attention_bias,
 from .swin import SwinBackbone
 
 
+def _nearest_index(n_in: int, n_out: int, device) -> torch.Tensor:
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)  # PyTorch's float scale of a sized 'nearest'
+    idx = torch.floor(torch.arange(n_out, dtype=torch.float32) * scale).long().clamp(max=n_in - 1)
+    return idx.to(device)
+
+
+def nearest_resize(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(mask[None].float(), size)[0].bool() (mode 'nearest', how the official model resizes the
+    pixel mask to each level) as index gathers: constant indices, no Resize node in the exported graph."""
+    h, w = mask.shape[-2:]
+    return mask[:, _nearest_index(h, size[0], mask.device)][:, :, _nearest_index(w, size[1], mask.device)]
+
+
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The official inverse_sigmoid (clamp to [0, 1], then log(max(x, eps) / max(1 - x, eps)))."""
     x = x.clamp(min=0, max=1)
@@ -89,8 +102,7 @@ class GdinoModel(nn.Module):
         feats = self.backbone.conv_encoder.model(pixel_values)
         srcs = [proj(f) for proj, f in zip(self.input_proj_vision, feats[1:])]
         srcs.append(self.input_proj_vision[3](feats[-1]))
-        m = pixel_valid[None].float()
-        masks = [F.interpolate(m, size=s.shape[-2:])[0].to(torch.bool) for s in srcs]
+        masks = [nearest_resize(pixel_valid, tuple(s.shape[-2:])) for s in srcs]
         return feats[0], srcs, masks
 
     def flatten(self, srcs: list[torch.Tensor], masks: list[torch.Tensor]):
