@@ -211,3 +211,18 @@ def test_options_and_errors(det):
         det([image], [payload], top_k=0)
     with pytest.raises(ValueError, match="max_classes"):
         det([image], [torch.zeros(257, K, CFG["l_hidden_size"])])
+
+
+def test_semantic_map_in_the_task_json(det):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from unimlm_engine.engine.types import TaskResult
+    image, payload = torch.from_numpy(_img(50, 73, 2)), _payload(3, 2)
+    res = det([image], [payload], seg_mode="semantic")[0]
+    task = TaskResult("[SEG]", 3, res.boxes, res.scores, res.labels, res.masks, raw=res)
+    sem = task.to_json()["semantic_map"]
+    back = np.asarray(Image.open(io.BytesIO(base64.b64decode(sem["data"]))))
+    assert (sem["height"], sem["width"]) == (50, 73) and np.array_equal(back, res.semantic_map.numpy())
