@@ -150,7 +150,12 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
         files = sorted(set(unexpected.values()))
         raise CheckpointError(f"unexpected keys in {', '.join(files)}: {_fmt_keys(unexpected)}")
     tied = {"llm.lm_head.weight"} if model.cfg.llm.tie_word_embeddings else set()
-    missing = model_keys - seen - tied
+    # a key is loaded when a name of the same tensor was (modules shared under several names, e.g. the
+    # detector's bbox_embed: a checkpoint may write such a tensor once or under every name)
+    by_storage: dict[int, set[str]] = {}
+    for k, v in own.items():
+        by_storage.setdefault(v.data_ptr(), set()).add(k)
+    missing = {k for k in model_keys - seen - tied if not (by_storage[own[k].data_ptr()] & seen)}
     if missing:
         raise CheckpointError(f"keys missing from {', '.join(report.files)}: {_fmt_keys(missing)}")
 
