@@ -253,3 +253,26 @@ def test_engine_checkpoint_with_tied_heads_written_once_loads(tmp_path):
     want = model.decoders.gdino.state_dict()
     got = loaded.decoders.gdino.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_options_flow_through_the_decoder_set():
+    """RouteSpec.options (GRD top-1, SEG masks) and per-call options (EngineConfig.decoder_options' path)."""
+    from unimlm_engine.config.presets import get_preset
+    from unimlm_engine.model.decoders import DecoderSet
+    cfg = get_preset("tiny")
+    cfg.pose = cfg.gen = cfg.edit = None
+    ds = DecoderSet(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    payloads = [[0.2 * torch.randn(cfg.superlink.num_embs, cfg.llm.hidden_size, generator=g) for _ in range(2)]]
+    img = [_img(50, 73, 3)]
+    (det_all,) = ds.run_decoder("[DET]", payloads, img)
+    (det3,) = ds.run_decoder("[DET]", payloads, img, top_k=3)
+    assert torch.equal(det3.scores, det_all.scores[:3]) and det3.masks is None
+    (grd,) = ds.run_decoder("[GRD]", payloads, img)
+    assert torch.equal(grd.scores, det_all.scores[:1])
+    (seg,) = ds.run_decoder("[SEG]", payloads, img)
+    assert seg.masks.shape == (len(seg.scores), 50, 73)
+    (sem,) = ds.run_decoder("[SEG]", payloads, img, seg_mode="semantic")
+    assert sem.semantic_map.shape == (50, 73) and int(sem.semantic_map.max()) < 2
+    with pytest.raises(ValueError, match="unknown options"):
+        ds.run_decoder("[DET]", payloads, img, bogus=1)
