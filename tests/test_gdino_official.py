@@ -54,9 +54,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def det_sd():
+    return random_state_dict(CFG, seed=0)
+
+
 @pytest.fixture(scope="module")
 def sd():
-    return random_state_dict(CFG, seed=0)
+    return det_sd()
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +211,11 @@ def test_options_and_errors(det):
     assert clamped.boxes[:, 0::2].max() <= 73 and clamped.boxes.min() >= 0
     with pytest.raises(ValueError, match="unknown options"):
         det([image], [payload], bogus=1)
+    small = det([image], [payload], image_short=96, image_long=128)[0]  # another resize: 88x128 on 96x128
+    logits, boxes, _, _, ori = reference_request(det_sd(), CFG, image.numpy(), payload, 96, 128)
+    _compare_post(small, reference_det(logits, boxes, ori, 2))
+    with pytest.raises(ValueError, match="image_short"):
+        det([image], [payload], image_short=0)
     with pytest.raises(ValueError, match="top_k"):
         det([image], [payload], top_k=0)
     with pytest.raises(ValueError, match="max_classes"):

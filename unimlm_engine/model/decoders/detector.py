@@ -161,7 +161,8 @@ class DetectorDecoder(TaskDecoder):
     def forward(self, images: list, class_payloads: list[torch.Tensor], tensor_forward: Optional[TensorForward] = None,
                 **options) -> list[DetectionResult]:
         """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden]; options:
-        PostOptions fields (top_k, with_masks, score_threshold, clamp_boxes, seg_mode, semantic_resize_first);
+        PostOptions fields (top_k, with_masks, score_threshold, clamp_boxes, seg_mode, semantic_resize_first,
+        image_short, image_long);
         tensor_forward replaces `forward_tensors` (same signature), e.g. an exported back end."""
         return self._forward(images, class_payloads, PostOptions.parse(options, "detector"), tensor_forward)
 
@@ -173,7 +174,10 @@ class DetectorDecoder(TaskDecoder):
                              f"and {len(class_payloads)} payloads")
         check_payloads(class_payloads, self.cfg.llm_hidden_size, self.cfg.max_classes, "class_payloads")
         p = next(self.parameters())
-        prepared = [gdino_image(im, self.cfg.image_short, self.cfg.image_long) for im in images]
+        short, long = opts.image_short or self.cfg.image_short, opts.image_long or self.cfg.image_long
+        if short > long:
+            raise ValueError(f"detector: image_short {short} > image_long {long}")
+        prepared = [gdino_image(im, short, long) for im in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, resized, _) in enumerate(prepared):
             groups.setdefault(canvas_of(resized, self.pad_multiple), []).append(i)

@@ -11,7 +11,8 @@ Official rules (the defaults):
 - semantic map (`eval_semseg.process_seg_result`): sigmoid of all Q x C logits and of all Q masks; masks
   resized (x4, crop, original size) then einsum "qc,qhw->chw" and argmax over classes (resize_first, the
   default); or einsum first and resize the [C, ...] map (resize_first=False, as for Mapillary).
-Extras (options): score_threshold (keep scores > it), clamp_boxes (clip to the image).
+Extras (options): score_threshold (keep scores > it), clamp_boxes (clip to the image), image_short /
+image_long (the resize; the official ADE semantic eval resizes to 512 / 2048, its COCO eval to 800 / 1333).
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ class PostOptions:
     clamp_boxes: bool = False
     seg_mode: str = "instance"  # "instance" | "semantic"
     semantic_resize_first: bool = True
+    image_short: Optional[int] = None  # resize override (None: DetectorConfig's; the official ADE eval: 512 / 2048)
+    image_long: Optional[int] = None
 
-    KNOWN = ("top_k", "with_masks", "score_threshold", "clamp_boxes", "seg_mode", "semantic_resize_first")
+    KNOWN = ("top_k", "with_masks", "score_threshold", "clamp_boxes", "seg_mode", "semantic_resize_first",
+             "image_short", "image_long")
 
     @classmethod
     def parse(cls, opts: Mapping[str, Any], where: str) -> "PostOptions":
@@ -54,6 +58,10 @@ class PostOptions:
             raise ValueError(f"{where}: top_k must be a positive int, got {o.top_k!r}")
         if o.score_threshold is not None and not 0.0 <= float(o.score_threshold) < 1.0:
             raise ValueError(f"{where}: score_threshold must be in [0, 1), got {o.score_threshold!r}")
+        for k in ("image_short", "image_long"):
+            v = getattr(o, k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
         if o.seg_mode not in ("instance", "semantic"):
             raise ValueError(f"{where}: seg_mode must be 'instance' or 'semantic', got {o.seg_mode!r}")
         return o
