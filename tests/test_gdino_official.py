@@ -285,3 +285,20 @@ def test_options_flow_through_the_decoder_set():
     assert sem.semantic_map.shape == (50, 73) and int(sem.semantic_map.max()) < 2
     with pytest.raises(ValueError, match="unknown options"):
         ds.run_decoder("[DET]", payloads, img, bogus=1)
+
+
+def test_engine_decoder_options_reach_the_detector():
+    """EngineConfig.decoder_options["det"] -> the detector's options; the default is the official top-100."""
+    import unimlm_engine as ue
+    from engine_helpers import IMAGES, tiny_model
+    model, tok = tiny_model()
+    sp = ue.SamplingParams(max_tokens=3, forced_prefix=(tok.special_ids["[DET]"],) * 2)
+    req = ue.Request(prompt="Find two things.", images=[IMAGES[0]], sampling=sp)
+    outs = {}
+    for name, opts in (("default", {}), ("top3", {"det": {"top_k": 3, "clamp_boxes": True}})):
+        with ue.Engine(model, tok, ue.EngineConfig(num_kv_blocks=64, decoder_options=opts)) as eng:
+            outs[name] = eng.generate_batch([req])[0].tasks[0]
+    full, top3 = outs["default"], outs["top3"]
+    assert full.num_groups == 2 and len(full.scores) == min(100, 2 * model.cfg.detector.num_queries)
+    torch.testing.assert_close(top3.scores, full.scores[:3])
+    assert torch.equal(top3.labels, full.labels[:3])
