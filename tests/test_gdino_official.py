@@ -302,3 +302,17 @@ def test_engine_decoder_options_reach_the_detector():
     assert full.num_groups == 2 and len(full.scores) == min(100, 2 * model.cfg.detector.num_queries)
     torch.testing.assert_close(top3.scores, full.scores[:3])
     assert torch.equal(top3.labels, full.labels[:3])
+
+
+def test_config_from_a_transformers_grounding_dino_config_dict():
+    """A gdino_config as train.py writes it: GroundingDinoConfig.to_dict() (many keys the engine ignores) plus
+    mask_dim, norm, l_hidden_size, num_embs."""
+    tf = pytest.importorskip("transformers")
+    swin = tf.SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
+                         out_features=["stage1", "stage2", "stage3", "stage4"])
+    d = tf.GroundingDinoConfig(backbone_config=swin, num_queries=900).to_dict()
+    d.update(mask_dim=256, norm="GN", l_hidden_size=4096, num_embs=4)
+    c = DetectorConfig.from_dict(d)
+    assert (c.embed_dim, c.depths, c.num_heads, c.window_size) == (128, (2, 2, 18, 2), (4, 8, 16, 32), 12)
+    assert (c.d_model, c.num_queries, c.max_classes, c.llm_hidden_size, c.position_temperature) == \
+        (256, 900, 256, 4096, 20)
