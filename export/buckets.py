@@ -62,11 +62,23 @@ class Range:
             raise ValueError(f"--{what} {spec!r}: {e}") from None
 
 
+def resize_canvases(short: int, long: int, multiple: int) -> list[tuple[int, int]]:
+    """Every canvas the official detector's resize (short side -> short unless the long side would pass long,
+    then long side -> long; sides padded to `multiple`) can produce, both orientations, smallest first.
+    Tiny preset (64 / 96, 32): 32x96, 64x64, 96x32, 64x96, 96x64; the 7B preset (800 / 1333): 83 canvases."""
+    s, l = _round_up(short, multiple), _round_up(long, multiple)
+    one = {(s, x) for x in range(s, l + 1, multiple)} | {(x, l) for x in range(multiple, s + 1, multiple)}
+    return sorted(one | {(w, h) for h, w in one}, key=lambda hw: (hw[0] * hw[1], hw))
+
+
 def default_canvases(cfg, multiple: int) -> list[tuple[int, int]]:
-    """The canvases the decoder's resize produces (short side -> image_short, long side <= image_long, sides
+    """The detector (a DetectorConfig, exact canvases): resize_canvases. The legacy pose decoder (padding-
+    invariant): the canvases the decoder's resize produces (short side -> image_short, long side <= image_long, sides
     rounded up to `multiple`): square-ish (s x s), landscape (s x l), portrait (l x s), and l x l for a batch
     mixing both orientations; smallest first. Tiny preset (64 / 96, multiple 64): 64x64, 64x128, 128x64,
     128x128."""
+    if type(cfg).__name__ == "DetectorConfig":
+        return resize_canvases(cfg.image_short, cfg.image_long, multiple)
     s, l = _round_up(cfg.image_short, multiple), _round_up(cfg.image_long, multiple)
     return sorted({(s, s), (s, l), (l, s), (l, l)}, key=lambda hw: (hw[0] * hw[1], hw))
 

@@ -91,6 +91,8 @@ def export_decoder(decoder_name: str, model: str | os.PathLike = "tiny", fmt: st
     plan = plan_buckets(decoder.cfg, decoder.pad_multiple, canvases, batch, classes, keypoints, queries)
     out, main = Path(out), plan.main_canvas()
     record = {"decoder": kind, "with_masks": masks, "format": fmt, "model": str(model), **plan.to_dict()}
+    if kind == "detector":
+        record["gdino"] = "official"  # exact-canvas buckets (backends.BucketedBackend(exact_canvas=True))
     if fmt != "aoti":
         record.update(msda=msda, opset=opset)
     record["buckets"] = []

@@ -61,14 +61,14 @@ def compare(kind: str, decoder: torch.nn.Module, runner, shape: ExportShape, val
     return {"max_diff": max_scaled_diff(got, want), "run_s": dt}
 
 
-DET_SHAPE = ExportShape(batch=2, height=128, width=128, classes=4)
-DET_BUCKETS = {"canvases": "64x128,128x128", "batch": "1:2:2"}
+DET_SHAPE = ExportShape(batch=2, height=96, width=96, classes=4)
+DET_BUCKETS = {"canvases": "64x96,96x64", "batch": "1:2:2"}
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_detector_export(msda: str = "plugin") -> tuple[torch.nn.Module, Path, dict]:
     """(decoder, main .onnx path, record): the tiny preset's detector (the engine's weights) exported once per
-    process at opset 17 into a temporary directory, canvases 64x128 and 128x128 (the main file), batch 1..2
+    process at opset 17 into a temporary directory, canvases 64x96 and 96x64 (the main file), batch 1..2
     (so three images run in two chunks), classes dynamic. Tests share it: it takes about a minute on 2 cores."""
     from .cli import export_decoder
     from .source import load_decoder

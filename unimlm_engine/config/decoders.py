@@ -56,9 +56,26 @@ class _DictMixin:
         return asdict(self)
 
 
+# GroundingDinoConfig fields the official gdino must have at these values (VisionLLM v2's OVGroundingDino
+# builds only this variant: two-stage, learned target, one shared box MLP, own encoder box MLP, sine positions).
+_GDINO_FIXED = {"two_stage": True, "embedding_init_target": True, "decoder_bbox_embed_share": True,
+                "two_stage_bbox_embed_share": False, "query_dim": 4, "position_embedding_type": "sine",
+                "activation_function": "relu", "norm": "GN"}
+# DetectorConfig field <- official gdino_config name, where they differ
+_GDINO_RENAMES = {"llm_hidden_size": "l_hidden_size", "max_classes": "max_text_len",
+                  "position_temperature": "positional_embedding_temperature"}
+_SWIN_FIELDS = ("embed_dim", "depths", "num_heads", "window_size", "patch_size", "mlp_ratio")
+
+
 @dataclass(slots=True)
 class DetectorConfig(_DictMixin):
-    """Grounding-DINO-style detector for [DET] / [GRD] / [SEG]."""
+    """The official `gdino` (OVGroundingDinoForObjectDetection) for [DET] / [GRD] / [SEG].
+
+    from_dict / to_dict read and write the official `gdino_config` dict: transformers' GroundingDinoConfig
+    names plus mask_dim, norm, l_hidden_size, num_embs, and the Swin size in `backbone_config` (an HF
+    SwinConfig dict). image_short / image_long are the engine's resize (the official eval's mmdet test
+    pipeline: img_scale (1333, 800)); they are not in the official config and are written under those names.
+    """
 
     d_model: int = 256
     encoder_layers: int = 6
@@ -71,23 +88,92 @@ class DetectorConfig(_DictMixin):
     encoder_n_points: int = 4
     decoder_n_points: int = 4
     num_queries: int = 900
-    max_classes: int = 256
-    llm_hidden_size: int = 4096  # width of the super-link payload
+    max_classes: int = 256  # GroundingDinoConfig.max_text_len: logits are padded to it, classes beyond it unsupported
+    llm_hidden_size: int = 4096  # l_hidden_size: width of the super-link payload
+    num_embs: int = 4
     mask_dim: int = 256
-    image_short: int = 800
-    image_long: int = 1333
-    # Swin backbone
+    layer_norm_eps: float = 1e-5
+    position_temperature: float = 20.0  # positional_embedding_temperature
+    # Swin backbone (gdino_config.backbone_config)
     embed_dim: int = 96
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: int = 7
-
-    score_threshold: float = 0.3  # keep detections whose best class probability exceeds this
-    max_detections: int = 100  # top-k queries considered per image before the threshold
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    # engine: the image resize (official eval pipeline: short side 800, long side at most 1333)
+    image_short: int = 800
+    image_long: int = 1333
 
     def __post_init__(self) -> None:
-        _check_positive("DetectorConfig", self, ("mask_dim",))
-        _check_grounding("DetectorConfig", self)
+        c, owner = self, "DetectorConfig"
+        _check_positive(owner, c, ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                                   "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+                                   "encoder_n_points", "decoder_n_points", "num_queries", "max_classes",
+                                   "llm_hidden_size", "num_embs", "mask_dim", "embed_dim", "window_size",
+                                   "patch_size", "image_short", "image_long"))
+        if c.num_feature_levels != 4:
+            raise ValueError(f"{owner}: the official gdino uses 4 feature levels (Swin stages 2-4 + one stride-2 "
+                             f"conv), got num_feature_levels={c.num_feature_levels}")
+        if c.d_model % 32 or c.d_model < 64 or c.d_model % c.encoder_attention_heads or \
+                c.d_model % c.decoder_attention_heads:
+            raise ValueError(f"{owner}: d_model must be a multiple of 32 and >= 64 (GroupNorm(32, d) needs two "
+                             f"values a group on a 1x1 level map) and divide by the head counts, got {c.d_model}")
+        if c.encoder_attention_heads < 2 or (c.encoder_ffn_dim // 2) % (c.encoder_attention_heads // 2):
+            raise ValueError(f"{owner}: encoder_ffn_dim // 2 must divide by encoder_attention_heads // 2 (>= 1)")
+        if (c.d_model // 2) % 2:
+            raise ValueError(f"{owner}: d_model // 2 must be even (sine position features)")
+        c.depths, c.num_heads = tuple(c.depths), tuple(c.num_heads)
+        if len(c.depths) != 4 or len(c.num_heads) != 4:
+            raise ValueError(f"{owner}: the Swin backbone needs 4 stages (depths, num_heads of length 4)")
+        if any(not isinstance(v, int) or v <= 0 for v in c.depths + c.num_heads):
+            raise ValueError(f"{owner}: depths and num_heads must be positive ints")
+        if any((c.embed_dim * 2 ** i) % h for i, h in enumerate(c.num_heads)):
+            raise ValueError(f"{owner}: each Swin stage width embed_dim * 2**i must divide by its num_heads")
+        if c.image_short > c.image_long:
+            raise ValueError(f"{owner}: image_short ({c.image_short}) must be <= image_long ({c.image_long})")
+
+    @property
+    def pad_multiple(self) -> int:
+        """The canvas multiple (nested_tensor_from_tensor_list(size_divisibility=32) in the official model)."""
+        return 32
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
+        """The official gdino_config dict (or one written by to_dict) -> DetectorConfig. Unknown keys are
+        ignored; the variant switches must have the official values (ValueError otherwise)."""
+        for k, want in _GDINO_FIXED.items():
+            if k in d and d[k] != want:
+                raise ValueError(f"gdino_config: {k}={d[k]!r} is not supported (the official model uses {want!r})")
+        bb = d.get("backbone_config") or {}
+        if bb and bb.get("model_type", "swin") != "swin":
+            raise ValueError(f"gdino_config.backbone_config: model_type {bb.get('model_type')!r} is not supported "
+                             f"(only swin)")
+        if bb.get("out_features") not in (None, ["stage1", "stage2", "stage3", "stage4"]):
+            raise ValueError(f"gdino_config.backbone_config: out_features {bb.get('out_features')} (the official "
+                             f"gdino uses stage1..stage4: stage 1 feeds the mask head, stages 2-4 the levels)")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k not in _SWIN_FIELDS and k not in _GDINO_RENAMES}
+        for ours, theirs in _GDINO_RENAMES.items():
+            if theirs in d:
+                kw[ours] = d[theirs]
+        kw.update({k: (tuple(bb[k]) if k in ("depths", "num_heads") else bb[k]) for k in _SWIN_FIELDS if k in bb})
+        if "layer_norm_eps" in bb:
+            kw["layer_norm_eps"] = bb["layer_norm_eps"]
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """-> the official gdino_config layout (GroundingDinoConfig names, backbone_config a SwinConfig dict)."""
+        own = asdict(self)
+        out = {k: v for k, v in own.items() if k not in _SWIN_FIELDS and k not in _GDINO_RENAMES
+               and k != "layer_norm_eps"}
+        out.update({theirs: own[ours] for ours, theirs in _GDINO_RENAMES.items()})
+        out.update(_GDINO_FIXED)
+        out["backbone_config"] = {"model_type": "swin", **{k: (list(own[k]) if k in ("depths", "num_heads")
+                                                                else own[k]) for k in _SWIN_FIELDS},
+                                  "layer_norm_eps": self.layer_norm_eps,
+                                  "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+        return out
 
 
 # the official build_swin_transformer table: name -> (embed_dim, depths, num_heads, window_size)

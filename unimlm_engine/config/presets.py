@@ -31,10 +31,10 @@ def tiny() -> ModelConfig:
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
         lora_moe=LoRAMoEConfig(num_experts=4, rank=2, alpha=8.0),
         superlink=SuperLinkConfig(num_embs=4, num_embs_gen=8),
-        detector=DetectorConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        detector=DetectorConfig(d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
                                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20,
                                 llm_hidden_size=256, mask_dim=32, image_short=64, image_long=96, embed_dim=16,
-                                depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
+                                depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=2),
         # UniPose needs hidden_dim 256 (its sine embeddings are hard-coded) and >= 50 queries; small otherwise,
         # with a Swin outside the official table (the swin_params extension)
         pose=PoseConfig(backbone="swin_tiny_test", swin_params=(16, (1, 1, 1, 1), (1, 2, 4, 8), 4), enc_layers=1,

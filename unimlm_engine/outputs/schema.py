@@ -88,6 +88,12 @@ def task_json(task, image_paths: Optional[Sequence[str]] = None) -> dict[str, An
         d["phrases"] = [str(p) for p in task.phrases]
     if task.masks is not None:
         d["masks"] = [mask_to_rle(m) for m in _numpy(task.masks)]
+    sem = getattr(task.raw, "semantic_map", None)
+    if sem is not None:  # [SEG] with seg_mode="semantic": class index per pixel, a 16-bit grey PNG
+        from PIL import Image
+        arr = _numpy(sem).astype(np.uint16)
+        d["semantic_map"] = {"height": int(arr.shape[0]), "width": int(arr.shape[1]), "format": "png16",
+                             "data": image_to_png_base64(Image.fromarray(arr))}
     if task.keypoints is not None:
         d["keypoints"] = _numpy(task.keypoints).astype(float).tolist()
     if task.images is not None:

@@ -168,22 +168,30 @@ class BucketedBackend:
     cropped / padded to that canvas and class count (padding invalid, the last batch row repeated up to the
     bucket's min batch) and the outputs are mapped back: logits to the call's classes (-inf where padded,
     like the eager module), mask logits to the call's canvas / 4 (0 outside the images, like eager). The
-    decoders are padding-invariant, so results match the eager module's up to float error.
+    legacy pose decoder is padding-invariant, so results match the eager module's up to float error.
+    exact_canvas (the official detector, which is not padding-invariant: Swin and the GroupNorms see the
+    padding): a call runs only on the bucket of exactly its canvas (the detector calls once per canvas).
     kind: "detector" | "pose"."""
 
-    def __init__(self, buckets: Sequence[Bucket], kind: str, with_masks: bool):
+    def __init__(self, buckets: Sequence[Bucket], kind: str, with_masks: bool, exact_canvas: bool = False):
         if not buckets:
             raise ValueError("an export needs at least one bucket")
         self.buckets = sorted(buckets, key=lambda b: (b.height * b.width, b.height, b.classes[1]))
-        self.kind, self.with_masks = kind, with_masks
+        self.kind, self.with_masks, self.exact_canvas = kind, with_masks, exact_canvas
         self.max_batch = max(b.batch[1] for b in self.buckets)
 
     def select(self, height: int, width: int, classes: int) -> Bucket:
-        """The smallest bucket holding a `height` x `width` valid extent and `classes` classes."""
+        """The smallest bucket holding a `height` x `width` valid extent (exact_canvas: of exactly that canvas)
+        and `classes` classes."""
         for b in self.buckets:
-            if b.fits(height, width, classes):
+            if (b.height == height and b.width == width and classes <= b.classes[1]) if self.exact_canvas \
+                    else b.fits(height, width, classes):
                 return b
         have = ", ".join(f"{b.height}x{b.width} (classes <= {b.classes[1]})" for b in self.buckets)
+        if self.exact_canvas:
+            raise ValueError(f"no exported bucket for the {height}x{width} canvas with {classes} classes (the "
+                             f"official detector runs each image on its own canvas); exported: {have}; export "
+                             f"--canvas {height}x{width} (or the default 'auto' list) / a larger --classes")
         raise ValueError(f"images of {height}x{width} valid pixels with {classes} classes do not fit the exported "
                          f"buckets: {have}; export a larger --canvas / --classes")
 
@@ -209,7 +217,8 @@ class BucketedBackend:
         parts, i = [], 0
         while i < n:
             chunk = [x[i:i + self.max_batch] for x in inputs]
-            bucket = self.select(_extent(chunk[1], 1), _extent(chunk[1], 2), _extent(chunk[3], 1))
+            hw = canvas if self.exact_canvas else (_extent(chunk[1], 1), _extent(chunk[1], 2))
+            bucket = self.select(*hw, _extent(chunk[3], 1))
             take = min(chunk[0].shape[0], bucket.batch[1])
             parts.append(self._run(bucket, [x[:take] for x in chunk], canvas, classes))
             i += take
@@ -299,7 +308,10 @@ def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | 
         if rec.get("decoder") != ekind:
             raise ValueError(f"{path} is a {rec.get('decoder')} export; {routes[0].token} is served by the {ekind}")
         with_masks = bool(rec.get("with_masks", False))
-        call = BucketedBackend(_load_buckets(rec, kind, path), ekind, with_masks)
+        if ekind == "detector" and rec.get("gdino") != "official":
+            raise ValueError(f"{path}: a detector export made before the official gdino layout (pad-64, masked "
+                             f"canvas); export again")
+        call = BucketedBackend(_load_buckets(rec, kind, path), ekind, with_masks, exact_canvas=ekind == "detector")
         if ekind == "pose":
             return RouteBackend(kind, call, tokens, decoder, rec, str(path))
         calls = {False: call, True: call}

@@ -1,29 +1,26 @@
-"""Grounding-DINO-style detector for [DET] / [GRD] / [SEG] (the `gdino.*` weights), plain PyTorch.
+"""The official VisionLLM v2 detector for [DET] / [GRD] / [SEG] (`gdino.*`, OVGroundingDinoForObjectDetection at
+inference), plain PyTorch.
 
-Classes are routed super-link groups: each group's payload [K, llm_hidden] goes through `patch2query`
-(MLP llm_hidden -> d_model -> d_model) and is averaged over its K queries into one class embedding. The
-n-th routed group of a request is class n. A call batches requests with different image sizes and class
-counts (padded + masked). This is the reference later exports and kernels are checked against; it runs on
-any device but has only been run on the CPU.
+Keys (the checkpoint's, without `gdino.`): `model.*` (grounding.py), `bbox_embed.{i}` (ONE MLP shared by the
+decoder layers; the same tensors are also `model.decoder.bbox_embed.{i}`), `mask_embed.{i}` (one shared MLP),
+`patch2query` (3-layer MLP llm_hidden -> d -> d -> d). A checkpoint may write each tied tensor under any
+non-empty subset of its names (once, or every name): a load_state_dict pre-hook fills in the others.
 
-Two entry points:
-- `forward(images, class_payloads, with_masks)` -> list[DetectionResult] (boxes in original pixels).
-- `forward_tensors(pixel_values, pixel_valid, class_payloads, class_valid, with_masks)` and
-  `forward_embeddings(...)` (class embeddings after patch2query instead of payloads): tensors in, tensors
-  out, no data-dependent Python control flow (the export graphs; `torch.export` traces it with static shapes).
+Classes: the n-th routed group of a request is class n; its payload [K, llm_hidden] goes through
+`patch2query` and is averaged over the K queries. Batching: requests are grouped by their own canvas (the
+resized image padded to a multiple of 32, as the official model pads one image), and each group runs as one
+batch with classes padded and masked; the official model is not padding-invariant (Swin and the GroupNorms see
+the padding, padded tokens stay in the two-stage top-k), so a request never runs on a larger canvas.
 
-SEG mask head (not in transformers' GroundingDino; names `adapter_1`, `layer_1`, `mask_features`,
-`mask_embed`): per-pixel features at stride 4 = adapter_1(Swin stage-1 map) + 2x nearest upsample of the
-stride-8 encoder memory, then a 3x3 conv + GroupNorm + ReLU and a 1x1 conv to mask_dim; mask logits are
-dot products of mask_embed(query) with them.
+Entry points: `run` (routes), `forward(images, class_payloads, **options)` -> list[DetectionResult],
+`forward_tensors(pixel_values, pixel_valid, class_payloads, class_valid, with_masks)` and `forward_embeddings`
+(tensors in / out: the export graphs). Runs on any device; tested on the CPU (fp32) only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unimlm_engine.config.decoders import DetectorConfig
@@ -31,16 +28,11 @@ from unimlm_engine.config.decoders import DetectorConfig
 from ...routes import RouteSpec
 from .base import DecoderInput, TaskDecoder, TensorForward
 from .deformable import MLPHead
-from .grounding import GroundingCore, level_valid, masked_group_norm
-from .images import boxes_to_pixels, prepare_images
+from .detector_post import DetectionResult, PostOptions, postprocess
+from .grounding import GdinoModel, class_logits, inverse_sigmoid
+from .images import canvas_of, gdino_canvas, gdino_image
 
-
-@dataclass
-class DetectionResult:
-    boxes: torch.Tensor  # [n, 4] float xyxy in original image pixels
-    scores: torch.Tensor  # [n]
-    labels: torch.Tensor  # [n] long: index of the routed group (class) in the request
-    masks: torch.Tensor | None  # [n, H, W] bool at the original image size (with_masks), else None
+__all__ = ["DetectorDecoder", "DetectionResult", "check_payloads", "pad_payloads", "tied_key_groups"]
 
 
 def check_payloads(payloads: list[torch.Tensor], llm_hidden: int, max_classes: int, what: str) -> None:
@@ -74,111 +66,129 @@ def pad_payloads(payloads: list[torch.Tensor], device, dtype) -> tuple[torch.Ten
     return out, valid
 
 
-def upsample_mask_logits(logits: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
-    """logits: [n, H/4, W/4] on the padded canvas -> [n, h0, w0] bool at the original image size."""
-    h, w = resized
-    hc, wc = -(-h // 4), -(-w // 4)
-    x = logits[:, None, :hc, :wc].float()
-    x = F.interpolate(x, size=(4 * hc, 4 * wc), mode="bilinear", align_corners=False)[:, :, :h, :w]
-    return F.interpolate(x, size=original, mode="bilinear", align_corners=False)[:, 0] > 0
+def tied_key_groups(module: nn.Module) -> list[list[str]]:
+    """Names (relative to `module`) that hold the same tensor, each group in state_dict order."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(t), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
 
 
-class DetectorDecoder(GroundingCore, TaskDecoder):
-    """cfg: DetectorConfig. state_dict keys = official `gdino.*` keys without the prefix."""
+class DetectorDecoder(TaskDecoder):
+    """cfg: DetectorConfig. state_dict keys = the official `gdino.*` keys without the prefix."""
 
     name = "gdino"
     export_kind = "detector"
 
     def __init__(self, cfg: DetectorConfig):
-        super().__init__(cfg)
-        d = cfg.d_model
-        self.patch2query = MLPHead(cfg.llm_hidden_size, d, d, 2)
-        self.adapter_1 = nn.Sequential(nn.Conv2d(cfg.embed_dim, d, 1, bias=False), nn.GroupNorm(32, d))
-        self.layer_1 = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.GroupNorm(32, d))
-        self.mask_features = nn.Conv2d(d, cfg.mask_dim, 1)
-        self.mask_embed = MLPHead(d, d, cfg.mask_dim, 3)
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_model, cfg.decoder_layers
+        self.model = GdinoModel(cfg)
+        box, mask = MLPHead(d, d, 4, 3), MLPHead(d, d, cfg.mask_dim, 3)
+        self.mask_embed = nn.ModuleList([mask] * n)
+        self.bbox_embed = nn.ModuleList([box] * n)
+        self.model.decoder.bbox_embed = self.bbox_embed
+        self.patch2query = MLPHead(cfg.llm_hidden_size, d, d, 3)
+        self.pad_multiple = cfg.pad_multiple
+        self._tied = tied_key_groups(self)
+        self._register_load_state_dict_pre_hook(self._fill_tied_keys)
+
+    def _fill_tied_keys(self, state_dict, prefix, *args) -> None:
+        """A checkpoint may write a tied tensor under any of its names: copy the first present one to the
+        others (ValueError if two present copies differ)."""
+        for names in self._tied:
+            present = [prefix + k for k in names if prefix + k in state_dict]
+            if not present:
+                continue
+            first = state_dict[present[0]]
+            for k in present[1:]:
+                if state_dict[k].shape != first.shape or not torch.equal(state_dict[k], first):
+                    raise ValueError(f"checkpoint: {k} and {present[0]} are one tied tensor but differ")
+            for k in names:
+                state_dict.setdefault(prefix + k, first)
 
     @classmethod
     def from_model_config(cls, cfg) -> Optional["DetectorDecoder"]:
         return cls(cfg.detector) if cfg.detector is not None else None
 
-    def run(self, route: RouteSpec, inputs: list[DecoderInput], options: Mapping[str, Any],
-            tensor_forward: Optional[TensorForward] = None) -> list["DetectionResult"]:
-        """The route's groups of each request are its classes; options: with_masks (SEG)."""
-        opts = dict(options)
-        with_masks = bool(opts.pop("with_masks", False))
-        if opts:
-            raise ValueError(f"route {route.token}: unknown options {sorted(opts)}")
-        for r, inp in enumerate(inputs):
-            if len(inp.payloads) > self.cfg.max_classes:
-                raise ValueError(f"route {route.token}: request {r} has {len(inp.payloads)} classes, at most "
-                                 f"{self.cfg.max_classes}")
-        return self([inp.image for inp in inputs], [torch.stack(list(inp.payloads)) for inp in inputs],
-                    with_masks=with_masks, tensor_forward=tensor_forward)
-
-    def accepts_backend(self, route: RouteSpec, record: Mapping[str, Any]) -> bool:
-        return record.get("decoder") == self.export_kind and (bool(record.get("with_masks"))
-                                                              or not route.options.get("with_masks"))
-
+    # ---- tensors in / out -------------------------------------------------------------------------------------
     def class_embeddings(self, class_payloads: torch.Tensor) -> torch.Tensor:
         """class_payloads: [B, C, K, llm_hidden] -> [B, C, d_model] (patch2query, mean over K)."""
-        return self.patch2query(class_payloads).mean(2)
-
-    def mask_feature_map(self, enc: dict, pixel_valid: torch.Tensor) -> torch.Tensor:
-        """-> [B, mask_dim, H/4, W/4] per-pixel mask features, zero at padded positions."""
-        v4 = level_valid(pixel_valid, 4)
-        b, d = enc["memory"].shape[0], self.cfg.d_model
-        h8, w8 = enc["level_sizes"][0]
-        mem = enc["memory"][:, :h8 * w8].transpose(1, 2).reshape(b, d, h8, w8)
-        up = F.interpolate(mem, scale_factor=2.0, mode="nearest") * v4[:, None].to(mem.dtype)
-        x = masked_group_norm(self.adapter_1[0](enc["feats"][0]), v4, self.adapter_1[1]) + up
-        x = F.relu(masked_group_norm(self.layer_1[0](x), v4, self.layer_1[1]))
-        return self.mask_features(x) * v4[:, None].to(x.dtype)
+        return self.patch2query(class_payloads).mean(-2)
 
     def forward_tensors(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor, class_payloads: torch.Tensor,
                         class_valid: torch.Tensor, with_masks: bool = False):
-        """pixel_values: [B, 3, H, W] (H, W multiples of self.pad_multiple), pixel_valid: [B, H, W] bool,
-        class_payloads: [B, C, K, llm_hidden], class_valid: [B, C] bool -> see forward_embeddings."""
+        """pixel_values: [B, 3, H, W] (one canvas, H and W multiples of 32), pixel_valid: [B, H, W] bool
+        (pixel_values[:, 0] != 0 officially), class_payloads: [B, C, K, llm_hidden], class_valid: [B, C] bool
+        -> see forward_embeddings."""
         return self.forward_embeddings(pixel_values, pixel_valid, self.class_embeddings(class_payloads), class_valid,
                                        with_masks)
 
     def forward_embeddings(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor, class_embeds: torch.Tensor,
                            class_valid: torch.Tensor, with_masks: bool = False):
-        """class_embeds: [B, C, d_model] (after patch2query), other inputs as in forward_tensors ->
-        (logits [B, Q, C] (-inf at padded classes), boxes [B, Q, 4] cxcywh normalised to each image's valid
-        region, mask_logits [B, Q, H/4, W/4] or None)."""
-        enc = self.encode(pixel_values, pixel_valid, class_embeds, class_valid)
-        target, ref = self.select_queries(enc, self.cfg.num_queries)
-        hidden, boxes = self.decode(enc, target, ref)
-        logits = self.class_logits(hidden, enc["text"], class_valid)
+        """-> (logits [B, Q, C] (-inf at padded classes; the official pads to max_text_len with -inf),
+        boxes [B, Q, 4] cxcywh relative to each image, mask logits [B, Q, H/4, W/4] over the canvas or None)."""
+        h, w = pixel_values.shape[-2:]
+        if h % self.pad_multiple or w % self.pad_multiple or pixel_valid.shape != (pixel_values.shape[0], h, w):
+            raise ValueError(f"pixel_values [B, 3, H, W] needs H, W multiples of {self.pad_multiple} and pixel_valid "
+                             f"[B, H, W]; got {tuple(pixel_values.shape)} and {tuple(pixel_valid.shape)}")
+        hidden, text, prev, mask_feats = self.model(pixel_values, pixel_valid, class_embeds, class_valid, with_masks)
+        logits = class_logits(hidden, text, class_valid)
+        boxes = (self.bbox_embed[-1](hidden) + inverse_sigmoid(prev)).sigmoid()
         masks = None
         if with_masks:
-            masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(hidden), self.mask_feature_map(enc, pixel_valid))
+            masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed[-1](hidden), mask_feats)
         return logits, boxes, masks
 
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def run(self, route: RouteSpec, inputs: list[DecoderInput], options: Mapping[str, Any],
+            tensor_forward: Optional[TensorForward] = None) -> list[DetectionResult]:
+        """The route's groups of each request are its classes; options: see detector_post.PostOptions."""
+        opts = PostOptions.parse(options, f"route {route.token}")
+        for r, inp in enumerate(inputs):
+            if len(inp.payloads) > self.cfg.max_classes:
+                raise ValueError(f"route {route.token}: request {r} has {len(inp.payloads)} classes, at most "
+                                 f"{self.cfg.max_classes}")
+        return self._forward([inp.image for inp in inputs], [torch.stack(list(inp.payloads)) for inp in inputs],
+                             opts, tensor_forward)
+
+    def accepts_backend(self, route: RouteSpec, record: Mapping[str, Any]) -> bool:
+        needs = PostOptions.parse(route.options, route.token).needs_masks
+        return record.get("decoder") == self.export_kind and (bool(record.get("with_masks")) or not needs)
+
     @torch.no_grad()
-    def forward(self, images: list, class_payloads: list[torch.Tensor], with_masks: bool = False,
-                tensor_forward: Optional[TensorForward] = None) -> list[DetectionResult]:
-        """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden];
-        tensor_forward: replaces `forward_tensors` (same signature), e.g. an exported back end."""
+    def forward(self, images: list, class_payloads: list[torch.Tensor], tensor_forward: Optional[TensorForward] = None,
+                **options) -> list[DetectionResult]:
+        """images: PIL images or uint8 [H, W, 3] tensors; class_payloads[i]: [C_i, K, llm_hidden]; options:
+        PostOptions fields (top_k, with_masks, score_threshold, clamp_boxes, seg_mode, semantic_resize_first,
+        image_short, image_long);
+        tensor_forward replaces `forward_tensors` (same signature), e.g. an exported back end."""
+        return self._forward(images, class_payloads, PostOptions.parse(options, "detector"), tensor_forward)
+
+    @torch.no_grad()
+    def _forward(self, images: list, class_payloads: list[torch.Tensor], opts: PostOptions,
+                 tensor_forward: Optional[TensorForward]) -> list[DetectionResult]:
         if len(images) == 0 or len(images) != len(class_payloads):
             raise ValueError(f"need one class payload per image and at least one image, got {len(images)} images "
                              f"and {len(class_payloads)} payloads")
         check_payloads(class_payloads, self.cfg.llm_hidden_size, self.cfg.max_classes, "class_payloads")
         p = next(self.parameters())
-        batch = prepare_images(images, self.cfg.image_short, self.cfg.image_long, self.pad_multiple, p.device, p.dtype)
-        payloads, valid = pad_payloads(class_payloads, p.device, p.dtype)
+        short, long = opts.image_short or self.cfg.image_short, opts.image_long or self.cfg.image_long
+        if short > long:
+            raise ValueError(f"detector: image_short {short} > image_long {long}")
+        prepared = [gdino_image(im, short, long) for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, resized, _) in enumerate(prepared):
+            groups.setdefault(canvas_of(resized, self.pad_multiple), []).append(i)
         fwd = tensor_forward or self.forward_tensors
-        logits, boxes, masks = fwd(batch.pixel_values, batch.pixel_valid, payloads, valid, with_masks)
-        return [self._postprocess(logits[i, :, :class_payloads[i].shape[0]], boxes[i],
-                                  None if masks is None else masks[i], batch.resized[i], batch.original[i])
-                for i in range(len(images))]
-
-    def _postprocess(self, logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None,
-                     resized: tuple[int, int], original: tuple[int, int]) -> DetectionResult:
-        """logits: [Q, C_i], boxes: [Q, 4] -> top-k by score, then the score threshold."""
-        scores, labels = logits.float().sigmoid().max(-1)
-        top = scores.topk(min(self.cfg.max_detections, scores.shape[0]))
-        keep = top.indices[top.values > self.cfg.score_threshold]
-        out_masks = None if masks is None else upsample_mask_logits(masks[keep], resized, original)
-        return DetectionResult(boxes_to_pixels(boxes[keep], original), scores[keep], labels[keep].long(), out_masks)
+        results: list[Optional[DetectionResult]] = [None] * len(images)
+        for idx in groups.values():
+            pixels, valid = gdino_canvas([prepared[i][0].to(p.device) for i in idx], self.pad_multiple)
+            payloads, cvalid = pad_payloads([class_payloads[i] for i in idx], p.device, p.dtype)
+            logits, boxes, masks = fwd(pixels.to(p.dtype), valid, payloads, cvalid, opts.needs_masks)
+            for j, i in enumerate(idx):
+                c = class_payloads[i].shape[0]
+                results[i] = postprocess(logits[j, :, :c], boxes[j], None if masks is None else masks[j],
+                                         prepared[i][1], prepared[i][2], opts)
+        return results

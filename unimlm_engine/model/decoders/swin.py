@@ -1,15 +1,17 @@
-"""Compact Swin-T backbone with transformers' SwinBackbone parameter names.
+"""Swin backbone of the detector, computing what transformers-4.34 `SwinBackbone` computes (the official
+VisionLLM v2 `gdino.model.backbone.conv_encoder.model`), with its parameter names:
 
-Names (under the detector's `backbone.conv_encoder.model.`): `embeddings.patch_embeddings.projection`,
-`embeddings.norm`, `encoder.layers.{i}.blocks.{j}.{layernorm_before, attention.self.{query, key, value,
-relative_position_bias_table}, attention.output.dense, layernorm_after, intermediate.dense, output.dense}`,
-`encoder.layers.{i}.downsample.{norm, reduction}`, `hidden_states_norms.stage{k}` (k = 1..4; stage1 feeds
-the mask head). `relative_position_index` is a non-persistent buffer, as in transformers.
+`embeddings.patch_embeddings.projection`, `embeddings.norm`, `encoder.layers.{i}.blocks.{j}.{layernorm_before,
+attention.self.{query, key, value, relative_position_bias_table, relative_position_index}, attention.output.dense,
+layernorm_after, intermediate.dense, output.dense}`, `encoder.layers.{i}.downsample.{reduction, norm}`,
+`hidden_states_norms.stage{k}`. `relative_position_index` is a persistent buffer (it is in the checkpoint).
 
-Padding-invariant by construction, so a request gives the same features alone or batched with a larger
-image: padded tokens are never attended to (key mask) and are zeroed before patch merging. Two consequences
-that differ from transformers' Swin: (1) window-padding tokens are masked instead of attended as zeros,
-(2) the window is never shrunk for maps smaller than `window_size`. Both only touch image borders and tiny maps.
+The backbone sees the whole zero-padded canvas (no pixel mask): windows are zero-padded to a multiple of the
+window size after `layernorm_before`, shifted windows use the -100 region mask. Where a stage map is not larger
+than the window (min(H, W) <= window_size) the shift is 0, as in 4.34 (`set_shift_and_window_size`); 4.34 also
+shrinks the window to min(H, W), which only runs when that equals window_size (a smaller window does not fit
+the relative-position table and raises there), so here the window is kept and zero-padded in that case, and the
+4.34 side effect of keeping the shift at 0 for later calls is not reproduced (each call is stateless).
 """
 from __future__ import annotations
 
@@ -18,39 +20,52 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _relative_position_index(w: int) -> torch.Tensor:
+def relative_position_index(w: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
-    return (rel[..., 0] * (2 * w - 1) + rel[..., 1]).view(-1)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
-def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
+def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
     """x: [B, H, W, C] (H, W multiples of w) -> [B * nW, w * w, C]."""
     b, h, wd, c = x.shape
     return x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
 
 
-def _unwindows(x: torch.Tensor, w: int, b: int, h: int, wd: int) -> torch.Tensor:
+def window_reverse(x: torch.Tensor, w: int, b: int, h: int, wd: int) -> torch.Tensor:
     return x.view(b, h // w, wd // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h, wd, -1)
+
+
+def shift_mask(hp: int, wp: int, w: int, s: int, device, dtype) -> torch.Tensor:
+    """-> [nW, w*w, w*w]: 0 inside a shift region, -100 across regions (transformers' get_attn_mask)."""
+    ih, iw = torch.arange(hp, device=device), torch.arange(wp, device=device)
+    hr = (ih >= hp - w).long() + (ih >= hp - s).long()
+    wr = (iw >= wp - w).long() + (iw >= wp - s).long()
+    region = window_partition((hr[:, None] * 3 + wr[None, :]).to(dtype)[None, :, :, None], w)[..., 0]
+    return (region[:, None, :] != region[:, :, None]).to(dtype) * -100.0
 
 
 class _SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, window: int):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads = heads
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", _relative_position_index(window), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window))
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: [Bw, N, C], bias: [Bw, 1, N, N] additive -> [Bw, N, C]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B * nW, N, C], mask: [nW, N, N] additive or None -> [B * nW, N, C]."""
         bw, n, c = x.shape
         d = c // self.heads
         q, k, v = (p(x).view(bw, n, self.heads, d).transpose(1, 2) for p in (self.query, self.key, self.value))
-        rel = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1)
-        scores = q @ k.transpose(-1, -2) / d ** 0.5 + rel[None] + bias
+        scores = q @ k.transpose(-1, -2) / d ** 0.5
+        rel = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        scores = scores + rel.permute(2, 0, 1)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            scores = (scores.view(bw // nw, nw, self.heads, n, n) + mask[None, :, None]).view(bw, self.heads, n, n)
         return (scores.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
 
 
@@ -67,46 +82,32 @@ class _Attention(nn.Module):
         self.output = _Dense(dim, dim)
 
 
-class SwinBlock(nn.Module):
-    """One (shifted-)window block; `valid`: [B, H, W] bool token mask."""
+class SwinLayer(nn.Module):
+    """One (shifted-)window block (transformers' SwinLayer)."""
 
-    def __init__(self, dim: int, heads: int, window: int, shift: int):
+    def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: float, eps: float):
         super().__init__()
         self.window, self.shift = window, shift
-        self.layernorm_before = nn.LayerNorm(dim, eps=1e-5)
+        self.layernorm_before = nn.LayerNorm(dim, eps=eps)
         self.attention = _Attention(dim, heads, window)
-        self.layernorm_after = nn.LayerNorm(dim, eps=1e-5)
-        self.intermediate = _Dense(dim, 4 * dim)
-        self.output = _Dense(4 * dim, dim)
+        self.layernorm_after = nn.LayerNorm(dim, eps=eps)
+        self.intermediate = _Dense(dim, int(mlp_ratio * dim))
+        self.output = _Dense(int(mlp_ratio * dim), dim)
 
-    def _bias(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """valid: [B, Hp, Wp] (padded, shifted) -> [B * nW, 1, N, N] (shift regions -100, pad keys min)."""
-        b, hp, wp = valid.shape
-        w, s = self.window, self.shift
-        key = _windows((~valid)[..., None].to(dtype), w)[..., 0] * torch.finfo(dtype).min
-        bias = key[:, None, None, :]
-        if s > 0:
-            ih, iw = torch.arange(hp, device=valid.device), torch.arange(wp, device=valid.device)
-            hr = (ih >= hp - w).long() + (ih >= hp - s).long()
-            wr = (iw >= wp - w).long() + (iw >= wp - s).long()
-            region = _windows((hr[:, None] * 3 + wr[None, :]).to(dtype)[None, :, :, None], w)[..., 0]
-            shift_bias = (region[:, None, :] != region[:, :, None]).to(dtype) * -100.0
-            bias = bias + shift_bias.repeat(b, 1, 1)[:, None]
-        return bias
-
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, H, W, C] -> [B, H, W, C]."""
         b, h, wd, c = x.shape
-        w, s = self.window, self.shift
+        w = self.window
+        s = 0 if min(h, wd) <= w else self.shift
         y = self.layernorm_before(x)
         ph, pw = (w - h % w) % w, (w - wd % w) % w
         y = F.pad(y, (0, 0, 0, pw, 0, ph))
-        v = F.pad(valid, (0, pw, 0, ph))
+        hp, wp = h + ph, wd + pw
         if s > 0:
-            y, v = torch.roll(y, (-s, -s), (1, 2)), torch.roll(v, (-s, -s), (1, 2))
-        attn = getattr(self.attention, "self")(_windows(y, w), self._bias(v, y.dtype))
-        y = self.attention.output.dense(attn)
-        y = _unwindows(y, w, b, h + ph, wd + pw)
+            y = torch.roll(y, (-s, -s), (1, 2))
+        mask = shift_mask(hp, wp, w, s, y.device, y.dtype) if s > 0 else None
+        y = self.attention.output.dense(getattr(self.attention, "self")(window_partition(y, w), mask))
+        y = window_reverse(y, w, b, hp, wp)
         if s > 0:
             y = torch.roll(y, (s, s), (1, 2))
         x = x + y[:, :h, :wd]
@@ -114,23 +115,25 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim, eps=1e-5)
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, W, C] (H, W even) -> [B, H/2, W/2, 2C]."""
+        """x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C] (odd sides zero-padded, as transformers)."""
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x))
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, window: int, downsample: bool):
+    def __init__(self, dim: int, depth: int, heads: int, window: int, downsample: bool, mlp_ratio: float,
+                 eps: float):
         super().__init__()
-        self.blocks = nn.ModuleList(SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2)
+        self.blocks = nn.ModuleList(SwinLayer(dim, heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, eps)
                                     for i in range(depth))
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, eps) if downsample else None
 
 
 class _PatchEmbeddings(nn.Module):
@@ -140,10 +143,10 @@ class _PatchEmbeddings(nn.Module):
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, dim: int, patch: int):
+    def __init__(self, dim: int, patch: int, eps: float):
         super().__init__()
         self.patch_embeddings = _PatchEmbeddings(dim, patch)
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.norm = nn.LayerNorm(dim, eps=eps)
 
 
 class _Encoder(nn.Module):
@@ -153,35 +156,29 @@ class _Encoder(nn.Module):
 
 
 class SwinBackbone(nn.Module):
-    """Swin with patch size 4. forward returns the four normalised stage maps (strides 4, 8, 16, 32)."""
+    """forward(pixel_values [B, 3, H, W], H and W multiples of patch_size) -> the normalised stage maps
+    [B, C_i, H / patch / 2**i, W / patch / 2**i] (out_features stage1..stageN, before downsampling)."""
 
-    PATCH = 4
-
-    def __init__(self, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int):
+    def __init__(self, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int,
+                 patch_size: int = 4, mlp_ratio: float = 4.0, eps: float = 1e-5):
         super().__init__()
-        self.embeddings = _Embeddings(embed_dim, self.PATCH)
+        self.patch_size = patch_size
+        self.embeddings = _Embeddings(embed_dim, patch_size, eps)
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
-        self.encoder = _Encoder([SwinStage(dims[i], depths[i], num_heads[i], window_size, i < len(depths) - 1)
-                                 for i in range(len(depths))])
-        self.hidden_states_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(d, eps=1e-5)
+        self.encoder = _Encoder([SwinStage(dims[i], depths[i], num_heads[i], window_size, i < len(depths) - 1,
+                                           mlp_ratio, eps) for i in range(len(depths))])
+        self.hidden_states_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(d, eps=eps)
                                                   for i, d in enumerate(dims)})
         self.channels = dims
 
-    def forward(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor) -> list[torch.Tensor]:
-        """pixel_values: [B, 3, H, W] (H, W multiples of 4 * 2**(stages-1)), pixel_valid: [B, H, W] bool
-        -> list of [B, C_i, H / 4 / 2**i, W / 4 / 2**i], zero at padded positions."""
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = self.embeddings.patch_embeddings.projection(pixel_values).permute(0, 2, 3, 1)
         x = self.embeddings.norm(x)
-        stride, outs = self.PATCH, []
+        outs = []
         for i, stage in enumerate(self.encoder.layers):
-            valid = pixel_valid[:, ::stride, ::stride]
-            x = x * valid[..., None].to(x.dtype)
             for block in stage.blocks:
-                x = block(x, valid)
-            x = x * valid[..., None].to(x.dtype)
-            outs.append(self.hidden_states_norms[f"stage{i + 1}"](x).permute(0, 3, 1, 2)
-                        * valid[:, None].to(x.dtype))
+                x = block(x)
+            outs.append(self.hidden_states_norms[f"stage{i + 1}"](x).permute(0, 3, 1, 2))
             if stage.downsample is not None:
                 x = stage.downsample(x)
-                stride *= 2
         return outs
