@@ -163,7 +163,10 @@ def _long(url: str, stream: bool, started: cf.Future):
         assert r.status_code == 502, r.text
         return "lost", None, r.json()["error"]["code"]
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
+        if r.status_code != 200:  # its replica died before the stream started
+            started.set_result(None)
+            assert r.status_code == 502, r.read()
+            return "lost", None, json.loads(r.read())["error"]["code"]
         started.set_result(r.headers[rs.PID_HEADER])
         events = [data for _, data in sse_events(r)]
     if events[-1] == "[DONE]":
@@ -176,16 +179,17 @@ def test_killed_replica_fails_its_requests_clearly_and_service_goes_on(ray_url):
     with cf.ThreadPoolExecutor(8) as ex:
         starts = [cf.Future() for _ in range(6)]
         futs = [ex.submit(_long, ray_url, i % 2 == 1, s) for i, s in enumerate(starts)]
-        stream_pids = [starts[i].result(timeout=60) for i in (1, 3, 5)]  # the streams are running
-        victim = stream_pids[0]
+        streams = [starts[i] for i in (1, 3, 5)]
+        victim = next(iter(cf.wait(streams, timeout=60, return_when=cf.FIRST_COMPLETED).done)).result()
+        assert victim is not None  # a stream is running there (its first token came back): kill its replica
         os.kill(int(victim), signal.SIGKILL)
         results = [f.result(timeout=120) for f in futs]
     # every request either finished or ended with the replica_lost error; none hung, none was cut silently
     for kind, pid, code in results:
         assert (kind, code) in {("ok", None), ("lost", "replica_lost")}
-        assert not (kind == "ok" and pid == victim)
     lost_streams = [r for i, r in enumerate(results) if i % 2 == 1 and r[1] == victim]
-    assert lost_streams and all(r[0] == "lost" for r in lost_streams)
+    assert lost_streams and all(r[0] == "lost" for r in lost_streams)  # 400 tokens take far longer than a kill
+    assert any(r[0] == "ok" for r in results)  # the other replica's requests finished
     # new requests go to the live replica (or its replacement), without errors
     t0 = time.monotonic()
     after = [_post(ray_url, BODY) for _ in range(4)]
