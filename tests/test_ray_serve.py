@@ -1,9 +1,10 @@
 """Replicas on Ray Serve (unimlm_engine.server.ray_serve).
 
-The fast tests drive the proxy-side middleware with hand-made ASGI messages. The slow ones start one
-local Ray (2 CPUs, shared by the module) with 2 replicas of `tiny` at 0.5 CPU each: the requests spread
-over both, answers match the plain `unimlm serve` app, and a replica killed mid-request ends its
-requests with the replica_lost error while the service goes on.
+The fast tests drive the proxy-side middleware with hand-made ASGI messages, the CLI flags and the
+documented Serve config. The slow ones start one Ray cluster of two nodes on this machine (1 CPU each,
+shared by the module) with 2 replicas of `tiny` at 1 CPU, so one per node: the requests spread over
+both, answers match the plain `unimlm serve` app, and a replica killed mid-request ends its requests
+with the replica_lost error while the service goes on.
 """
 import asyncio
 import concurrent.futures as cf
@@ -105,16 +106,20 @@ BODY = {"model": "tiny", "prompt": "Describe the picture.", "max_tokens": 6, "te
 def ray_url():
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")}
     # replicas and the proxy import this checkout's package; the proxy turns lost requests into clear errors
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved["PYTHONPATH"]) if p)
     os.environ[rs.PROXY_ENV] = rs.PROXY_CALLBACK
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # two Ray nodes on this machine (1 CPU each): the multi-node path as far as one machine allows
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(rs.app_builder({"model": "tiny", "num_replicas": "2", "num_cpus": "0.5", "max_num_seqs": "8"}),
+        serve.run(rs.app_builder({"model": "tiny", "num_replicas": "2", "num_cpus": "1", "max_num_seqs": "8"}),
                   name=rs.APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -122,6 +127,7 @@ def ray_url():
             serve.shutdown()
         finally:
             ray.shutdown()
+            cluster.shutdown()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -140,6 +146,7 @@ def test_requests_spread_over_both_replicas_with_the_same_answers(ray_url):
     assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
     replicas = {r.headers[rs.REPLICA_HEADER]: r.headers[rs.PID_HEADER] for r in resps}
     assert len(replicas) == 2 and len(set(replicas.values())) == 2, replicas
+    assert len({r.headers[rs.NODE_HEADER] for r in resps}) == 2  # one replica per node (1 CPU each)
     with running_server() as (_, url, _):  # the plain one-process server is the reference
         ref = _post(url, BODY).json()
     for r in resps:

@@ -5,7 +5,7 @@ decoders) and serves the same FastAPI app as `unimlm serve` (`build_app`) throug
 the same OpenAI-compatible API, errors and streaming. Ray Serve's HTTP proxy spreads requests over
 the replicas (power-of-two-choices on the replicas' queue lengths) and, when `autoscaling` is given,
 adds and removes replicas from the requests in flight. Every response names the replica that served it
-(`X-Unimlm-Replica`, `X-Unimlm-Pid` headers).
+(`X-Unimlm-Replica`, `X-Unimlm-Pid`, `X-Unimlm-Node` headers).
 
 A replica that dies (process killed, node lost, or its engine failed: `check_health` reports it and
 Serve replaces the replica) ends its requests in flight with an HTTP error from the proxy (a 5xx, or a
@@ -35,15 +35,17 @@ from .app import ServerConfig, build_app
 
 REPLICA_HEADER = "x-unimlm-replica"
 PID_HEADER = "x-unimlm-pid"
+NODE_HEADER = "x-unimlm-node"  # the Ray node id
 APP_NAME = "unimlm"
 
 
 class _ReplicaHeaders:
     """ASGI middleware: adds the replica id and pid to every HTTP response (streams included)."""
 
-    def __init__(self, app, replica_id: str):
+    def __init__(self, app, replica_id: str, node_id: str):
         self.app = app
-        self.extra = [(REPLICA_HEADER.encode(), replica_id.encode()), (PID_HEADER.encode(), str(os.getpid()).encode())]
+        self.extra = [(REPLICA_HEADER.encode(), replica_id.encode()), (PID_HEADER.encode(), str(os.getpid()).encode()),
+                      (NODE_HEADER.encode(), node_id.encode())]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -132,7 +134,9 @@ class UnimlmReplica:
 
     def __serve_build_asgi_app__(self):
         self.fastapi_app = build_app(self.engine, self.cfg)  # (`app` is the Serve wrapper's own attribute)
-        return _ReplicaHeaders(self.fastapi_app, _replica_id())
+        import ray
+
+        return _ReplicaHeaders(self.fastapi_app, _replica_id(), ray.get_runtime_context().get_node_id())
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
