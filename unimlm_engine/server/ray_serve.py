@@ -8,16 +8,16 @@ adds and removes replicas from the requests in flight. Every response names the 
 (`X-Unimlm-Replica`, `X-Unimlm-Pid`, `X-Unimlm-Node` headers).
 
 A replica that dies (process killed, node lost, or its engine failed: `check_health` reports it and
-Serve replaces the replica) ends its requests in flight with an HTTP error from the proxy (a 5xx, or a
-stream that stops without `data: [DONE]`); the proxy sends new requests to the live replicas and Serve
-starts a replacement. Nothing is retried behind the client's back: generation is not idempotent.
+Serve replaces the replica) loses its requests in flight; the proxy middleware here
+(`proxy_middlewares`) ends each with a clear error, code `replica_lost` (a 502, or a final error event
+on a stream). The proxy sends new requests to the live replicas and Serve starts a replacement.
+Nothing is retried behind the client's back: generation is not idempotent.
 
 Needs the `ray` extra (`pip install 'unimlm-engine[ray]'`, i.e. ray[serve]). Multi-node: start a Ray
 cluster (`ray start --head` on one machine, `ray start --address HEAD:6379` on the others) and pass
 `--ray-address auto` (or HEAD:6379); replicas land on any node with the resources they ask for
-(`--replica-gpus 1` per GPU replica). Tensor parallelism inside a replica (`--tp`) spawns its own
-worker processes on the replica's node (NCCL within the node); NCCL across nodes for one replica is
-not supported here (see README).
+(`--replica-gpus 1` per GPU replica). Each replica is one engine on one node; one engine split over
+nodes (NCCL across nodes) is not supported (README: replicas with Ray Serve).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ APP_NAME = "unimlm"
 
 
 class _ReplicaHeaders:
-    """ASGI middleware: adds the replica id and pid to every HTTP response (streams included)."""
+    """ASGI middleware: adds the replica id, pid and Ray node id to every HTTP response (streams included)."""
 
     def __init__(self, app, replica_id: str, node_id: str):
         self.app = app
@@ -96,8 +96,8 @@ class _ReplicaLostErrors:
                 raise
         if not state["started"]:
             body = json.dumps({"error": _LOST}).encode()
-            await send({"type": "http.response.start", "status": 502,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 502, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         elif state["sse"] and not state["done"]:
             await send({"type": "http.response.body", "body": f"data: {json.dumps({'error': _LOST})}\n\n".encode()})
@@ -133,9 +133,9 @@ class UnimlmReplica:
         self.engine = ue.Engine.from_pretrained(model, device=device, config=ue.EngineConfig(**(engine_kwargs or {})))
 
     def __serve_build_asgi_app__(self):
-        self.fastapi_app = build_app(self.engine, self.cfg)  # (`app` is the Serve wrapper's own attribute)
         import ray
 
+        self.fastapi_app = build_app(self.engine, self.cfg)  # (`app` is the Serve wrapper's own attribute)
         return _ReplicaHeaders(self.fastapi_app, _replica_id(), ray.get_runtime_context().get_node_id())
 
     def check_health(self) -> None:
