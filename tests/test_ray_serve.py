@@ -90,7 +90,8 @@ def test_documented_serve_config_builds_an_autoscaled_app():
 
 
 @pytest.mark.parametrize("argv, message", [(["--replicas", "2"], "need --ray"),
-                                           (["--ray", "--autoscale", "4:1"], "expected MIN:MAX")])
+                                           (["--ray", "--autoscale", "4:1"], "expected MIN:MAX"),
+                                           (["--ray", "--device", "cuda"], "needs --replica-gpus")])
 def test_cli_checks_ray_flags_before_starting_anything(capsys, argv, message):
     from unimlm_engine.cli.main import main
 

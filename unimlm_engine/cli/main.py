@@ -280,6 +280,9 @@ def _serve_ray(args, cfg, engine_kwargs: dict) -> int:
     """serve --ray: replicas of the same app on Ray Serve (README: replicas with Ray Serve)."""
     if not args.ray:
         raise UsageError("--replicas, --autoscale and --ray-address need --ray")
+    if (args.device or "").startswith("cuda") and args.replica_gpus <= 0:
+        raise UsageError(f"--device {args.device} with --ray needs --replica-gpus (Ray hides GPUs from replicas "
+                         "that reserve none)")
     autoscaling = None
     if args.autoscale:
         lo, _, hi = args.autoscale.partition(":")
