@@ -92,6 +92,7 @@ setup(
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib"],
         "serve": ["fastapi", "uvicorn", "prometheus_client", "httpx"],
+        "ray": ["ray[serve]>=2.60", "fastapi", "uvicorn", "prometheus_client", "httpx"],
         "test": [
             "pytest",
             "pytest-timeout",
@@ -107,6 +108,7 @@ setup(
             "onnxscript",
             "triton",
             "matplotlib",
+            "ray[serve]>=2.60",
         ],
     },
     entry_points={"console_scripts": ["unimlm=unimlm_engine.cli.main:main"]},

@@ -252,7 +252,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the serve extra (pip install 'unimlm-engine[serve]'): {e}") from None
     backends = _decoder_backends(args.decoder_backend)
-    _check_device(args.device)
+    if not args.ray:  # Ray replicas may run on other nodes than this one
+        _check_device(args.device)
     _check_model(args.model)
     media = args.allowed_local_media_path
     if media is not None and not Path(media).is_dir():
@@ -266,9 +267,36 @@ def cmd_serve(args) -> int:
                        max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout or None,
                        default_max_tokens=args.default_max_tokens, cors_origins=tuple(args.cors_origin or ()),
                        drain_timeout_s=args.drain_timeout)
+    if args.ray or args.replicas != 1 or args.autoscale or args.ray_address:
+        return _serve_ray(args, cfg, dict(max_num_seqs=args.max_num_seqs, max_queue_size=args.max_queue_size,
+                                          decoder_backends=backends))
     engine = ue.Engine.from_pretrained(args.model, device=args.device, config=ue.EngineConfig(
         max_num_seqs=args.max_num_seqs, max_queue_size=args.max_queue_size, decoder_backends=backends))
     serve(engine, cfg, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_ray(args, cfg, engine_kwargs: dict) -> int:
+    """serve --ray: replicas of the same app on Ray Serve (README: replicas with Ray Serve)."""
+    if not args.ray:
+        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
+    if (args.device or "").startswith("cuda") and args.replica_gpus <= 0:
+        raise UsageError(f"--device {args.device} with --ray needs --replica-gpus (Ray hides GPUs from replicas "
+                         "that reserve none)")
+    autoscaling = None
+    if args.autoscale:
+        lo, _, hi = args.autoscale.partition(":")
+        if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi) and int(hi) >= 1):
+            raise UsageError(f"--autoscale {args.autoscale}: expected MIN:MAX, e.g. 1:4")
+        autoscaling = {"min_replicas": int(lo), "max_replicas": int(hi), "target_ongoing_requests": args.max_num_seqs}
+    try:
+        from ..server import ray_serve
+    except ImportError as e:
+        raise UsageError(f"serve --ray needs the ray extra (pip install 'unimlm-engine[ray]'): {e}") from None
+    app = ray_serve.build_application(args.model, num_replicas=args.replicas, autoscaling=autoscaling,
+                                      device=args.device, engine_kwargs=engine_kwargs, server_config=cfg,
+                                      num_cpus=args.replica_cpus, num_gpus=args.replica_gpus)
+    ray_serve.run(app, args.host, args.port, address=args.ray_address, drain_timeout_s=cfg.drain_timeout_s)
     return 0
 
 
@@ -352,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cors-origin", action="append", help="allow this origin (repeatable); CORS is off without")
     v.add_argument("--decoder-backend", action="append", help=backend_help)
     v.add_argument("--log-level", default="info")
+    r = v.add_argument_group("replicas on Ray Serve (README: replicas with Ray Serve; needs the ray extra)")
+    r.add_argument("--ray", action="store_true", help="serve replicas of this server on Ray Serve")
+    r.add_argument("--replicas", type=_positive_int, default=1, help="number of replicas (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                   help="autoscale between MIN and MAX replicas on the requests in flight (instead of --replicas)")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (auto or HEAD:6379); default: start "
+                                                       "a local one")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (1 for a GPU replica)")
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("serve-bench", help="load generator: a running server (--url) or the Python API")
