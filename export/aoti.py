@@ -1,4 +1,4 @@
-"""AOTInductor packages (.pt2) of the detector / pose tensor forward.
+"""AOTInductor packages (.pt2) of the detector tensor forward.
 
 Like the ONNX export: one package per canvas (the image size cannot be dynamic, README.md), batch and class
 count dynamic (`wrappers.dynamic_shapes`) unless a range pins them. A package runs on the device the decoder
@@ -19,7 +19,7 @@ from .wrappers import ExportShape, dynamic_shapes, example_inputs, wrap
 
 def export_aoti(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: str | Path,
                 with_masks: bool = False, batch: Range | None = None, classes: Range | None = None) -> dict:
-    """Compile `decoder` ("detector" / "pose") on shape's canvas into the package `path` (.pt2), batch / classes
+    """Compile `decoder` (kind "detector") on shape's canvas into the package `path` (.pt2), batch / classes
     dynamic over the ranges (default: static at shape.batch / shape.classes), for the device the decoder is
     on. Returns the bucket entry: height, width, inputs (profiles), export_s, compile_s."""
     from torch._inductor import aoti_compile_and_package
@@ -29,8 +29,7 @@ def export_aoti(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = wrap(kind, decoder, with_masks)
-    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.keypoints,
-                          shape.queries)
+    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.queries)
     device = next(decoder.parameters()).device
     inputs = tuple(x.to(device) for x in example_inputs(kind, decoder.cfg, example))
     t0 = time.perf_counter()

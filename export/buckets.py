@@ -72,15 +72,9 @@ def resize_canvases(short: int, long: int, multiple: int) -> list[tuple[int, int
 
 
 def default_canvases(cfg, multiple: int) -> list[tuple[int, int]]:
-    """The detector (a DetectorConfig, exact canvases): resize_canvases. The legacy pose decoder (padding-
-    invariant): the canvases the decoder's resize produces (short side -> image_short, long side <= image_long, sides
-    rounded up to `multiple`): square-ish (s x s), landscape (s x l), portrait (l x s), and l x l for a batch
-    mixing both orientations; smallest first. Tiny preset (64 / 96, multiple 64): 64x64, 64x128, 128x64,
-    128x128."""
-    if type(cfg).__name__ == "DetectorConfig":
-        return resize_canvases(cfg.image_short, cfg.image_long, multiple)
-    s, l = _round_up(cfg.image_short, multiple), _round_up(cfg.image_long, multiple)
-    return sorted({(s, s), (s, l), (l, s), (l, l)}, key=lambda hw: (hw[0] * hw[1], hw))
+    """The detector's (a DetectorConfig; its exports serve exact canvases): resize_canvases of its
+    image_short / image_long."""
+    return resize_canvases(cfg.image_short, cfg.image_long, multiple)
 
 
 def parse_canvases(spec: str | None, cfg, multiple: int) -> list[tuple[int, int]]:
@@ -106,7 +100,6 @@ class BucketPlan:
     canvases: list[tuple[int, int]]
     batch: Range
     classes: Range
-    keypoints: int = 0
     queries: int = 4
 
     def main_canvas(self) -> tuple[int, int]:
@@ -115,13 +108,12 @@ class BucketPlan:
         return max(self.canvases, key=lambda hw: (hw[0] * hw[1], hw))
 
     def to_dict(self) -> dict:
-        return {"batch": self.batch.to_dict(), "classes": self.classes.to_dict(), "keypoints": self.keypoints,
-                "queries": self.queries}
+        return {"batch": self.batch.to_dict(), "classes": self.classes.to_dict(), "queries": self.queries}
 
 
 def plan_buckets(cfg, multiple: int, canvases: str | None = None, batch: str | int | None = None,
-                 classes: str | int | None = None, keypoints: int = 0, queries: int = 4) -> BucketPlan:
-    """cfg: DetectorConfig / PoseConfig. Defaults: canvases "auto", batch 1..8 (opt 8), classes
+                 classes: str | int | None = None, queries: int = 4) -> BucketPlan:
+    """cfg: DetectorConfig. Defaults: canvases "auto", batch 1..8 (opt 8), classes
     1..cfg.max_classes (opt min(8, max_classes))."""
     b = Range.parse(batch, "batch") if batch is not None else Range(1, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH)
     if classes is not None:
@@ -130,4 +122,4 @@ def plan_buckets(cfg, multiple: int, canvases: str | None = None, batch: str | i
         c = Range(1, min(DEFAULT_OPT_CLASSES, cfg.max_classes), cfg.max_classes)
     if c.max > cfg.max_classes:
         raise ValueError(f"--classes {classes}: max {c.max} exceeds the decoder's max_classes={cfg.max_classes}")
-    return BucketPlan(parse_canvases(canvases, cfg, multiple), b, c, keypoints, queries)
+    return BucketPlan(parse_canvases(canvases, cfg, multiple), b, c, queries)

@@ -1,7 +1,8 @@
 """`unimlm export <decoder> --model M --format onnx|aoti|tensorrt --msda onnx|plugin --opset 17 --out DIR
 [--canvas auto|HxW,...] [--batch MAX|MIN:OPT:MAX] [--classes MAX|MIN:OPT:MAX]`.
 
-decoder: detector | det | seg (detector with the mask head) | pose. M: a preset name or a checkpoint
+decoder: detector | det | seg (detector with the mask head); pose is refused (UniPose, the [POSE] decoder,
+has no export path: serve [POSE] eagerly). M: a preset name or a checkpoint
 directory; the decoder exported is the one the engine serves for M (source.py). One artifact per canvas
 bucket (buckets.py), batch and classes dynamic: <out>/<decoder>.<onnx|pt2> holds the largest canvas,
 <out>/<decoder>.<H>x<W>.<onnx|pt2> the others, and <out>/<decoder>.json (the record the runtime reads from
@@ -21,8 +22,10 @@ from .buckets import plan_buckets
 from .opset import DEFAULT_OPSET, check_opset
 from .wrappers import ExportShape
 
-DECODERS = {"detector": ("detector", False), "det": ("detector", False), "seg": ("detector", True),
-            "pose": ("pose", False)}
+DECODERS = {"detector": ("detector", False), "det": ("detector", False), "seg": ("detector", True)}
+# decoder names with no export path, and why (a clear error instead of "unknown decoder")
+REFUSED = {"pose": "the [POSE] decoder is the official UniPose now, which has no export wrapper yet (the export "
+                   "covered the engine's former pose network); serve [POSE] eagerly"}
 FORMATS = ("onnx", "aoti", "tensorrt")
 MSDA_FORMS = ("onnx", "plugin")
 
@@ -33,11 +36,10 @@ def artifact_name(decoder_name: str, canvas: tuple[int, int], main: tuple[int, i
 
 
 def _check_args(decoder_name: str, fmt: str, msda: str, opset: int) -> None:
+    if decoder_name in REFUSED:
+        raise ValueError(f"{decoder_name}: {REFUSED[decoder_name]}")
     if decoder_name not in DECODERS:
         raise ValueError(f"unknown decoder {decoder_name!r}; decoders: {', '.join(DECODERS)}")
-    if DECODERS[decoder_name][0] == "pose":
-        raise ValueError("pose: the [POSE] decoder is the official UniPose now, which has no export wrapper yet "
-                         "(the export covered the engine's former pose network); serve [POSE] eagerly")
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if msda not in MSDA_FORMS:
@@ -87,12 +89,10 @@ def export_decoder(decoder_name: str, model: str | os.PathLike = "tiny", fmt: st
     kind, masks = DECODERS[decoder_name]
     queries = model_config(model).superlink.num_embs
     decoder = decoder if decoder is not None else load_decoder(kind, model)
-    keypoints = decoder.cfg.num_keypoints if kind == "pose" else 0
-    plan = plan_buckets(decoder.cfg, decoder.pad_multiple, canvases, batch, classes, keypoints, queries)
+    plan = plan_buckets(decoder.cfg, decoder.pad_multiple, canvases, batch, classes, queries)
     out, main = Path(out), plan.main_canvas()
     record = {"decoder": kind, "with_masks": masks, "format": fmt, "model": str(model), **plan.to_dict()}
-    if kind == "detector":
-        record["gdino"] = "official"  # exact-canvas buckets (backends.BucketedBackend(exact_canvas=True))
+    record["gdino"] = "official"  # exact-canvas buckets (backends.BucketedBackend(exact_canvas=True))
     if fmt != "aoti":
         record.update(msda=msda, opset=opset)
     record["buckets"] = []
@@ -101,7 +101,7 @@ def export_decoder(decoder_name: str, model: str | os.PathLike = "tiny", fmt: st
     for h, w in bar:
         bar.set_postfix_str(f"{h}x{w}")
         names = {s: artifact_name(decoder_name, (h, w), main, s) for s in (".onnx", ".pt2", ".plan")}
-        shape = ExportShape(plan.batch.opt, h, w, plan.classes.opt, keypoints, queries)
+        shape = ExportShape(plan.batch.opt, h, w, plan.classes.opt, queries)
         record["buckets"].append(_export_bucket(kind, decoder, shape, out, fmt, names, plan, msda, opset, masks))
     record["export_s"] = round(sum(b["export_s"] + b.get("compile_s", 0.0) for b in record["buckets"]), 2)
     (out / f"{decoder_name}.json").write_text(json.dumps(record, indent=2))

@@ -1,4 +1,4 @@
-"""ONNX export of the detector / pose tensor forward (torch.onnx dynamo exporter, opset >= 17).
+"""ONNX export of the detector tensor forward (torch.onnx dynamo exporter, opset >= 17).
 
 Why the dynamo exporter: `unimlm::ms_deform_attn` is a torch.library custom op, which `torch.export` keeps as
 one node, so a `custom_translation_table` entry turns it into the TensorRT plugin node (msda_onnx.py); the
@@ -21,8 +21,8 @@ import torch
 from .buckets import Range
 from .msda_onnx import PLUGIN_DOMAIN, PLUGIN_OP, plugin_nodes, to_gridsample
 from .opset import DEFAULT_OPSET, EXPORTER_OPSET, check_opset, model_opset, to_opset17
-from .wrappers import (DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS, DETECTOR_OUTPUTS, POSE_INPUTS, POSE_OUTPUTS,
-                       ExportShape, dynamic_shapes, example_inputs, input_shapes, wrap)
+from .wrappers import (DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS, DETECTOR_OUTPUTS, ExportShape, check_kind,
+                       dynamic_shapes, example_inputs, input_shapes, wrap)
 
 MSDA_FORMS = ("onnx", "plugin")
 
@@ -64,16 +64,15 @@ _TRANSLATIONS = {torch.ops.unimlm.ms_deform_attn.default: _msda_plugin}
 
 
 def io_names(kind: str, with_masks: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if kind == "detector":
-        return DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS if with_masks else DETECTOR_OUTPUTS
-    return POSE_INPUTS, POSE_OUTPUTS
+    check_kind(kind)
+    return DETECTOR_INPUTS, DETECTOR_MASK_OUTPUTS if with_masks else DETECTOR_OUTPUTS
 
 
 def input_profiles(kind: str, cfg, shape: ExportShape, batch: Range, classes: Range) -> dict:
     """{input name: {min, opt, max, dtype}} of one canvas over the batch / class ranges."""
     names, _ = io_names(kind)
     at = {k: input_shapes(kind, cfg, shape, getattr(batch, k), getattr(classes, k)) for k in ("min", "opt", "max")}
-    dtypes = ("float32", "bool", "float32", "bool", "float32")
+    dtypes = ("float32", "bool", "float32", "bool")
     return {n: {"min": at["min"][i], "opt": at["opt"][i], "max": at["max"][i], "dtype": dtypes[i]}
             for i, n in enumerate(names)}
 
@@ -81,7 +80,7 @@ def input_profiles(kind: str, cfg, shape: ExportShape, batch: Range, classes: Ra
 def export_onnx(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: str | Path, msda: str = "onnx",
                 opset: int = DEFAULT_OPSET, with_masks: bool = False, batch: Range | None = None,
                 classes: Range | None = None) -> dict:
-    """Export `decoder` ("detector" / "pose") on shape's canvas to `path` (.onnx), batch / classes dynamic
+    """Export `decoder` (kind "detector") on shape's canvas to `path` (.onnx), batch / classes dynamic
     over the ranges (default: static at shape.batch / shape.classes). msda: "onnx" (GridSample decomposition)
     or "plugin" (MultiscaleDeformableAttnPlugin_TRT nodes). Returns the bucket entry: height, width, inputs
     (profiles), opset, export_s."""
@@ -93,8 +92,7 @@ def export_onnx(kind: str, decoder: torch.nn.Module, shape: ExportShape, path: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = wrap(kind, decoder, with_masks)
-    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.keypoints,
-                          shape.queries)
+    example = ExportShape(batch.example(), shape.height, shape.width, classes.example(), shape.queries)
     inputs = example_inputs(kind, decoder.cfg, example)
     names, outputs = io_names(kind, with_masks)
     t0 = time.perf_counter()

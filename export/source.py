@@ -1,11 +1,12 @@
-"""The decoder an export is made from: the one the engine serves for `--model M`.
+"""The decoder an export is made from: the detector (`gdino`) the engine serves for `--model M` (the only
+decoder with an export path; UniPose, the [POSE] decoder, has none).
 
 - a preset name: the engine's `load_pretrained(M)` builds the whole model with `build_model(get_preset(M),
   seed=TINY_SEED)` (every weight drawn from one seeded stream, so the decoder's weights depend on the modules
   built before it); this does the same build on the CPU in fp32 and takes the decoder (no tokenizer, no
   diffusers pipelines: they draw no weights the decoder uses);
 - a checkpoint directory: only the decoder is loaded. `config.json` gives its config; the weights are the
-  keys under the decoder's prefix (`gdino.` / `unipose.`, as `checkpoint.loader` maps them into
+  keys under the decoder's prefix (`gdino.`, as `checkpoint.loader` maps them into
   `model.decoders`), read from the shards the index lists for them (safetensors: only those tensors), cast
   to fp32 like `load_checkpoint` on the CPU, loaded strictly (a missing or unexpected key raises
   CheckpointError).
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-PREFIXES = {"detector": "gdino", "pose": "unipose"}
+from .wrappers import check_kind
+
+PREFIX = "gdino"
 
 
 def model_config(model: str | os.PathLike):
@@ -36,10 +39,10 @@ def model_config(model: str | os.PathLike):
 
 
 def _decoder_config(kind: str, cfg, model) -> object:
-    sub = cfg.detector if kind == "detector" else cfg.pose
-    if sub is None:
-        raise ValueError(f"--model {model}: its config has no {kind} decoder ({PREFIXES[kind]})")
-    return sub
+    check_kind(kind)
+    if cfg.detector is None:
+        raise ValueError(f"--model {model}: its config has no detector decoder ({PREFIX})")
+    return cfg.detector
 
 
 def _prefixed_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -65,7 +68,7 @@ def _prefixed_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def load_decoder(kind: str, model: str | os.PathLike) -> torch.nn.Module:
-    """kind: "detector" | "pose"; model: preset name or checkpoint directory -> the decoder in eval mode,
+    """kind: "detector"; model: preset name or checkpoint directory -> the decoder in eval mode,
     fp32 on the CPU, with the weights the engine serves for `model`."""
     from unimlm_engine.checkpoint.loader import CheckpointError
     from unimlm_engine.config.presets import PRESETS, TINY_SEED
@@ -75,13 +78,11 @@ def load_decoder(kind: str, model: str | os.PathLike) -> torch.nn.Module:
     sub = _decoder_config(kind, cfg, model)
     if str(model) in PRESETS:
         full = build_model(cfg, seed=TINY_SEED, dtype=torch.float32, device="cpu")
-        return getattr(full.decoders, PREFIXES[kind]).eval()
-    if kind == "detector":
-        from unimlm_engine.model.decoders.detector import DetectorDecoder as cls
-    else:
-        from unimlm_engine.model.decoders.pose import PoseDecoder as cls
-    decoder = cls(sub)
-    prefix = PREFIXES[kind] + "."
+        return getattr(full.decoders, PREFIX).eval()
+    from unimlm_engine.model.decoders.detector import DetectorDecoder
+
+    decoder = DetectorDecoder(sub)
+    prefix = PREFIX + "."
     state = _prefixed_state(Path(model), prefix)
     own = decoder.state_dict()
     for k, v in state.items():

@@ -1,7 +1,7 @@
 """Decoder backends: DET results through the ONNX Runtime backend equal the eager backend's (tiny model,
 DecoderSet.run_decoder with random payloads and images of several sizes), plus the canvas bucket selection
-(exact canvases for the detector; by valid extent, with padding / cropping, for the legacy pose decoder) and
-batch chunking of BucketedBackend."""
+(exact canvases, as the official detector's exports run; the by-valid-extent mode with padding / cropping,
+right only for a padding-invariant decoder) and batch chunking of BucketedBackend; UniPose ([POSE]) is refused."""
 import numpy as np
 import pytest
 import torch
@@ -201,6 +201,12 @@ def test_exact_canvas_mode_runs_only_the_matching_bucket():
     assert tuple(masks.shape) == (3, 5, 16, 24)
     with pytest.raises(ValueError, match="no exported bucket for the 64x64 canvas"):
         runner(*_inputs(1, 64, 64, 2))
+
+
+def test_bucketed_backend_is_detector_only():
+    """The former pose network's bucketed path is gone: only the detector has exports."""
+    with pytest.raises(ValueError, match="only the detector has an export"):
+        BucketedBackend(_buckets([(64, 64)]), "pose", False)
 
 
 def test_pre_official_detector_record_rejected(tmp_path, decoder_set):

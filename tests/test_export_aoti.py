@@ -22,14 +22,13 @@ TOL = 1e-4
 ])
 def test_aoti_package_matches_eager(tmp_path, kind, canvas, runs):
     decoder = load_decoder(kind, "tiny")
-    keypoints = 0
     path = tmp_path / f"{kind}.pt2"
-    entry = export_aoti(kind, decoder, ExportShape(2, *canvas, 4, keypoints), path, batch=Range(1, 2, 4),
+    entry = export_aoti(kind, decoder, ExportShape(2, *canvas, 4), path, batch=Range(1, 2, 4),
                         classes=Range(1, 4, 256))
     assert path.exists() and entry["compile_s"] > 0 and entry["inputs"]["class_valid"]["max"] == [4, 256]
     run = load_aoti(path)
     for batch, classes, valid_hw in runs:
-        res = compare(kind, decoder, lambda x: run(*x), ExportShape(batch, *canvas, classes, keypoints), valid_hw)
+        res = compare(kind, decoder, lambda x: run(*x), ExportShape(batch, *canvas, classes), valid_hw)
         assert res["max_diff"] < TOL, (batch, classes, res)
 
 

@@ -100,16 +100,21 @@ def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
 def test_decoder_only_load_equals_engine_load(tmp_path, fmt):
     path = _save(tmp_path, fmt)
     model = load_pretrained(path, device="cpu")[0]
-    for kind, name in (("detector", "gdino"), ("pose", "unipose")):
-        want = getattr(model.decoders, name).state_dict()
-        got = load_decoder(kind, path).state_dict()
-        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    want = model.decoders.gdino.state_dict()
+    got = load_decoder("detector", path).state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_preset_decoder_equals_engine_load():
     model = load_pretrained("tiny", device="cpu")[0]
-    got, want = load_decoder("pose", "tiny").state_dict(), model.decoders.unipose.state_dict()
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    got, want = load_decoder("detector", "tiny").state_dict(), model.decoders.gdino.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_load_decoder_refuses_pose(tmp_path):
+    """UniPose ([POSE]) has no export path: the export source refuses it before building anything."""
+    with pytest.raises(ValueError, match="only 'detector' has an export wrapper"):
+        load_decoder("pose", "tiny")
 
 
 def test_unknown_model_rejected(tmp_path, capsys):

@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the decoder the engine serves for --model: one artifact per canvas bucket "
                                    "(batch and class count dynamic) and OUT/DECODER.json listing them; point "
                                    "--decoder-backend at OUT/DECODER.onnx (or .pt2 / .plan). See export/README.md.")
-    e.add_argument("decoder", help="det (or detector), seg (detector with the mask head) or pose")
+    e.add_argument("decoder", help="det (or detector) or seg (detector with the mask head); pose is refused "
+                                   "(UniPose, the [POSE] decoder, has no export path)")
     e.add_argument("--model", default="tiny", help="preset name or checkpoint directory (the weights the engine "
                                                    "serves for it)")
     e.add_argument("--format", default="onnx", help="onnx, aoti or tensorrt (needs TensorRT installed; checked "
@@ -433,9 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deformable attention as GridSample ops (onnx) or TensorRT plugin nodes (plugin)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset written: 17 (default) .. 21")
     e.add_argument("--canvas", default="auto", help="canvas buckets HxW[,HxW...], multiples of the decoder's pad "
-                                                    "multiple; auto: square, landscape, portrait and the largest "
-                                                    "canvas of the decoder's resize (tiny: 64x64,64x128,128x64,"
-                                                    "128x128)")
+                                                    "multiple; auto: every canvas the detector's resize can "
+                                                    "produce (tiny: 32x96,96x32,64x64,64x96,96x64)")
     e.add_argument("--batch", default=None, help="dynamic batch range MAX, MIN:MAX or MIN:OPT:MAX (opt: the "
                                                  "TensorRT profile's; min = max: static); default 1:8:8")
     e.add_argument("--classes", default=None, help="dynamic class-count range, same forms; default "

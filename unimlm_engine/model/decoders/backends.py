@@ -1,4 +1,4 @@
-"""Decoder back ends: one interface for the detector / pose tensor forward (DESIGN.md section 3, step 5).
+"""Decoder back ends: one interface for the detector tensor forward (DESIGN.md section 3, step 5).
 
 A back end runs the tensor-level forward of a decoder (`forward_tensors`, see export/wrappers.py for the
 signatures); pre-processing (resize, pad, payload stacking) and post-processing (top-k, threshold, pixels)
@@ -15,9 +15,10 @@ Kinds:
 - "tensorrt": a serialized engine through export/tensorrt.py (UNTESTED: TensorRT is not installable here).
 
 An export is one artifact per canvas bucket (dynamic batch and class count) plus one JSON record beside the
-main artifact that lists them (export/README.md); `BucketedBackend` runs each call on the smallest canvas
-its images fit, padding / cropping inputs to it and mapping the outputs back. The decoders are
-padding-invariant, so results match the eager module's up to float error.
+main artifact that lists them (export/README.md); `BucketedBackend` runs each call on the bucket of its
+canvas (the official detector is not padding-invariant, so a call runs on exactly its canvas), padding /
+cropping the class dim and the batch to it and mapping the outputs back. Only the detector has an export
+path: UniPose, the [POSE] decoder, has none, and `load_route_backend` refuses it with a clear error.
 """
 from __future__ import annotations
 
@@ -167,15 +168,17 @@ class BucketedBackend:
     export was made at fit the next larger canvas) and whose class range holds its classes. Inputs are
     cropped / padded to that canvas and class count (padding invalid, the last batch row repeated up to the
     bucket's min batch) and the outputs are mapped back: logits to the call's classes (-inf where padded,
-    like the eager module), mask logits to the call's canvas / 4 (0 outside the images, like eager). The
-    legacy pose decoder is padding-invariant, so results match the eager module's up to float error.
-    exact_canvas (the official detector, which is not padding-invariant: Swin and the GroupNorms see the
-    padding): a call runs only on the bucket of exactly its canvas (the detector calls once per canvas).
-    kind: "detector" | "pose"."""
+    like the eager module), mask logits to the call's canvas / 4 (0 outside the images, like eager); this
+    matches the eager module only for a padding-invariant decoder. exact_canvas (the official detector, which
+    is not padding-invariant: Swin and the GroupNorms see the padding; `load_route_backend` always sets it): a
+    call runs only on the bucket of exactly its canvas (the detector calls once per canvas).
+    kind: "detector" (the only decoder with an export)."""
 
     def __init__(self, buckets: Sequence[Bucket], kind: str, with_masks: bool, exact_canvas: bool = False):
         if not buckets:
             raise ValueError("an export needs at least one bucket")
+        if kind != "detector":
+            raise ValueError(f"no bucketed back end for decoder kind {kind!r}; only the detector has an export")
         self.buckets = sorted(buckets, key=lambda b: (b.height * b.width, b.height, b.classes[1]))
         self.kind, self.with_masks, self.exact_canvas = kind, with_masks, exact_canvas
         self.max_batch = max(b.batch[1] for b in self.buckets)
@@ -201,11 +204,7 @@ class BucketedBackend:
         c = max(_extent(inputs[3], 1), bucket.classes[0])
         h, w = bucket.height, bucket.width
         sizes = [(rows, 3, h, w), (rows, h, w), (rows, c) + tuple(inputs[2].shape[2:]), (rows, c)]
-        if self.kind == "pose":
-            sizes.append((rows,) + tuple(inputs[4].shape[1:]))
         outs = bucket.backend.run(*(_fit(x, size) for x, size in zip(inputs, sizes)))
-        if self.kind == "pose":
-            return tuple(o[:n] for o in outs)
         logits = _fit(outs[0][:n], (n, outs[0].shape[1], classes), float("-inf"))
         if not self.with_masks:
             return logits, outs[1][:n]
@@ -298,8 +297,6 @@ def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | 
                          f"{type(decoder).__name__}{why}")
     own, tokens = decoder.forward_tensors, tuple(r.token for r in routes)
     if kind == "eager":
-        if ekind == "pose":
-            return RouteBackend("eager", make_backend("eager", fn=own).run, tokens, decoder)
         # one graph set per mask flag: the tensors in and out must be tensors only
         calls = {m: make_backend("eager", fn=lambda *x, m=m: own(*x, m)[:3 if m else 2]).run for m in (False, True)}
         with_masks = True
@@ -308,12 +305,10 @@ def load_route_backend(decoder, routes: Sequence, kind: str, path: str | Path | 
         if rec.get("decoder") != ekind:
             raise ValueError(f"{path} is a {rec.get('decoder')} export; {routes[0].token} is served by the {ekind}")
         with_masks = bool(rec.get("with_masks", False))
-        if ekind == "detector" and rec.get("gdino") != "official":
+        if rec.get("gdino") != "official":
             raise ValueError(f"{path}: a detector export made before the official gdino layout (pad-64, masked "
                              f"canvas); export again")
-        call = BucketedBackend(_load_buckets(rec, kind, path), ekind, with_masks, exact_canvas=ekind == "detector")
-        if ekind == "pose":
-            return RouteBackend(kind, call, tokens, decoder, rec, str(path))
+        call = BucketedBackend(_load_buckets(rec, kind, path), ekind, with_masks, exact_canvas=True)
         calls = {False: call, True: call}
 
     def forward(pixel_values, pixel_valid, class_payloads, class_valid, want_masks: bool = False):

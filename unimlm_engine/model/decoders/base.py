@@ -7,7 +7,7 @@ under their official checkpoint prefix (`gdino`, `unipose`, `sd`, `ip2p`), so `D
 dict keys are the official ones.
 
 A decoder may expose a tensor-level forward that an exported artifact can replace (ONNX Runtime,
-AOTInductor, TensorRT: backends.py); `export_kind` names the export wrapper ("detector" / "pose"),
+AOTInductor, TensorRT: backends.py); `export_kind` names the export wrapper ("detector", the only one),
 None when the decoder has no export path.
 """
 from __future__ import annotations
