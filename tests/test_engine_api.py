@@ -18,7 +18,7 @@ def engine():
 
 
 def test_stream_yields_deltas_then_final(engine):
-    h = engine.submit(ue.Request(prompt="Say something.", sampling=ue.SamplingParams(max_tokens=8)))
+    h = engine.submit(ue.Request(prompt="Say something.", sampling=ue.SamplingParams(max_tokens=8, ignore_eos=True)))
     events = list(h.stream(timeout=30))
     assert events[-1].finished and events[-1].output is not None
     tokens = [t for e in events[:-1] for t in e.token_ids]

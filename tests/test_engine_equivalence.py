@@ -17,7 +17,10 @@ def _requests(tok, n, seed):
         forced = ()
         if kind == 3:  # routed: force routing tokens (POSE: one class, 17 keypoints)
             forced = tuple(tok.special_ids[r] for r in routes[(i // 4) % len(routes)])
-        sp = ue.SamplingParams(max_tokens=rng.randint(len(forced) + 1, len(forced) + 12), forced_prefix=forced)
+        # requests without an image must not sample a route that needs one (random weights do, now and then)
+        no_routes = {tid: -100.0 for tid in tok.route_ids} if kind in (0, 1) else {}
+        sp = ue.SamplingParams(max_tokens=rng.randint(len(forced) + 1, len(forced) + 12), forced_prefix=forced,
+                               logit_bias=no_routes)
         text = "Tell me about this " + "very " * rng.randint(0, 40) + f"thing number {i}."
         if kind == 1:  # no chat template, ids given directly
             reqs.append(ue.Request(prompt_token_ids=tok.encode(text, add_bos=True), sampling=sp))
