@@ -1,10 +1,10 @@
-"""Deformable transformer blocks of the Grounding-DINO-style detector and the pose decoder.
+"""Deformable building blocks of the Grounding-DINO detector (the layers that compose them are in
+gdino_layers.py).
 
 Module structure and parameter names mirror transformers' GroundingDino
-(`GroundingDinoMultiscaleDeformableAttention`, `GroundingDinoFusionLayer`,
-`GroundingDinoTextEnhancerLayer`, `GroundingDinoDeformableLayer`, `GroundingDinoDecoderLayer`,
-`GroundingDinoMLPPredictionHead`), so `gdino.*` / `unipose.*` weights load by name. Here the
-"text" side is the per-class embedding sequence built from super-link payloads.
+(`GroundingDinoMultiscaleDeformableAttention`, `GroundingDinoFusionLayer`'s bi-attention,
+`GroundingDinoDeformableLayer`, `GroundingDinoMLPPredictionHead`), so `gdino.*` weights load by name.
+Here the "text" side is the per-class embedding sequence built from super-link payloads.
 
 Masks follow one convention in this file: `*_valid` is a bool tensor, True for a real token.
 Every function is free of data-dependent Python control flow (ONNX export).
@@ -103,36 +103,6 @@ class MultiscaleDeformableAttention(nn.Module):
         return self.output_proj(out)
 
 
-class MultiheadAttention(nn.Module):
-    """`GroundingDinoMultiheadAttention` (names query/key/value/out_proj); `bias`: additive [B, 1|M, Q, K]."""
-
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """queries: [B, Q, D], keys/values: [B, K, D] -> [B, Q, D]."""
-        b = queries.shape[0]
-        qh = self.query(queries).view(b, -1, self.n_heads, self.head_dim).transpose(1, 2)
-        kh = self.key(keys).view(b, -1, self.n_heads, self.head_dim).transpose(1, 2)
-        vh = self.value(values).view(b, -1, self.n_heads, self.head_dim).transpose(1, 2)
-        scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.head_dim)
-        if bias is not None:
-            scores = scores + bias
-        out = (scores.softmax(-1) @ vh).transpose(1, 2).reshape(b, -1, self.n_heads * self.head_dim)
-        return self.out_proj(out)
-
-
-def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """valid: [B, K] bool -> additive attention bias [B, 1, 1, K] (0 or the dtype's min)."""
-    return (~valid).to(dtype)[:, None, None, :] * torch.finfo(dtype).min
-
-
 class BiMultiHeadAttention(nn.Module):
     """`GroundingDinoBiMultiHeadAttention`: image->class and class->image attention in one score matrix."""
 
@@ -184,28 +154,6 @@ class FusionLayer(nn.Module):
         return vision + self.vision_param * dv, text + self.text_param * dt
 
 
-class TextEnhancerLayer(nn.Module):
-    """`GroundingDinoTextEnhancerLayer` over class embeddings. Each class is one phrase, so (as in
-    GroundingDino's per-phrase self-attention mask) a class attends to itself only."""
-
-    def __init__(self, d_model: int, ffn_dim: int, n_heads: int):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, max(n_heads // 2, 1))
-        self.fc1 = nn.Linear(d_model, ffn_dim // 2)
-        self.fc2 = nn.Linear(ffn_dim // 2, d_model)
-        self.layer_norm_before = nn.LayerNorm(d_model, LN_EPS)
-        self.layer_norm_after = nn.LayerNorm(d_model, LN_EPS)
-
-    def forward(self, text: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
-        """text: [B, C, D], position_embeddings: [B, C, D] -> [B, C, D]."""
-        c = text.shape[1]
-        eye = torch.eye(c, dtype=torch.bool, device=text.device)
-        bias = (~eye).to(text.dtype)[None, None] * torch.finfo(text.dtype).min
-        qk = text + position_embeddings
-        text = self.layer_norm_before(text + self.self_attn(qk, qk, text, bias))
-        return self.layer_norm_after(text + self.fc2(F.relu(self.fc1(text))))
-
-
 class DeformableLayer(nn.Module):
     """`GroundingDinoDeformableLayer`: post-norm deformable self-attention + FFN over image tokens."""
 
@@ -222,53 +170,4 @@ class DeformableLayer(nn.Module):
         """hidden, pos: [B, S, D], valid: [B, S] bool, reference_points: [B, S, L, 2] -> [B, S, D]."""
         attn = self.self_attn(hidden, hidden, valid, pos, reference_points, spatial_shapes, level_start_index)
         hidden = self.self_attn_layer_norm(hidden + attn)
-        return self.final_layer_norm(hidden + self.fc2(F.relu(self.fc1(hidden))))
-
-
-class EncoderLayer(nn.Module):
-    """`GroundingDinoEncoderLayer`: fusion (image <-> classes), class enhancer, deformable image layer."""
-
-    def __init__(self, d_model: int, ffn_dim: int, n_levels: int, n_heads: int, n_points: int):
-        super().__init__()
-        self.text_enhancer_layer = TextEnhancerLayer(d_model, ffn_dim, n_heads)
-        self.fusion_layer = FusionLayer(d_model, ffn_dim, n_heads)
-        self.deformable_layer = DeformableLayer(d_model, ffn_dim, n_levels, n_heads, n_points)
-
-    def forward(self, vision: torch.Tensor, vision_pos: torch.Tensor, vision_valid: torch.Tensor,
-                reference_points: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                text: torch.Tensor, text_valid: torch.Tensor, text_pos: torch.Tensor):
-        """vision: [B, S, D], text: [B, C, D] -> (vision, text)."""
-        vision, text = self.fusion_layer(vision, text, vision_valid, text_valid)
-        text = self.text_enhancer_layer(text, text_pos)
-        vision = self.deformable_layer(vision, vision_valid, vision_pos, reference_points, spatial_shapes,
-                                       level_start_index)
-        return vision, text
-
-
-class DecoderLayer(nn.Module):
-    """`GroundingDinoDecoderLayer`: self-attn, class cross-attn, deformable image cross-attn, FFN (post-norm)."""
-
-    def __init__(self, d_model: int, ffn_dim: int, n_levels: int, n_heads: int, n_points: int):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, n_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d_model, LN_EPS)
-        self.encoder_attn_text = MultiheadAttention(d_model, n_heads)
-        self.encoder_attn_text_layer_norm = nn.LayerNorm(d_model, LN_EPS)
-        self.encoder_attn = MultiscaleDeformableAttention(d_model, n_levels, n_heads, n_points)
-        self.encoder_attn_layer_norm = nn.LayerNorm(d_model, LN_EPS)
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
-        self.final_layer_norm = nn.LayerNorm(d_model, LN_EPS)
-
-    def forward(self, hidden: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, memory: torch.Tensor,
-                memory_valid: torch.Tensor, text: torch.Tensor, text_bias: torch.Tensor,
-                self_attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden, pos: [B, Q, D], reference_points: [B, Q, L, 4], memory: [B, S, D], text: [B, C, D],
-        text_bias: [B, 1, 1, C] additive -> [B, Q, D]."""
-        qk = hidden + pos
-        hidden = self.self_attn_layer_norm(hidden + self.self_attn(qk, qk, hidden, self_attn_bias))
-        hidden = self.encoder_attn_text_layer_norm(hidden + self.encoder_attn_text(hidden + pos, text, text, text_bias))
-        attn = self.encoder_attn(hidden, memory, memory_valid, pos, reference_points, spatial_shapes, level_start_index)
-        hidden = self.encoder_attn_layer_norm(hidden + attn)
         return self.final_layer_norm(hidden + self.fc2(F.relu(self.fc1(hidden))))
