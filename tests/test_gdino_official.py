@@ -316,3 +316,27 @@ def test_config_from_a_transformers_grounding_dino_config_dict():
     assert (c.embed_dim, c.depths, c.num_heads, c.window_size) == (128, (2, 2, 18, 2), (4, 8, 16, 32), 12)
     assert (c.d_model, c.num_queries, c.max_classes, c.llm_hidden_size, c.position_temperature) == \
         (256, 900, 256, 4096, 20)
+
+
+def test_bf16_keeps_box_references_in_fp32():
+    """Under a bf16 model the official proposals, references and pred_boxes are fp32 (bf16 delta + fp32
+    proposal promotes): ours too (they were bf16 before; a log-odds step of ~0.016 per rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    from unimlm_engine.config.presets import get_preset
+    from unimlm_engine.model.decoders.base import DecoderInput
+    from unimlm_engine.model.decoders.detector import DetectorDecoder
+    from unimlm_engine.routes import get_route
+
+    torch.manual_seed(0)
+    dec32 = DetectorDecoder.from_model_config(get_preset("tiny")).eval()
+    dec16 = DetectorDecoder.from_model_config(get_preset("tiny")).eval()
+    dec16.load_state_dict(dec32.state_dict())
+    dec16 = dec16.to(torch.bfloat16)
+    img = Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype("uint8"))
+    payloads = [torch.randn(4, 256) for _ in range(2)]
+    r32 = dec32.run(get_route("[DET]"), [DecoderInput(payloads, img)], {"top_k": 5}, None)[0]
+    r16 = dec16.run(get_route("[DET]"), [DecoderInput([p.bfloat16() for p in payloads], img)], {"top_k": 5},
+                    None)[0]
+    assert r16.boxes.dtype == torch.float32 and r32.boxes.dtype == torch.float32

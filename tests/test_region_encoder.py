@@ -59,11 +59,11 @@ class OfficialRegionEncoder(nn.Module):
         bs = len(images)
         h, w = masks_out.shape[-2:]
         outs = []
-        for lvl in image_features:
+        for li, lvl in enumerate(image_features):
             masks_out = masks_out + lvl.reshape(bs, h, w, -1).permute(0, 3, 1, 2)
             ori_h, ori_w = masks.shape[-2:]
             divisor = torch.tensor([1, ori_h, ori_w])[None]
-            pts = [official_sample(m, divisor, k) for m, k in zip(masks, keeps)]
+            pts = [official_sample(m, divisor, k[li]) for m, k in zip(masks, keeps)]
             idx = [p[:, 0:1].long() for p in pts]
             pts = nn.utils.rnn.pad_sequence(pts, padding_value=-1).permute(1, 0, 2)
             idx = nn.utils.rnn.pad_sequence(idx, padding_value=-1).permute(1, 0, 2)[:, :, 0]
@@ -90,13 +90,15 @@ def official_mask_resize(mask, size):
                          align_corners=False)[0, 0].bool()
 
 
-def official_keep(mask, seed, max_len=2304):
-    """Positions in the mask's nonzero list the official multinomial keeps, with the generator seeded."""
+def official_keep(mask, seed, max_len=2304, levels=3):
+    """Per level, the positions in the mask's nonzero list the official multinomial keeps (it draws once per
+    level: `rand_sample` inside the level loop), with the generator seeded and drawn from level after level."""
     n = int(mask.sum())
     if n <= max_len:
-        return torch.arange(n)
+        return [torch.arange(n)] * levels
     g = torch.Generator().manual_seed(seed)
-    return torch.multinomial(torch.ones(n), max_len, replacement=False, generator=g).sort()[0]
+    return [torch.multinomial(torch.ones(n), max_len, replacement=False, generator=g).sort()[0]
+            for _ in range(levels)]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
@@ -147,12 +149,13 @@ def test_region_features_equal_official(setup, kind):
     canvas = pixels[-1:]  # the anyres thumbnail: the image stretched to the canvas
     keep = official_keep(rin.mask, region.seed if region.seed is not None else 0)  # the seed matters over 2304 only
     n = int(rin.mask.sum())
-    if kind == "mask-over-2304":
-        assert n > 2304 and rin.points.numel() == 2304
+    flat = rin.mask.reshape(-1).nonzero().flatten()
+    if kind == "mask-over-2304":  # one draw per level, each the official multinomial with a seeded generator
+        assert n > 2304 and rin.points.shape == (3, 2304)
+        assert all(torch.equal(rin.points[li], flat[keep[li]]) for li in range(3))
+        assert not torch.equal(rin.points[0], rin.points[1])
     else:
-        assert rin.points.numel() == n <= 2304
-    # our seeded draw is the official multinomial with a seeded generator
-    assert torch.equal(rin.points, rin.mask.reshape(-1).nonzero().flatten()[keep])
+        assert rin.points.numel() == n <= 2304 and torch.equal(rin.points, flat[keep[0]])
     with torch.no_grad():
         levels = [h_[:, 1:] for h_ in hf(pixel_values=canvas, output_hidden_states=True).hidden_states[-3:]]
         ref = off(canvas, rin.mask[None, None], levels, [keep])
@@ -219,7 +222,8 @@ def test_sample_points_is_seeded_and_uniform_subset():
     mask = torch.ones(60, 60, dtype=torch.bool)
     a, b, c = sample_points(mask, 1), sample_points(mask, 1), sample_points(mask, 2)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.numel() == 2304 and (a[1:] > a[:-1]).all()
+    assert a.shape == (3, 2304) and (a[:, 1:] > a[:, :-1]).all()  # one sorted draw per level
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
     assert torch.equal(sample_points(mask[:40, :40], 3), torch.arange(1600))
 
 

@@ -10,8 +10,8 @@ the region's feature is the mean of the three projections. It replaces the `<reg
 input embedding.
 
 Masks with more than MAX_POINTS pixels are sub-sampled: the official code draws MAX_POINTS of them with
-`torch.multinomial` (unseeded: a different subset every call); `sample_points` draws the same way from
-a seeded generator, so a region's feature is reproducible.
+`torch.multinomial` once per level (unseeded: a different subset every call); `sample_points` draws the
+same way, one subset per level, from a seeded generator, so a region's feature is reproducible.
 """
 from __future__ import annotations
 
@@ -56,15 +56,19 @@ class RegionInput:
     key: int = 0
 
 
-def sample_points(mask: torch.Tensor, seed: int, max_points: int = MAX_POINTS) -> torch.Tensor:
-    """mask [S, S] bool -> [n] int64 sorted flat indices of its pixels; over max_points pixels, max_points of
-    them drawn uniformly without replacement (the official multinomial over equal probabilities, seeded)."""
+def sample_points(mask: torch.Tensor, seed: int, max_points: int = MAX_POINTS,
+                  num_draws: int = NUM_LEVELS) -> torch.Tensor:
+    """mask [S, S] bool -> sorted flat indices of its pixels: [n] when n <= max_points (every pixel, every level);
+    over max_points pixels, [num_draws, max_points]: one uniform draw without replacement per level, as the
+    official code calls its multinomial once per level; ours come one after another from one generator seeded
+    with `seed`, so they are reproducible."""
     idx = mask.reshape(-1).nonzero().flatten()
     if idx.numel() <= max_points:
         return idx
     g = torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1))
-    pick = torch.multinomial(torch.ones(idx.numel()), max_points, replacement=False, generator=g)
-    return idx[pick.sort().values]
+    draws = [torch.multinomial(torch.ones(idx.numel()), max_points, replacement=False, generator=g).sort().values
+             for _ in range(num_draws)]
+    return idx[torch.stack(draws)]
 
 
 class RegionEncoder(nn.Module):
@@ -84,16 +88,18 @@ class RegionEncoder(nn.Module):
     def forward(self, images: torch.Tensor, masks: torch.Tensor, levels: list[torch.Tensor],
                 points: list[torch.Tensor]) -> torch.Tensor:
         """images: [R, 3, S, S] CLIP-normalised canvases; masks: [R, S, S] 0/1; levels: NUM_LEVELS x [R, h*w, C]
-        (hidden states without CLS, h = w = S / patch); points[r]: [n_r] flat mask indices (`sample_points`)
+        (hidden states without CLS, h = w = S / patch); points[r]: [n_r] flat mask indices, or [levels, n_r]
+        one draw per level (`sample_points`)
         -> [R, out_dim]. An empty point list gives up_dim.bias (the official nan_to_num)."""
         dtype = images.dtype
         x = self.mask_embedding(torch.cat([images, masks[:, None].to(dtype)], dim=1))  # [R, C, h, w]
         r, c, h, w = x.shape
         size = masks.shape[-1]
-        grid, valid = _point_grid(points, size, x.device)  # [R, n, 1, 2], [R, n]
-        count = valid.sum(1, keepdim=True).clamp(min=1)
         outs = []
-        for level in levels:
+        for li, level in enumerate(levels):
+            # a mask's points: the same at every level, or (over MAX_POINTS pixels) this level's own draw
+            grid, valid = _point_grid([p if p.dim() == 1 else p[li] for p in points], size, x.device)
+            count = valid.sum(1, keepdim=True).clamp(min=1)
             x = x + level.transpose(1, 2).reshape(r, c, h, w).to(dtype)
             s = F.grid_sample(x.float(), grid, align_corners=False)[..., 0].to(dtype)  # [R, C, n]
             pooled = (s.transpose(1, 2) * valid[..., None].to(dtype)).sum(1) / count.to(dtype)  # in dtype, as official

@@ -135,7 +135,7 @@ class DetectorDecoder(TaskDecoder):
                              f"[B, H, W]; got {tuple(pixel_values.shape)} and {tuple(pixel_valid.shape)}")
         hidden, text, prev, mask_feats = self.model(pixel_values, pixel_valid, class_embeds, class_valid, with_masks)
         logits = class_logits(hidden, text, class_valid)
-        boxes = (self.bbox_embed[-1](hidden) + inverse_sigmoid(prev)).sigmoid()
+        boxes = (self.bbox_embed[-1](hidden).float() + inverse_sigmoid(prev.float())).sigmoid()
         masks = None
         if with_masks:
             masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed[-1](hidden), mask_feats)

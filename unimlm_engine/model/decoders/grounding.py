@@ -186,7 +186,8 @@ class GdinoModel(nn.Module):
         score = class_logits(query, text, text_valid).max(-1).values
         k = min(self.cfg.num_queries, score.shape[1])
         idx = torch.topk(score, k, dim=1).indices
-        coords = torch.gather(self.encoder_output_bbox_embed(query) + props.to(query.dtype), 1,
+        # references stay fp32 under a bf16 model, as in the official code (bf16 delta + fp32 proposals)
+        coords = torch.gather(self.encoder_output_bbox_embed(query).float() + props, 1,
                               idx[..., None].expand(-1, -1, 4))
         target = self.query_position_embeddings.weight[:k][None].expand(b, -1, -1)
         return target, coords.sigmoid()
@@ -194,14 +195,15 @@ class GdinoModel(nn.Module):
     def decode(self, target, ref, memory, valid, shapes, start, ratios, text, text_valid):
         """-> (layer_norm(last hidden) [B, Q, d], the reference the last layer refined [B, Q, 4])."""
         hidden, d = target, self.cfg.d_model
-        ratios4 = torch.cat([ratios, ratios], -1)[:, None].to(ref.dtype)
+        ratios4 = torch.cat([ratios, ratios], -1)[:, None].float()
+        ref = ref.float()
         tbias = key_padding_bias(text_valid, hidden.dtype)
         prev = ref
         for i, layer in enumerate(self.decoder.layers):
             ref_in = ref[:, :, None] * ratios4
             qpos = self.decoder.reference_points_head(sine_embed_coords(ref_in[:, :, 0], d // 2).to(hidden.dtype))
             hidden = layer(hidden, qpos, ref_in, shapes, start, memory, valid, text, tbias)
-            prev, ref = ref, (self.decoder.bbox_embed[i](hidden) + inverse_sigmoid(ref)).sigmoid()
+            prev, ref = ref, (self.decoder.bbox_embed[i](hidden).float() + inverse_sigmoid(ref)).sigmoid()
         return self.decoder.layer_norm(hidden), prev
 
 
