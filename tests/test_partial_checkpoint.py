@@ -131,3 +131,30 @@ def test_edit_unet_that_does_not_fit_is_a_clear_error(edit_ckpt, tmp_path):
     model, _ = load_pretrained(str(bad), device="cpu")
     with pytest.raises(ValueError, match=r"ip2p.sd_unet: checkpoint weights do not fit .*\(1 missing, first: conv_in.bias\)"):
         model.decoders.ip2p.pipeline
+
+
+def test_edit_without_checkpoint_unet_is_reported(tmp_path):
+    """A checkpoint with [EDIT] but no ip2p.sd_unet.* loads, and the report says the pipeline's own UNet runs."""
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, detector=None, pose=None, gen=None)
+    path = save_checkpoint(build_model(cfg, seed=3), tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    _, _, report = load_checkpoint(path)
+    assert report.stock_components == ["ip2p.unet"]
+
+
+def test_differing_copies_of_a_shared_tensor_are_refused(tmp_path):
+    """The detector's shared heads may be written once or twice, but two different copies are an error."""
+    from unimlm_engine.checkpoint.loader import CheckpointError
+
+    cfg = dataclasses.replace(get_preset("tiny"), pose=None, gen=None, edit=None)
+    path = save_checkpoint(build_model(cfg, seed=11), tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    index = json.loads((path / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    key = "gdino.model.decoder.bbox_embed.0.layers.0.weight"
+    assert key in index and "gdino.bbox_embed.0.layers.0.weight" in index
+    load_checkpoint(path)  # written twice, equal: fine
+    shard = path / index[key]
+    sd = torch.load(shard, weights_only=True)
+    sd[key] = sd[key] + 1
+    torch.save(sd, shard)
+    with pytest.raises(CheckpointError, match="one tensor in the model .* differ in the checkpoint"):
+        load_checkpoint(path)

@@ -124,3 +124,10 @@ def test_unknown_route_errors():
         SuperLinkConfig().num_queries("[FOO]")
     with pytest.raises(RouteError, match="built-in"):
         unregister_route("[DET]")
+
+
+def test_a_super_link_route_cannot_take_a_span_route_name():
+    from unimlm_engine.routes import RouteError, RouteSpec, register_route
+
+    with pytest.raises(RouteError, match="already registered"):
+        register_route(RouteSpec("[BOX]", table="det", num_queries="num_embs", decoder="gdino"))

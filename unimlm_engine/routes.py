@@ -98,6 +98,7 @@ class RouteSpec:
 _lock = threading.Lock()
 _ROUTES: dict[str, RouteSpec] = {}
 _BUILTIN: tuple[str, ...] = ()
+_SPAN_ROUTES: dict[str, "SpanRouteSpec"] = {}  # the span registry (below); names are shared with _ROUTES
 
 
 def register_route(spec: RouteSpec) -> RouteSpec:
@@ -105,7 +106,7 @@ def register_route(spec: RouteSpec) -> RouteSpec:
     with _lock:
         if spec.token in _ROUTES:
             raise RouteError(f"route {spec.token} is already registered")
-        if spec.name in {s.name for s in _ROUTES.values()}:
+        if spec.name in {s.name for s in _ROUTES.values()} or spec.name in _SPAN_ROUTES:
             raise RouteError(f"a route named {spec.name!r} is already registered")
         for other in _ROUTES.values():
             if other.table == spec.table and other.num_queries != spec.num_queries:
@@ -233,7 +234,6 @@ class SpanRouteSpec:
         return f"<{self.task}>"
 
 
-_SPAN_ROUTES: dict[str, SpanRouteSpec] = {}
 _SPAN_BUILTIN: tuple[str, ...] = ()
 
 

@@ -14,6 +14,7 @@ Every problem raises `CheckpointError` naming the file and the keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import Iterable, Optional
 import torch
 
 from ..config import ModelConfig
+
+log = logging.getLogger("unimlm_engine")
 
 # optional top-level modules: loaded when the model has them, else reported not loaded
 UNSERVED_PREFIXES = ("region_encoder.",)
@@ -53,6 +56,14 @@ class LoadReport:
     loaded: int = 0
     not_loaded: dict[str, int] = field(default_factory=dict)  # prefix -> number of keys skipped
     files: list[str] = field(default_factory=list)
+    # decoder components (TaskDecoder.component_keys) the checkpoint did not provide: "ip2p.unet"
+    stock_components: list[str] = field(default_factory=list)
+
+
+def decoder_classes_with_components() -> dict:
+    from ..model.decoders.base import decoder_classes
+
+    return {n: c for n, c in decoder_classes().items() if c.component_keys}
 
 
 def _fmt_keys(keys: Iterable[str], limit: int = 8) -> str:
@@ -141,6 +152,7 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
     unexpected: dict[str, str] = {}
     decoders, unserved, components = _decoder_prefixes()
     staged: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    written: dict[tuple, str] = {}  # storage of a shared tensor -> the first checkpoint name written into it
     for file in shards:
         sd = read_shard(file)
         report.files.append(file.name)
@@ -168,6 +180,11 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
             if tuple(tensor.shape) != tuple(dst.shape):
                 raise CheckpointError(f"{file}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model "
                                       f"{tuple(dst.shape)} (config.json does not match the weights?)")
+            where = (dst.untyped_storage().data_ptr(), dst.storage_offset(), tuple(dst.shape))
+            first = written.setdefault(where, key) if dst.numel() else key
+            if first != key and not torch.equal(dst, tensor.to(dst.dtype)):
+                raise CheckpointError(f"{file}: {key} and {first} are one tensor in the model (a module shared "
+                                      f"under two names) but differ in the checkpoint")
             with torch.no_grad():
                 dst.copy_(tensor.to(dst.dtype))
             seen.add(target)
@@ -186,6 +203,13 @@ def load_state_into(model: torch.nn.Module, shards: list[Path], report: LoadRepo
             getattr(model.decoders, name).load_component_weights(component, state)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+    for name, cls in decoder_classes_with_components().items():
+        dec = getattr(model.decoders, name, None) if getattr(model, "decoders", None) is not None else None
+        for component in cls.component_keys.values():
+            if dec is not None and (name, component) not in staged:
+                report.stock_components.append(f"{name}.{component}")
+                log.warning("checkpoint has no %s weights for the %s decoder: its pipeline's own %s will run "
+                            "(the official model trains it)", component, name, component)
 
 
 def _shared_with_loaded(own: dict[str, torch.Tensor], unloaded: set[str], seen: set[str]) -> set[str]:

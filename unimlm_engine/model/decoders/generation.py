@@ -79,6 +79,7 @@ class GenerationDecoder(TaskDecoder):
         self._pipeline = None
         self._negative: Optional[torch.Tensor] = None
         self._staged: dict[str, dict[str, torch.Tensor]] = {}  # component -> checkpoint weights not applied yet
+        self._pipeline_error: Optional[Exception] = None
 
     @property
     def route(self) -> str:
@@ -133,7 +134,13 @@ class GenerationDecoder(TaskDecoder):
     @property
     def pipeline(self):
         if self._pipeline is None:
-            self.load_pipeline()
+            if self._pipeline_error is not None:  # a pipeline that failed to load fails fast, not reloaded per call
+                raise self._pipeline_error
+            try:
+                self.load_pipeline()
+            except (ValueError, OSError) as e:
+                self._pipeline_error = e
+                raise
         return self._pipeline
 
     def load_pipeline(self, path: Optional[str] = None, dtype: Optional[torch.dtype] = None):
@@ -153,7 +160,7 @@ class GenerationDecoder(TaskDecoder):
         for component, state in list(self._staged.items()):
             _load_strict(getattr(pipeline, component), state, f"{self.name}.sd_{component}")
             del self._staged[component]
-        self._pipeline, self._negative = pipeline, None
+        self._pipeline, self._negative, self._pipeline_error = pipeline, None, None
 
     def load_component_weights(self, component: str, state: dict[str, torch.Tensor]) -> None:
         if component not in self.component_keys.values():
