@@ -143,3 +143,16 @@ def test_context_manager_and_stats(engine):
     for key in ("queued", "running", "kv_blocks_free", "decoder_queue_depths", "iteration_latency_s", "memory_bytes"):
         assert key in s
     assert s["memory_bytes"]["kv_pool"] > 0 and s["memory_bytes"]["weights"] > 0
+
+
+def test_token_ids_outside_the_vocabulary_fail_only_their_request(engine):
+    """An out-of-range logit_bias / forced / stop id would break the batched sampling step for every running
+    request (a device assert on CUDA): it is an InvalidRequestError on its own request."""
+    victim = engine.submit(ue.Request(prompt="Talk.", sampling=ue.SamplingParams(max_tokens=30, ignore_eos=True)))
+    vocab = engine.model.cfg.llm.vocab_size
+    for sp in (ue.SamplingParams(logit_bias={vocab + 5: 1.0}), ue.SamplingParams(logit_bias={-1: 100.0}),
+               ue.SamplingParams(forced_prefix=(vocab,)), ue.SamplingParams(stop_token_ids=(-3,))):
+        out = engine.submit(ue.Request(prompt="bad", sampling=sp)).future.result(10)
+        assert isinstance(out.error, ue.InvalidRequestError) and "outside the vocabulary" in str(out.error)
+    out = victim.result(timeout=60)
+    assert out.error is None and len(out.token_ids) == 30

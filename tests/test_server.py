@@ -195,6 +195,9 @@ def _bad_bodies(media):
             "data:image/png;base64," + __import__("base64").b64encode(png_header_only(60000, 60000)).decode())},
             "image_url"),
         "prompt too long": ({**ok, "messages": [{"role": "user", "content": "x" * 5000}]}, None),
+        "nul byte in a file path": ({**ok, "messages": _image_message(f"file://{media}/allowed/a%00.png")},
+                                    "image_url"),
+        "logit_bias id outside the vocabulary": ({**ok, "logit_bias": {"99999999": 1}}, None),
     }
 
 
@@ -229,6 +232,7 @@ def test_per_request_timeout(server):
             "ignore_eos": True, "timeout": 0.3}
     r = _post(url, "/v1/chat/completions", body)
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    assert r.headers["x-should-retry"] == "false"  # clients must not run it again
     s = wait_idle(engine)
     assert s["kv_blocks_free"] == s["kv_blocks_total"]
 
@@ -354,3 +358,15 @@ def test_span_route_results_are_in_the_message_tasks():
     got = server_app._tasks_json(out)
     assert [t["route"] for t in got] == ["[DET]", "box"]
     assert got[0] == det.to_json() and got[1] == seg.to_json() and got[1]["span"] == {"start": 10, "end": 42, "text": "dog"}
+
+
+def test_a_closed_engine_answers_503_and_health_says_so():
+    """After the engine closes (e.g. a tensor-parallel worker died), requests get 503, not a traceback, and
+    /health turns 503 so a load balancer stops sending traffic."""
+    with running_server(api_key=KEY) as (engine, url, _):
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        engine.close()
+        r = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["message"], r.text
+        assert httpx.get(url + "/health", timeout=10).status_code == 503

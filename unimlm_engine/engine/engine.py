@@ -109,7 +109,7 @@ class Engine:
         """Queue a request and return its handle at once. Problems with the request itself
         end the handle with a typed error (result() raises it); the engine goes on."""
         handle = RequestHandle(request.request_id, canceller=self._request_cancel)
-        if self._closed or self.core.fatal is not None:
+        if not self.accepting():
             handle.fail(RequestOutput(request.request_id), EngineClosedError("engine is closed"))
             return handle
         seq_id = next(self._ids)
@@ -121,9 +121,14 @@ class Engine:
             return handle
         handle.seq_id = seq_id
         if not self.core.add(seq):
-            handle.fail(RequestOutput(request.request_id),
+            handle.fail(RequestOutput(request.request_id), EngineClosedError("engine is closed")
+                        if not self.accepting() else
                         QueueFullError(f"request queue is full (max_queue_size={self.config.max_queue_size})"))
         return handle
+
+    def accepting(self) -> bool:
+        """Whether new requests can be served (not closed, no fatal tensor-parallel failure)."""
+        return not self._closed and self.core.fatal is None
 
     def generate(self, prompt: Optional[str] = None, *, prompt_token_ids: Optional[Seq[int]] = None, images=None,
                  sampling: Optional[SamplingParams] = None, **kw) -> RequestOutput:
@@ -140,13 +145,20 @@ class Engine:
         """submit() for an event loop: the intake (image decoding, tiling, tokenizing) runs on the
         engine's intake threads, never on the loop. If the awaiting task is cancelled meanwhile, the
         request is cancelled as soon as it was queued."""
+        if not self.accepting():  # fails at once, no intake thread needed
+            return self.submit(request)
         if self._intake_pool is None:
             self._intake_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="unimlm-intake")
-        fut = asyncio.get_running_loop().run_in_executor(self._intake_pool, self.submit, request)
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._intake_pool, self.submit, request)
+        except RuntimeError:  # the pool was shut down by close() meanwhile
+            return self.submit(request)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            if fut.cancelled() and not self.accepting():  # close() dropped the queued intake: a typed error
+                return self.submit(request)
             fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().cancel())
             raise
 

@@ -8,6 +8,7 @@ PromptTooLongError, processor.InvalidImageError) and end only that request's han
 """
 from __future__ import annotations
 
+import operator
 import random
 import time
 
@@ -37,6 +38,11 @@ class Intake:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(params).__name__}")
         params.__post_init__()  # re-validate: fields may have been changed after construction
+        ids_given = (*params.logit_bias, *params.forced_prefix, *params.stop_token_ids)
+        bad = [t for t in ids_given if not _token_id_in(t, self.vocab)]
+        if bad:  # an out-of-range id would fail the whole batch's sampling step (a device assert on CUDA)
+            raise InvalidRequestError(f"token ids outside the vocabulary [0, {self.vocab}) in logit_bias / "
+                                      f"forced_prefix / stop_token_ids: {bad[:5]}")
         if (req.prompt is None) == (req.prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of prompt and prompt_token_ids")
         if req.timeout_s is not None and not req.timeout_s > 0:
@@ -111,3 +117,12 @@ class Intake:
         if not spans:
             return []
         return _C.block_extra_keys(seq.prompt_len, self.cfg.block_size, spans)
+
+
+def _token_id_in(t, vocab: int) -> bool:
+    """An integer (Python or numpy, not bool) in [0, vocab)."""
+    try:
+        i = operator.index(t)
+    except TypeError:
+        return False
+    return not isinstance(t, bool) and 0 <= i < vocab

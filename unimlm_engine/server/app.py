@@ -78,6 +78,8 @@ def build_app(engine, cfg: Optional[ServerConfig] = None) -> FastAPI:
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not engine.accepting():  # closed, or a tensor-parallel worker died: send traffic elsewhere
+            return JSONResponse({"status": "closed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -202,7 +204,7 @@ def _forget(state: ServerState, handle) -> None:
 
 
 def _load_images(urls: list[str], cfg: ServerConfig) -> list:
-    return [load_image_url(u, cfg.allowed_local_media_path, cfg.max_image_pixels) for u in urls]
+    return [load_image_url(u, cfg.allowed_local_media_path, cfg.max_image_pixels, cfg.max_body_bytes) for u in urls]
 
 
 async def _output(handle):

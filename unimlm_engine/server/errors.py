@@ -24,8 +24,10 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
 def from_engine(error: Optional[BaseException], finish_reason: Optional[str], retry_after_s: int = 1) -> APIError:
     """A request that ended without a result (finish_reason error, timeout or cancelled) -> its API error."""
     if finish_reason == "timeout":
+        # 408 is what clients retry on their own (openai-python does); the work was done and timed out, so
+        # tell them not to: x-should-retry is honoured by openai-python
         return APIError(408, "the request timed out (its timeout or the server's --request-timeout)",
-                        type="timeout_error", code="request_timeout")
+                        type="timeout_error", code="request_timeout", headers={"x-should-retry": "false"})
     if finish_reason == "cancelled":
         return APIError(503, "the request was cancelled: the server is shutting down", type="server_error",
                         code="cancelled")

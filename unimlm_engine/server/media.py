@@ -33,6 +33,8 @@ def resolve_local(url: str, allowed_dir: Optional[str]) -> str:
         raise APIError(403, f"file:// URL with a host ({parsed.netloc!r}) is not allowed", type="permission_error",
                        code="local_media_forbidden")
     path = urllib.parse.unquote(parsed.path)
+    if "\x00" in path:
+        raise bad_request("a file:// URL must not contain a NUL byte", param="image_url")
     if not os.path.isabs(path):
         raise bad_request("a file:// URL needs an absolute path", param="image_url")
     real = os.path.realpath(path)
@@ -72,11 +74,16 @@ def check_pixels(data: bytes, max_pixels: int) -> None:
                           param="image_url", code="image_too_large")
 
 
-def load_image_url(url: str, allowed_dir: Optional[str], max_pixels: int) -> Image.Image:
+def load_image_url(url: str, allowed_dir: Optional[str], max_pixels: int,
+                   max_file_bytes: Optional[int] = None) -> Image.Image:
     if url.startswith("data:"):
         data = _data_url_bytes(url)
     elif url.startswith("file:"):
-        with open(resolve_local(url, allowed_dir), "rb") as f:
+        path = resolve_local(url, allowed_dir)
+        if max_file_bytes is not None and os.path.getsize(path) > max_file_bytes:
+            raise APIError(413, f"local image file over {max_file_bytes} bytes", type="invalid_request_error",
+                           code="file_too_large")
+        with open(path, "rb") as f:
             data = f.read()
     elif url.startswith(("http://", "https://")):
         raise bad_request("remote image URLs are not fetched; send the image as a data: URL", param="image_url",
