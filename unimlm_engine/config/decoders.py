@@ -153,7 +153,9 @@ class DetectorConfig(_DictMixin):
             raise ValueError(f"gdino_config.backbone_config: out_features {bb.get('out_features')} (the official "
                              f"gdino uses stage1..stage4: stage 1 feeds the mask head, stages 2-4 the levels)")
         names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and k not in _SWIN_FIELDS and k not in _GDINO_RENAMES}
+        # layer_norm_eps is the Swin's (backbone_config); GroundingDinoConfig's own top-level one is not read
+        kw = {k: v for k, v in d.items() if k in names and k not in _SWIN_FIELDS and k not in _GDINO_RENAMES
+              and k != "layer_norm_eps"}
         for ours, theirs in _GDINO_RENAMES.items():
             if theirs in d:
                 kw[ours] = d[theirs]

@@ -62,6 +62,9 @@ class PostOptions:
             v = getattr(o, k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
+        for k in ("with_masks", "clamp_boxes", "semantic_resize_first"):
+            if getattr(o, k) is not None and not isinstance(getattr(o, k), bool):  # "false" would be truthy
+                raise ValueError(f"{where}: {k} must be a boolean, got {getattr(o, k)!r}")
         if o.seg_mode not in ("instance", "semantic"):
             raise ValueError(f"{where}: seg_mode must be 'instance' or 'semantic', got {o.seg_mode!r}")
         return o
