@@ -249,7 +249,7 @@ def test_hung_worker_times_out_and_closes_engine():
         assert time.monotonic() - t0 < 2.0 + 5.0
         for o in outs:
             assert isinstance(o.error, WorkerDiedError) and "timed out" in str(o.error), o.error
-        worker.join(15)  # SIGKILL is sent before the requests end; reaping it took over 5 s once under CI load
+        worker.join(15)  # killed before the requests end; once in CI it was still alive 5 s later (cause not found)
         assert not worker.is_alive()  # the stopped worker was killed
     finally:
         if worker.is_alive():
