@@ -10,6 +10,7 @@ import pytest
 
 import unimlm_engine as ue
 from engine_helpers import IMAGES, tiny_model
+from unimlm_engine.routes import span_tokens
 
 THREADS, TOTAL = 16, 2000
 
@@ -118,6 +119,8 @@ def test_stress_with_span_routes_every_handle_ends_once(output_thread):
     eng = ue.Engine(model, tok, cfg)
     image = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
     det = tok.special_ids["[DET]"]
+    # the up-to-3 sampled tokens after a forced span text must not open another span (random weights may)
+    no_spans = {tok.token_to_id(t): -100.0 for t in span_tokens()}
     handles, lock = [], threading.Lock()
 
     def worker(wid):
@@ -128,7 +131,8 @@ def test_stress_with_span_routes_every_handle_ends_once(output_thread):
             if kind < 0.3:
                 ids = tok.encode(rng.choice(SPAN_TEXTS))
                 req = ue.Request(prompt="go", images=[image], timeout_s=timeout, sampling=ue.SamplingParams(
-                    max_tokens=len(ids) + rng.randint(0, 3), forced_prefix=tuple(ids), ignore_eos=True))
+                    max_tokens=len(ids) + rng.randint(0, 3), forced_prefix=tuple(ids), ignore_eos=True,
+                    logit_bias=no_spans))
             elif kind < 0.35:
                 req = ue.Request(prompt="find it", images=[image], sampling=ue.SamplingParams(
                     max_tokens=2, forced_prefix=(det,)))

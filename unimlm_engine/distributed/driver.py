@@ -224,8 +224,12 @@ class TensorParallel:
 
     def _kill_all(self) -> None:
         for p in self.procs:
-            if p.is_alive() and p.pid != os.getpid():
+            if p.pid is None or p.pid == os.getpid() or _exited(p):
+                continue
+            try:
                 p.kill()
+            except ProcessLookupError:  # reaped meanwhile (by the watchdog's join)
+                pass
 
     def close(self, graceful: bool = True, timeout: float = 1.0) -> None:
         """Stop the workers: SHUTDOWN over the pipes (graceful), then join, killing any left after `timeout`.
@@ -248,3 +252,9 @@ class TensorParallel:
             c.close()
         if threading.current_thread() is not self._watchdog:
             self._watchdog.join(1.0)
+
+
+def _exited(p) -> bool:
+    """Whether worker `p` has ended, by its sentinel: `is_alive()` polls with waitpid, which races with the
+    watchdog thread's join on the same process (the loser sees ECHILD and reports a dead process as alive)."""
+    return bool(mp_wait([p.sentinel], timeout=0))
