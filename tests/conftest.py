@@ -57,3 +57,13 @@ def triton_device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny decoders gain nothing from threads; on the shared, loaded 2-core test box spin-waiting intra-op
+    threads cost far more than they gain. Use per module: `pytestmark = pytest.mark.usefixtures(...)`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ HIDDEN = 256  # tiny preset llm hidden
 K_DET, K_GEN = 4, 8  # tiny preset super-link queries
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny decoders gain nothing from threads; on the shared loaded 2-core box spin-waiting costs ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def small_cfg(pipe_root=None):

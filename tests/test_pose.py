@@ -12,13 +12,7 @@ from unimlm_engine.model.decoders.pose import PoseDecoder, eval_size
 LLM = 256  # tiny preset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Spin-waiting threads cost far more than they gain on the shared, loaded 2-core test box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ OFFICIAL = dict(backbone="tiny_test", hidden_dim=256, nheads=4, enc_layers=1, de
 CASES = [(3, 1, (57, 83)), (17, 3, (61, 45)), (68, 5, (40, 100))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Spin-waiting threads cost far more than they gain on the shared, loaded 2-core test box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _official_weights(ref: torch.nn.Module, seed: int = 1) -> dict:
