@@ -197,7 +197,9 @@ def test_killed_replica_fails_its_requests_clearly_and_service_goes_on(ray_url):
         assert (kind, code) in {("ok", None), ("lost", "replica_lost")}
     lost_streams = [r for i, r in enumerate(results) if i % 2 == 1 and r[1] == victim]
     assert lost_streams and all(r[0] == "lost" for r in lost_streams)  # 400 tokens take far longer than a kill
-    assert any(r[0] == "ok" for r in results)  # the other replica's requests finished
+    # requests the other replica served finished (Serve's power-of-two routing may have sent all six to the
+    # victim: then there are none, and the 4 requests below show the other replica serving)
+    assert all(r[0] == "ok" for r in results if r[1] is not None and r[1] != victim)
     # new requests go to the live replica (or its replacement), without errors
     t0 = time.monotonic()
     after = [_post(ray_url, BODY) for _ in range(4)]
