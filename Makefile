@@ -1,13 +1,16 @@
 # Set-up and the two main jobs. Each target creates its own virtual environment.
-#   make run    install everything, then run the main job on the embedded `tiny` preset
+#   make run    install everything, then run the main job on the embedded `tiny` preset (the shapes model)
 #   make test   install everything, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 COMMA := ,
-IMAGE ?= examples/images/chelsea.png
-PROMPT ?= Where is the cat? Describe it and find it.
+IMAGE ?= examples/images/shapes.png
+QUESTION ?= How many shapes are in the image? Answer with a single word.
+DETECT ?= Please perform object detection on this image for identifying red circle, red square, red triangle, \
+green circle, green square, green triangle, blue circle, blue square, blue triangle, yellow circle, yellow square, \
+yellow triangle.
 
 .PHONY: install install-test run test test-fast sanitize bench clean
 
@@ -31,9 +34,11 @@ $(VENV)/.installed-run: setup.py pyproject.toml CMakeLists.txt
 $(VENV)/.installed-test: setup.py pyproject.toml CMakeLists.txt
 	$(call install_into_venv,test)
 
+# the shipped shapes model (`tiny`): a question, then a detection instruction (boxes drawn into out/run)
 run: install
-	$(VENV)/bin/unimlm generate --model tiny --image $(IMAGE) --prompt "$(PROMPT)" \
-		--route DET,SEG,POSE,GEN,EDIT --save-dir out/run
+	$(VENV)/bin/unimlm generate --model tiny --image $(IMAGE) --prompt "$(QUESTION)"
+	$(VENV)/bin/unimlm generate --model tiny --image $(IMAGE) --prompt "$(DETECT)" --max-tokens 160 \
+		--save-dir out/run
 
 test: install-test
 	$(PY) -m pytest -q

@@ -74,6 +74,8 @@ setup(
         "unimlm_engine.kernels": "kernels",
         "unimlm_engine.export": "export",
     },
+    # the shipped shapes model (the `tiny` preset's weights, issue 18)
+    package_data={"unimlm_engine": ["assets/shapes-tiny/*.json", "assets/shapes-tiny/*.safetensors"]},
     ext_modules=[CMakeExtension("unimlm_engine._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
@@ -91,6 +93,7 @@ setup(
         "decoders": ["diffusers", "transformers"],
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib"],
+        "train": ["scipy"],  # training/train_shapes.py (Hungarian matching)
         "serve": ["fastapi", "uvicorn", "prometheus_client", "httpx"],
         "ray": ["ray[serve]>=2.60", "fastapi", "uvicorn", "prometheus_client", "httpx"],
         "test": [
@@ -109,6 +112,7 @@ setup(
             "triton",
             "matplotlib",
             "ray[serve]>=2.60",
+            "scipy",  # tests/test_shapes_model.py: one training step of training/train_shapes.py
         ],
     },
     entry_points={"console_scripts": ["unimlm=unimlm_engine.cli.main:main"]},

@@ -6,7 +6,7 @@
             decoders called with a batch of one (a closed loop of one client).
   engine    unimlm_engine.Engine, closed loops of N clients for each --concurrency.
 
-CPU (default): the `tiny` preset, saved with save_checkpoint to a temporary official-layout
+CPU (default): the `tiny-random` preset, saved with save_checkpoint to a temporary official-layout
 directory that both sides load. CUDA: the visionllm-v2-7b shapes, random bf16 weights built
 in memory and copied into the HF model (no checkpoint). THE CUDA PATH HAS NOT BEEN RUN:
 the development machine has no GPU.
@@ -94,17 +94,17 @@ def clone_request(r: Request) -> Request:
 
 
 def setup_cpu(tmp: Path):
-    """tiny, saved to an official-layout checkpoint; both sides load from it."""
+    """tiny-random, saved to an official-layout checkpoint; both sides load from it."""
     from unimlm_engine.checkpoint.loader import save_checkpoint
     from unimlm_engine.checkpoint.pretrained import load_pretrained
     from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
-    model, _ = load_pretrained("tiny", device="cpu")
+    model, _ = load_pretrained("tiny-random", device="cpu")
     ckpt = save_checkpoint(model, tmp / "tiny-ckpt", tokenizer=ByteTokenizer())
     del model
     baseline = HFSerialBaseline.from_checkpoint(ckpt, device="cpu")
     engine_model, tok = load_pretrained(ckpt, device="cpu")
-    return baseline, engine_model, tok, "tiny"
+    return baseline, engine_model, tok, "tiny-random"
 
 
 def setup_cuda():

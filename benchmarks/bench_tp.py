@@ -8,7 +8,7 @@ layer, three with row-parallel LoRA-MoE) more than any speed-up; TP pays where e
 device (GPUs, NCCL: untested).
 
 Prints a table and writes benchmarks/results/tp.json.
-Usage: python benchmarks/bench_tp.py [--tp 2] [--requests 16] [--tokens 32] [--preset tiny] [--repeats 3]
+Usage: python benchmarks/bench_tp.py [--tp 2] [--requests 16] [--tokens 32] [--preset tiny-random] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny-random")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the workers take the same)")
     a = ap.parse_args()

@@ -109,6 +109,10 @@ def to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
         schema = onnx.defs.get_schema(node.op_type, 18, "")
         if schema.since_version == 18 and not _same_at_17(node):
             _refuse(node, "has no opset-17 form")
+        if node.op_type == "Resize":  # the defaults checked above, written out: attributes opset 17 lacks
+            kept = [a for a in node.attribute if a.name not in ("antialias", "keep_aspect_ratio_policy")]
+            del node.attribute[:]
+            node.attribute.extend(kept)
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -1,7 +1,8 @@
 """The decoder an export is made from: the detector (`gdino`) the engine serves for `--model M` (the only
 decoder with an export path; UniPose, the [POSE] decoder, has none).
 
-- a preset name: the engine's `load_pretrained(M)` builds the whole model with `build_model(get_preset(M),
+- a shipped preset (`tiny`, the trained shapes model): its checkpoint directory in the package, as below;
+- another preset name: the engine's `load_pretrained(M)` builds the whole model with `build_model(get_preset(M),
   seed=TINY_SEED)` (every weight drawn from one seeded stream, so the decoder's weights depend on the modules
   built before it); this does the same build on the CPU in fp32 and takes the decoder (no tokenizer, no
   diffusers pipelines: they draw no weights the decoder uses);
@@ -71,12 +72,14 @@ def load_decoder(kind: str, model: str | os.PathLike) -> torch.nn.Module:
     """kind: "detector"; model: preset name or checkpoint directory -> the decoder in eval mode,
     fp32 on the CPU, with the weights the engine serves for `model`."""
     from unimlm_engine.checkpoint.loader import CheckpointError
-    from unimlm_engine.config.presets import PRESETS, TINY_SEED
+    from unimlm_engine.config.presets import PRESETS, SHIPPED, TINY_SEED
     from unimlm_engine.model import build_model
 
     cfg = model_config(model)
     sub = _decoder_config(kind, cfg, model)
-    if str(model) in PRESETS:
+    if str(model) in SHIPPED:  # a preset whose weights ship with the package: its checkpoint directory
+        model = SHIPPED[str(model)]()
+    elif str(model) in PRESETS:
         full = build_model(cfg, seed=TINY_SEED, dtype=torch.float32, device="cpu")
         return getattr(full.decoders, PREFIX).eval()
     from unimlm_engine.model.decoders.detector import DetectorDecoder

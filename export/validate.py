@@ -64,14 +64,14 @@ DET_BUCKETS = {"canvases": "64x96,96x64", "batch": "1:2:2"}
 
 @functools.lru_cache(maxsize=None)
 def tiny_detector_export(msda: str = "plugin") -> tuple[torch.nn.Module, Path, dict]:
-    """(decoder, main .onnx path, record): the tiny preset's detector (the engine's weights) exported once per
+    """(decoder, main .onnx path, record): the tiny-random preset's detector (the engine's weights) exported once per
     process at opset 17 into a temporary directory, canvases 64x96 and 96x64 (the main file), batch 1..2
     (so three images run in two chunks), classes dynamic. Tests share it: it takes about a minute on 2 cores."""
     from .cli import export_decoder
     from .source import load_decoder
 
-    decoder = load_decoder("detector", "tiny")
+    decoder = load_decoder("detector", "tiny-random")
     out = Path(tempfile.mkdtemp(prefix="unimlm_export_"))
-    record = export_decoder("detector", "tiny", "onnx", msda, 17, out, decoder=decoder, progress=False,
+    record = export_decoder("detector", "tiny-random", "onnx", msda, 17, out, decoder=decoder, progress=False,
                             **DET_BUCKETS)
     return decoder, Path(record["path"]), record

@@ -14,7 +14,7 @@ IMAGES = ["examples/images/chelsea.png", "examples/images/coffee.png", "examples
 @functools.lru_cache(maxsize=1)
 def tiny_model():
     """The tiny preset (fp32, CPU), decoders included; built once per test session."""
-    return load_pretrained("tiny", device="cpu")
+    return load_pretrained("tiny-random", device="cpu")
 
 
 def reference_for(engine, request):

@@ -32,7 +32,7 @@ IMAGE = np.kron(np.random.default_rng(0).integers(0, 256, (7, 25, 3), dtype=np.u
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory):
     """(baseline, engine) loaded from one tiny official-layout checkpoint."""
-    model, _ = load_pretrained("tiny", device="cpu")
+    model, _ = load_pretrained("tiny-random", device="cpu")
     ckpt = save_checkpoint(model, tmp_path_factory.mktemp("e2e") / "ckpt", tokenizer=ByteTokenizer())
     baseline = HFSerialBaseline.from_checkpoint(ckpt, device="cpu")
     engine_model, tok = load_pretrained(ckpt, device="cpu")

@@ -20,7 +20,7 @@ IMAGE = "examples/images/chelsea.png"
 
 
 def _run(capsys, *argv):
-    code = main(["generate", "--model", "tiny", "--prompt", "Where is the cat?", *argv])
+    code = main(["generate", "--model", "tiny-random", "--prompt", "Where is the cat?", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -104,7 +104,7 @@ def test_cuda_device_without_cuda(capsys, no_model_load):
 def test_no_third_party_notices():
     """A whole CLI run (subprocess: fresh imports) prints nothing on stderr but the saved-file lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "DIFFUSERS_", "PYTHONWARN"))}
-    p = subprocess.run([sys.executable, "-m", "unimlm_engine.cli.main", "generate", "--model", "tiny", "--image",
+    p = subprocess.run([sys.executable, "-m", "unimlm_engine.cli.main", "generate", "--model", "tiny-random", "--image",
                         IMAGE, "--prompt", "hi", "--route", "GEN,EDIT", "--max-tokens", "3"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(get_preset("tiny"), seed=0, with_decoders=False)
+    return build_model(get_preset("tiny-random"), seed=0, with_decoders=False)
 
 
 def _cache(model, num_blocks: int, device="cpu") -> PagedKVCache:
@@ -421,7 +421,7 @@ def test_two_threads_launch_different_triton_ops():
 @pytest.mark.parametrize("bucket", [1, 8, 64], ids=lambda b: f"bucket{b}")
 @torch.inference_mode()
 def test_capture_and_replay_equal_eager_on_cuda(bucket):
-    model = build_model(get_preset("tiny"), seed=0, with_decoders=False, device="cuda")
+    model = build_model(get_preset("tiny-random"), seed=0, with_decoders=False, device="cuda")
     base = _cache(model, 600, device="cuda")
     runner_cache = _clone(base)
     runner = DecodeGraphRunner(model.llm, PagedAttention(runner_cache), (1, 8, 64), max_context=128, capture=True)

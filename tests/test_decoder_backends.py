@@ -16,7 +16,7 @@ from unimlm_engine.routes import get_route
 
 @pytest.fixture(scope="module")
 def decoder_set():
-    ds = DecoderSet(get_preset("tiny")).eval()
+    ds = DecoderSet(get_preset("tiny-random")).eval()
     decoder, _, _ = tiny_detector_export()
     ds.gdino.load_state_dict(decoder.state_dict())
     return ds
@@ -24,7 +24,7 @@ def decoder_set():
 
 def _requests(n_classes, sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     k, hidden = cfg.superlink.num_embs, cfg.llm.hidden_size
     payloads = [[torch.randn(k, hidden, generator=g) for _ in range(c)] for c in n_classes]
     images = [np.random.default_rng(seed + i).integers(0, 256, (h, w, 3), dtype=np.uint8)

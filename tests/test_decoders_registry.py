@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from unimlm_engine.model.decoders import DecoderSet, GenerationResult, build_tiny_pipeline
-from unimlm_engine.config.presets import tiny
+from unimlm_engine.config.presets import tiny_random
 from unimlm_engine.routes import get_route
 
 HIDDEN = 256  # tiny preset llm hidden
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 def small_cfg(pipe_root=None):
     """The tiny preset (its UniPose is already small) with local tiny pipelines."""
-    cfg = tiny()
+    cfg = tiny_random()
     if pipe_root is not None:
         cfg.gen = dataclasses.replace(cfg.gen, pipeline_dir=str(pipe_root / "gen"))
         cfg.edit = dataclasses.replace(cfg.edit, pipeline_dir=str(pipe_root / "edit"))
@@ -148,4 +148,4 @@ def test_errors(decoders, case):
 
 def test_bad_config_type():
     with pytest.raises(ValueError, match="ModelConfig"):
-        DecoderSet(tiny().gen)
+        DecoderSet(tiny_random().gen)

@@ -25,7 +25,7 @@ CLASSES = [1, 3, 5]
 def exported(tmp_path_factory):
     """The tiny model saved as a checkpoint directory, and its detector exported from that directory."""
     root = tmp_path_factory.mktemp("engine_backends")
-    model, _ = load_pretrained("tiny", device="cpu")
+    model, _ = load_pretrained("tiny-random", device="cpu")
     ckpt = save_checkpoint(model, root / "ckpt", ByteTokenizer())
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):

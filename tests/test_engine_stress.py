@@ -93,12 +93,12 @@ SPAN_TEXTS = ("<IMGSEG>dog</IMGSEG><BOX>dog:[0.1, 0.2, 0.6, 0.9]</BOX> ok", "<IM
 def _both_link_kinds():
     """The tiny preset plus the tiny span experts: super-link routes and span routes in one engine."""
     from unimlm_engine.config import ExpertConfig
-    from unimlm_engine.config.presets import tiny
+    from unimlm_engine.config.presets import tiny_random
     from unimlm_engine.inputs.tokenizer import ByteTokenizer
     from unimlm_engine.model import build_model
     from unimlm_engine.routes import span_tokens
 
-    cfg = tiny()
+    cfg = tiny_random()
     cfg.llm.vocab_size += len(span_tokens())
     cfg.experts = ExpertConfig(tiny=True, num_inference_steps=1, guidance_scale=1.0, image_size=32)
     model = build_model(cfg, seed=0)

@@ -21,7 +21,7 @@ TOL = 1e-4
     pytest.param("detector", (96, 64), [(1, 1, (96, 50)), (3, 7, (70, 64))], id="detector_96x64"),
 ])
 def test_aoti_package_matches_eager(tmp_path, kind, canvas, runs):
-    decoder = load_decoder(kind, "tiny")
+    decoder = load_decoder(kind, "tiny-random")
     path = tmp_path / f"{kind}.pt2"
     entry = export_aoti(kind, decoder, ExportShape(2, *canvas, 4), path, batch=Range(1, 2, 4),
                         classes=Range(1, 4, 256))
@@ -43,11 +43,11 @@ def test_aoti_cli_export_serves_through_backend(tmp_path):
     from unimlm_engine.model.decoders.backends import load_route_backend
     from unimlm_engine.routes import get_route
 
-    rec = export_decoder("det", "tiny", "aoti", out=tmp_path, canvases="64x96", progress=False)
+    rec = export_decoder("det", "tiny-random", "aoti", out=tmp_path, canvases="64x96", progress=False)
     assert rec["path"] == str(tmp_path / "det.pt2") and "opset" not in rec
     meta = json.loads((tmp_path / "det.json").read_text())
     assert meta["buckets"][0]["files"] == {"aoti": "det.pt2"}
-    decoder = load_decoder("detector", "tiny")
+    decoder = load_decoder("detector", "tiny-random")
     backend = load_route_backend(decoder, [get_route("[DET]")], "aoti", rec["path"])
     g = torch.Generator().manual_seed(0)
     pixels, valid = torch.zeros(3, 3, 64, 96), torch.zeros(3, 64, 96, dtype=torch.bool)

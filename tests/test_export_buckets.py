@@ -7,7 +7,7 @@ from unimlm_engine.export.buckets import Range, default_canvases, parse_canvases
 
 
 def test_default_canvases_are_every_canvas_of_the_resize():
-    tiny = get_preset("tiny").detector
+    tiny = get_preset("tiny-random").detector
     assert default_canvases(tiny, 32) == [(32, 96), (96, 32), (64, 64), (64, 96), (96, 64)]
     big = default_canvases(DetectorConfig(), 32)
     assert len(big) == 83 and (800, 800) in big and (800, 1344) in big and (32, 1344) in big
@@ -19,7 +19,7 @@ def test_default_canvases_are_every_canvas_of_the_resize():
 
 
 def test_default_plan():
-    plan = plan_buckets(get_preset("tiny").detector, 32, queries=4)
+    plan = plan_buckets(get_preset("tiny-random").detector, 32, queries=4)
     assert plan.batch == Range(1, 8, 8) and plan.classes == Range(1, 8, 256)
     assert plan.main_canvas() == (96, 64) and plan.to_dict()["queries"] == 4
 
@@ -44,7 +44,7 @@ def test_range_errors(spec, match):
 
 
 def test_canvas_list_and_errors():
-    tiny = get_preset("tiny").detector
+    tiny = get_preset("tiny-random").detector
     assert parse_canvases("128x128,64X128,64x128", tiny, 64) == [(64, 128), (128, 128)]
     assert parse_canvases("auto", tiny, 64) == default_canvases(tiny, 64)
     with pytest.raises(ValueError, match="pad multiple 64"):

@@ -28,7 +28,7 @@ TOL = 1e-4
 def _tiny_with_own_detector():
     """The tiny model with its detector weights moved away from the preset's (so an export of the preset
     instead of the checkpoint would fail the comparison)."""
-    model = build_model(get_preset("tiny"), seed=TINY_SEED)
+    model = build_model(get_preset("tiny-random"), seed=TINY_SEED)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.decoders.gdino.parameters():
@@ -62,7 +62,7 @@ def test_cli_export_of_checkpoint_dir(cli_export):
     assert rc == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["path"] == str(out / "det.onnx") and summary["canvases"] == ["64x96"]
-    assert summary["opset"] == 17 and summary["classes"]["max"] == get_preset("tiny").detector.max_classes
+    assert summary["opset"] == 17 and summary["classes"]["max"] == get_preset("tiny-random").detector.max_classes
     assert sorted(p.name for p in out.iterdir()) == ["det.json", "det.onnx"]
     assert "export det (onnx)" in stderr and "canvas" in stderr  # the tqdm bar
 
@@ -78,7 +78,7 @@ def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
     rc, _, stderr, out = cli_export
     assert rc == 0, stderr
     decoder = load_pretrained(ckpt, device="cpu")[0].decoders.gdino
-    preset = build_model(get_preset("tiny"), seed=TINY_SEED).decoders.gdino
+    preset = build_model(get_preset("tiny-random"), seed=TINY_SEED).decoders.gdino
     assert not torch.equal(decoder.patch2query.layers[0].weight, preset.patch2query.layers[0].weight)
     backend = load_route_backend(decoder, [get_route("[DET]")], "onnxruntime", out / "det.onnx")
     g = torch.Generator().manual_seed(len(sizes))
@@ -106,15 +106,15 @@ def test_decoder_only_load_equals_engine_load(tmp_path, fmt):
 
 
 def test_preset_decoder_equals_engine_load():
-    model = load_pretrained("tiny", device="cpu")[0]
-    got, want = load_decoder("detector", "tiny").state_dict(), model.decoders.gdino.state_dict()
+    model = load_pretrained("tiny-random", device="cpu")[0]
+    got, want = load_decoder("detector", "tiny-random").state_dict(), model.decoders.gdino.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_load_decoder_refuses_pose(tmp_path):
     """UniPose ([POSE]) has no export path: the export source refuses it before building anything."""
     with pytest.raises(ValueError, match="only 'detector' has an export wrapper"):
-        load_decoder("pose", "tiny")
+        load_decoder("pose", "tiny-random")
 
 
 def test_unknown_model_rejected(tmp_path, capsys):

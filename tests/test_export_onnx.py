@@ -130,13 +130,13 @@ def test_detector_ort_matches_eager(det_export, canvas, valid_hw, batch, classes
 @pytest.mark.parametrize("opset", [16, 22])
 def test_unsupported_opset_rejected_before_export(tmp_path, opset):
     with pytest.raises(ValueError, match=f"--opset {opset} is not supported"):
-        export_decoder("detector", "tiny", "onnx", "onnx", opset, tmp_path)
+        export_decoder("detector", "tiny-random", "onnx", "onnx", opset, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_unknown_msda_form_rejected(tmp_path):
     with pytest.raises(ValueError, match="--msda"):
-        export_decoder("detector", "tiny", "onnx", "cuda", 17, tmp_path)
+        export_decoder("detector", "tiny-random", "onnx", "cuda", 17, tmp_path)
 
 
 def _reduce_pad_model(opset):
@@ -165,6 +165,24 @@ def test_to_opset17_converts_reduce_and_pad():
     np.testing.assert_allclose(got, want, rtol=0, atol=0)
 
 
+def test_to_opset17_drops_default_resize_attributes():
+    """torch's exporter writes Resize's opset-18 attributes at their defaults (the SEG mask upsampling);
+    opset 17 has no such attributes: they go, and the graph computes the same."""
+    fl = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", antialias=0,
+                            keep_aspect_ratio_policy="stretch")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", fl, [1, 1, 3, 3])],
+                              [helper.make_tensor_value_info("y", fl, [1, 1, 6, 6])], inits)
+    m18 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    m17 = to_opset17(m18)
+    onnx.checker.check_model(m17, full_check=True)
+    assert {a.name for a in m17.graph.node[0].attribute} == {"mode"}
+    x = np.random.default_rng(0).standard_normal((1, 1, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(ort_session(m17).run(None, {"x": x})[0], ort_session(m18).run(None, {"x": x})[0],
+                               rtol=0, atol=0)
+
+
 def test_to_opset17_refuses_ops_without_17_form():
     fl = TensorProto.FLOAT
     node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=1)
@@ -181,7 +199,7 @@ def test_pose_export_refused(tmp_path):
 
     from unimlm_engine.export.cli import run_export
 
-    args = SimpleNamespace(decoder="pose", model="tiny", format="onnx", msda="onnx", opset=17, out=str(tmp_path),
+    args = SimpleNamespace(decoder="pose", model="tiny-random", format="onnx", msda="onnx", opset=17, out=str(tmp_path),
                            canvas="64x128", batch="1:2:4", classes=None)
     with pytest.raises(ValueError, match="UniPose.*no export wrapper"):
         run_export(args)
@@ -195,7 +213,7 @@ def test_higher_opsets_written_and_run(tmp_path, opset, msda):
     from unimlm_engine.export.onnx_export import export_onnx
     from unimlm_engine.export.source import load_decoder
 
-    decoder, shape = load_decoder("detector", "tiny"), ExportShape(2, 64, 64, 3)
+    decoder, shape = load_decoder("detector", "tiny-random"), ExportShape(2, 64, 64, 3)
     export_onnx("detector", decoder, shape, tmp_path / "d.onnx", msda, opset)
     model = onnx.load(str(tmp_path / "d.onnx"))
     assert model_opset(model) == opset

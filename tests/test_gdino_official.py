@@ -244,7 +244,7 @@ def test_engine_checkpoint_with_tied_heads_written_once_loads(tmp_path):
     from unimlm_engine.config.presets import TINY_SEED, get_preset
     from unimlm_engine.inputs.tokenizer import ByteTokenizer
     from unimlm_engine.model import build_model
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     cfg.pose = cfg.gen = cfg.edit = None
     model = build_model(cfg, seed=TINY_SEED, dtype=torch.float32, device="cpu")
     path = save_checkpoint(model, tmp_path / "ckpt", ByteTokenizer())
@@ -268,7 +268,7 @@ def test_options_flow_through_the_decoder_set():
     """RouteSpec.options (GRD top-1, SEG masks) and per-call options (EngineConfig.decoder_options' path)."""
     from unimlm_engine.config.presets import get_preset
     from unimlm_engine.model.decoders import DecoderSet
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     cfg.pose = cfg.gen = cfg.edit = None
     ds = DecoderSet(cfg).eval()
     g = torch.Generator().manual_seed(3)
@@ -330,8 +330,8 @@ def test_bf16_keeps_box_references_in_fp32():
     from unimlm_engine.routes import get_route
 
     torch.manual_seed(0)
-    dec32 = DetectorDecoder.from_model_config(get_preset("tiny")).eval()
-    dec16 = DetectorDecoder.from_model_config(get_preset("tiny")).eval()
+    dec32 = DetectorDecoder.from_model_config(get_preset("tiny-random")).eval()
+    dec16 = DetectorDecoder.from_model_config(get_preset("tiny-random")).eval()
     dec16.load_state_dict(dec32.state_dict())
     dec16 = dec16.to(torch.bfloat16)
     img = Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype("uint8"))

@@ -64,7 +64,7 @@ def test_llm_logits_equal_hf(heads, kv_heads):
 
 
 def _text_only_cfg():
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     return dataclasses.replace(cfg, lora_moe=None, detector=None, pose=None, gen=None, edit=None)
 
 

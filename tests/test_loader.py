@@ -14,9 +14,9 @@ from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     model = build_model(cfg, seed=7, with_decoders=False)
-    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=ByteTokenizer())
+    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny-random", tokenizer=ByteTokenizer())
     return path, model
 
 
@@ -124,13 +124,13 @@ def test_bad_config(tmp_path, content, match):
 def test_not_a_directory_and_no_weights(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         load_checkpoint(tmp_path / "nope")
-    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny").to_official_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny-random").to_official_dict()))
     with pytest.raises(CheckpointError, match="no weights found"):
         load_checkpoint(tmp_path)
 
 
 def test_official_config_round_trip():
-    for name in ("tiny", "visionllm-v2-7b"):
+    for name in ("tiny-random", "visionllm-v2-7b"):
         cfg = get_preset(name)
         again = ModelConfig.from_official_dict(json.loads(json.dumps(cfg.to_official_dict())))
         assert again == cfg

@@ -16,7 +16,7 @@ from unimlm_engine.sampling import SamplingParams, sample_token
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(get_preset("tiny"), seed=0, with_decoders=False)
+    return build_model(get_preset("tiny-random"), seed=0, with_decoders=False)
 
 
 ROUTE_TOK = 7  # a byte token standing in for [DET] (the tiny model built in code has no special ids)

@@ -36,7 +36,7 @@ def _add_shard(path, name, tensors):
 
 @pytest.fixture(scope="module")
 def det_only(tmp_path_factory):
-    cfg = dataclasses.replace(get_preset("tiny"), pose=None, gen=None, edit=None)
+    cfg = dataclasses.replace(get_preset("tiny-random"), pose=None, gen=None, edit=None)
     path = save_checkpoint(build_model(cfg, seed=11), tmp_path_factory.mktemp("det_only") / "ckpt",
                            tokenizer=ByteTokenizer())
     return path
@@ -83,7 +83,7 @@ def edit_ckpt(tmp_path_factory):
     from unimlm_engine.model.decoders import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("edit")
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     cfg = dataclasses.replace(cfg, detector=None, pose=None, gen=None,
                               edit=dataclasses.replace(cfg.edit, pipeline_dir="ip2p-pipeline"))
     path = save_checkpoint(build_model(cfg, seed=3), root / "ckpt", tokenizer=ByteTokenizer())
@@ -135,7 +135,7 @@ def test_edit_unet_that_does_not_fit_is_a_clear_error(edit_ckpt, tmp_path):
 
 def test_edit_without_checkpoint_unet_is_reported(tmp_path):
     """A checkpoint with [EDIT] but no ip2p.sd_unet.* loads, and the report says the pipeline's own UNet runs."""
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     cfg = dataclasses.replace(cfg, detector=None, pose=None, gen=None)
     path = save_checkpoint(build_model(cfg, seed=3), tmp_path / "ckpt", tokenizer=ByteTokenizer())
     _, _, report = load_checkpoint(path)
@@ -146,7 +146,7 @@ def test_differing_copies_of_a_shared_tensor_are_refused(tmp_path):
     """The detector's shared heads may be written once or twice, but two different copies are an error."""
     from unimlm_engine.checkpoint.loader import CheckpointError
 
-    cfg = dataclasses.replace(get_preset("tiny"), pose=None, gen=None, edit=None)
+    cfg = dataclasses.replace(get_preset("tiny-random"), pose=None, gen=None, edit=None)
     path = save_checkpoint(build_model(cfg, seed=11), tmp_path / "ckpt", tokenizer=ByteTokenizer())
     index = json.loads((path / "pytorch_model.bin.index.json").read_text())["weight_map"]
     key = "gdino.model.decoder.bbox_embed.0.layers.0.weight"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimlm_engine.config.presets import tiny
+from unimlm_engine.config.presets import tiny_random
 from unimlm_engine.model.decoders.pose import PoseDecoder, eval_size
 
 LLM = 256  # tiny preset
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def pose():
     torch.manual_seed(2)
-    model = PoseDecoder(tiny().pose).eval()
+    model = PoseDecoder(tiny_random().pose).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -58,7 +58,7 @@ def test_official_layout_checkpoint_loads(tmp_path, dedup):
     from unimlm_engine.inputs.tokenizer import ByteTokenizer
     from unimlm_engine.model import build_model
 
-    cfg = tiny()
+    cfg = tiny_random()
     ref = ReferenceUniPose(cfg.pose.to_dict(), cfg.pose.swin_params)
     with torch.no_grad():
         for p in ref.parameters():
@@ -124,7 +124,7 @@ def test_too_few_feature_tokens_raise():
     """num_queries above the image's feature tokens: a typed error, not a topk crash."""
     import dataclasses
 
-    cfg = dataclasses.replace(tiny().pose, num_queries=200)
+    cfg = dataclasses.replace(tiny_random().pose, num_queries=200)
     model = PoseDecoder(cfg).eval()
     with pytest.raises(ValueError, match="fewer than num_queries=200"):
         model([_image(40, 40, 0)], [_groups(1, 0)], [_groups(3, 0)])

@@ -74,7 +74,7 @@ def test_cut_stream_gets_error_event_and_finished_responses_pass_through():
 
 def test_app_builder_rejects_unknown_arguments():
     with pytest.raises(ValueError, match="replicas"):
-        rs.app_builder({"model": "tiny", "replicas": "2"})
+        rs.app_builder({"model": "tiny-random", "replicas": "2"})
 
 
 def test_documented_serve_config_builds_an_autoscaled_app():
@@ -95,12 +95,12 @@ def test_documented_serve_config_builds_an_autoscaled_app():
 def test_cli_checks_ray_flags_before_starting_anything(capsys, argv, message):
     from unimlm_engine.cli.main import main
 
-    assert main(["serve", "--model", "tiny", *argv]) == 2
+    assert main(["serve", "--model", "tiny-random", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 # ---- a real Ray Serve deployment ------------------------------------------------------------------------------
-BODY = {"model": "tiny", "prompt": "Describe the picture.", "max_tokens": 6, "temperature": 0}
+BODY = {"model": "tiny-random", "prompt": "Describe the picture.", "max_tokens": 6, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def ray_url():
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(rs.app_builder({"model": "tiny", "num_replicas": "2", "num_cpus": "1", "max_num_seqs": "8"}),
+        serve.run(rs.app_builder({"model": "tiny-random", "num_replicas": "2", "num_cpus": "1", "max_num_seqs": "8"}),
                   name=rs.APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:

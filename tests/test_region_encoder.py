@@ -104,7 +104,7 @@ def official_keep(mask, seed, max_len=2304, levels=3):
 # ---- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup():
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     model = build_model(cfg, seed=11, with_decoders=False)
     v = cfg.vision
     hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(

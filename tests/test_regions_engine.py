@@ -166,7 +166,7 @@ def test_prompt_token_ids_with_regions(engine):
 
 
 def test_official_checkpoint_with_region_encoder_loads(tmp_path):
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny-random")
     model = build_model(cfg, seed=3, with_decoders=False)
     path = save_checkpoint(model, tmp_path / "ckpt", tokenizer=ByteTokenizer())
     config = json.loads((path / "config.json").read_text())
@@ -214,7 +214,7 @@ def test_cli_generate_with_regions(capsys, tmp_path):
     m[40:120, 60:200] = 255
     Image.fromarray(m).save(tmp_path / "m.png")
     prompt = TWO.replace("region2<region>", "region2<region></reg> <reg>region3<region>")
-    argv = ["generate", "--model", "tiny", "--image", IMAGES[0], "--prompt", prompt, "--json", "--max-tokens", "3",
+    argv = ["generate", "--model", "tiny-random", "--image", IMAGES[0], "--prompt", prompt, "--json", "--max-tokens", "3",
             "--region", "box:10,20,200,150", "--region", "point:30,40", "--region", f"mask:{tmp_path / 'm.png'}"]
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["error"] is None

@@ -56,7 +56,7 @@ def toy_route():
 
 def test_new_route_served_through_engine(toy_route):
     spec, toy_cls = toy_route
-    model, tok = load_pretrained("tiny", device="cpu")  # built while [TOY] is registered
+    model, tok = load_pretrained("tiny-random", device="cpu")  # built while [TOY] is registered
     assert tok.special_ids["[TOY]"] == tok.vocab_size - 1 == model.cfg.llm.vocab_size - 1  # appended: no id moved
     assert model.query_table("toy").shape == (4, model.cfg.llm.hidden_size)
     assert isinstance(model.decoders.toy, toy_cls)

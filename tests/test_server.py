@@ -56,14 +56,14 @@ def _image_message(url, text="What is in this image?"):
 
 def test_chat_with_an_image_matches_the_engine(server, client, media):
     engine, _ = server
-    r = client.chat.completions.create(model="tiny", messages=_image_message(data_url(CAT)), max_tokens=12)
+    r = client.chat.completions.create(model="tiny-random", messages=_image_message(data_url(CAT)), max_tokens=12)
     ref = engine.generate("What is in this image?", images=[CAT], sampling=ue.SamplingParams(max_tokens=12))
     assert r.choices[0].message.content == ref.text
     assert r.choices[0].finish_reason == ref.finish_reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_len, len(ref.token_ids))
     assert r.usage.total_tokens == ref.prompt_len + len(ref.token_ids)
     # the same file through file:// under the allowed folder gives the same answer
-    local = client.chat.completions.create(model="tiny", max_tokens=12, messages=_image_message(
+    local = client.chat.completions.create(model="tiny-random", max_tokens=12, messages=_image_message(
         f"file://{media}/allowed/cat.png"))
     assert local.choices[0].message.content == ref.text
 
@@ -71,7 +71,7 @@ def test_chat_with_an_image_matches_the_engine(server, client, media):
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
 def test_streamed_text_equals_non_streamed_for_a_seed(server, client, chat):
     engine, _ = server
-    kw = dict(model="tiny", max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
+    kw = dict(model="tiny-random", max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
     if chat:
         create, msg = client.chat.completions.create, {"messages": [{"role": "user", "content": "Tell me a story"}]}
     else:
@@ -108,14 +108,14 @@ def test_task_results_streamed_and_not(server, client):
         max_tokens=len(forced) + 2, forced_prefix=forced))
     want = [t.to_json() for t in ref.tasks]
     assert [t["route"] for t in want] == ["[DET]", "[SEG]", "[POSE]"] and all("error" not in t for t in want)
-    r = client.chat.completions.create(model="tiny", messages=_image_message(data_url(CAT), "Find the cat."),
+    r = client.chat.completions.create(model="tiny-random", messages=_image_message(data_url(CAT), "Find the cat."),
                                        max_tokens=len(forced) + 2, extra_body={"routes": routes})
     got = r.choices[0].message.model_extra["tasks"]
     for a, b in zip(got, want, strict=True):
         _close(a, b)
     assert r.choices[0].message.content == ref.text
     # streamed: each task is its own `event: task` SSE event, before the final chunk
-    body = {"model": "tiny", "messages": _image_message(data_url(CAT), "Find the cat."), "stream": True,
+    body = {"model": "tiny-random", "messages": _image_message(data_url(CAT), "Find the cat."), "stream": True,
             "max_tokens": len(forced) + 2, "routes": routes}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
@@ -134,7 +134,7 @@ def test_models_health_and_cors_off(server):
     _, url = server
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert [m["id"] for m in models["data"]] == ["tiny-random"]
     pre = httpx.options(url + "/v1/chat/completions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in pre.headers
@@ -144,7 +144,7 @@ def test_models_health_and_cors_off(server):
 
 def test_api_key(server):
     _, url = server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     for key in (None, "wrong"):
         r = _post(url, "/v1/chat/completions", body, key=key)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -159,7 +159,7 @@ def test_local_files_outside_the_allowed_folder_are_forbidden(server, media):
     allowed = media / "allowed"
     for path in (f"{allowed}/../secret.png", str(media / "secret.png"), f"{allowed}/link.png", "/etc/passwd",
                  f"{allowed}/%2E%2E/secret.png"):
-        r = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": _image_message(f"file://{path}"),
+        r = _post(url, "/v1/chat/completions", {"model": "tiny-random", "messages": _image_message(f"file://{path}"),
                                                 "max_tokens": 1})
         assert r.status_code == 403, (path, r.text)
         assert r.json()["error"]["type"] == "permission_error"
@@ -167,7 +167,7 @@ def test_local_files_outside_the_allowed_folder_are_forbidden(server, media):
 
 def _bad_bodies(media):
     msg = [{"role": "user", "content": "hi"}]
-    ok = {"model": "tiny", "messages": msg, "max_tokens": 2}
+    ok = {"model": "tiny-random", "messages": msg, "max_tokens": 2}
     garbage = "data:image/png;base64," + __import__("base64").b64encode(b"not an image at all").decode()
     return {
         "bad json": (b"{\"model\": \"tiny\", \"messages\": [", None),
@@ -179,9 +179,9 @@ def _bad_bodies(media):
         "penalty": ({**ok, "presence_penalty": 0.5}, "presence_penalty"),
         "temperature range": ({**ok, "temperature": 5}, "temperature"),
         "max_tokens type": ({**ok, "max_tokens": "ten"}, "max_tokens"),
-        "no messages": ({"model": "tiny", "messages": []}, "messages"),
-        "bad role": ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-        "audio part": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        "no messages": ({"model": "tiny-random", "messages": []}, "messages"),
+        "bad role": ({"model": "tiny-random", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        "audio part": ({"model": "tiny-random", "messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {}}]}]}, "messages[0].content"),
         "undecodable image": ({**ok, "messages": _image_message(garbage)}, "image_url"),
         "invalid base64": ({**ok, "messages": _image_message("data:image/png;base64,@@@")}, "image_url"),
@@ -217,18 +217,18 @@ def test_every_bad_request_is_a_400_with_an_openai_error(server, media, client):
     finally:
         unregister_route("[TOY400]")
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=3)
+        client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}], n=3)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     big = _post(url, "/v1/chat/completions", b"{" + b" " * (2 << 20) + b"}")
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
-    r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True})
+    r = _post(url, "/v1/completions", {"model": "tiny-random", "prompt": "hi", "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_per_request_timeout(server):
     engine, url = server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
             "ignore_eos": True, "timeout": 0.3}
     r = _post(url, "/v1/chat/completions", body)
     assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
@@ -241,7 +241,7 @@ def test_per_request_timeout(server):
 def test_a_client_that_disconnects_cancels_its_request(server, stream):
     engine, url = server
     before = _metric(url, "unimlm_request_finished_total", reason="cancelled") or 0
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900,
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900,
             "ignore_eos": True, "stream": stream}
     headers = {"Authorization": f"Bearer {KEY}"}
     if stream:
@@ -270,7 +270,7 @@ def _metric(url, name, **labels):
 
 def test_metrics_parse(server, client):
     engine, url = server
-    client.chat.completions.create(model="tiny", messages=_image_message(data_url(CAT)), max_tokens=6,
+    client.chat.completions.create(model="tiny-random", messages=_image_message(data_url(CAT)), max_tokens=6,
                                    extra_body={"routes": ["det"]})
     wait_idle(engine)
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
@@ -299,7 +299,7 @@ def test_a_full_queue_gives_429_with_retry_after():
     """One sequence runs, one waits (max_queue_size=1): the next request is refused at once."""
     cfg = ue.EngineConfig(max_num_seqs=1, max_queue_size=1)
     with running_server(cfg) as (engine, url, _):
-        long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
+        long = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
                 "ignore_eos": True, "stream": True}
         waiting = threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, httpx.post, url + "/v1/chat/"
                                    "completions", json={**long, "stream": False}, timeout=httpx.Timeout(30, read=1.5)))
@@ -314,7 +314,7 @@ def test_a_full_queue_gives_429_with_retry_after():
             assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0).chat.completions.create(
-                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True)
+                    model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True)
         waiting.join()
         s = wait_idle(engine)  # both long requests were cancelled when their clients closed
         assert s["kv_blocks_free"] == s["kv_blocks_total"]
@@ -366,7 +366,7 @@ def test_a_closed_engine_answers_503_and_health_says_so():
     with running_server(api_key=KEY) as (engine, url, _):
         assert httpx.get(url + "/health", timeout=10).status_code == 200
         engine.close()
-        r = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        r = _post(url, "/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}],
                                                 "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["message"], r.text
         assert httpx.get(url + "/health", timeout=10).status_code == 503

@@ -22,7 +22,7 @@ N_LONG = 6  # long requests: together ~1900 steps of a 7-sequence batch, far pas
 
 def _stream(url, max_tokens, out: dict, started: threading.Event):
     no_routes = {str(ByteTokenizer().special_ids[t]): -100 for t in route_tokens()}
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": no_routes}
     events = out["events"] = []
     try:
@@ -42,7 +42,7 @@ def _stream(url, max_tokens, out: dict, started: threading.Event):
 def test_sigterm_drains_then_cancels():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "unimlm_engine.cli.main", "serve", "--model", "tiny", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "unimlm_engine.cli.main", "serve", "--model", "tiny-random", "--port",
                              str(port), "--drain-timeout", str(DRAIN_S), "--log-level", "warning"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -18,7 +18,7 @@ TOTAL, CONCURRENCY = 300, 64
 async def _one(client: httpx.AsyncClient, i: int, rng: random.Random, image: str, no_routes: dict) -> str:
     kind = rng.choices(["ok", "stream", "image", "disconnect", "read-timeout", "timeout", "bad"],
                        weights=[40, 20, 5, 10, 5, 10, 10])[0]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": f"request {i}"}],
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": f"request {i}"}],
             "max_tokens": rng.randint(1, 6), "temperature": 0.7, "seed": i, "logit_bias": no_routes}
     if kind == "image":
         body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},

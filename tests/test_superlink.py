@@ -11,7 +11,7 @@ from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = build_model(get_preset("tiny"), seed=0, with_decoders=False)
+    model = build_model(get_preset("tiny-random"), seed=0, with_decoders=False)
     tok = ByteTokenizer()
     model.special_ids = dict(tok.special_ids)
     return model, tok

@@ -160,3 +160,27 @@ def test_empty_results_leave_image_unchanged():
     assert not changed(draw_boxes(img, torch.zeros(0, 4)), img).any()
     det = DetectionResult(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), None)
     assert not changed(draw_result(img, det), img).any()
+
+
+def test_min_score_draws_only_confident_instances():
+    img = base(3)
+    boxes = torch.tensor([[5.0, 5, 30, 30], [60.0, 40, 100, 75]])
+    res = DetectionResult(boxes=boxes, scores=torch.tensor([0.9, 0.1]), labels=torch.tensor([0, 1]),
+                          masks=torch.zeros(2, H, W, dtype=torch.bool))
+    only_first = DetectionResult(boxes=boxes[:1], scores=torch.tensor([0.9]), labels=torch.tensor([0]),
+                                 masks=torch.zeros(1, H, W, dtype=torch.bool))
+    got = draw_result(img, res, ["a", "b"], min_score=0.3)
+    assert np.array_equal(np.asarray(got), np.asarray(draw_result(img, only_first, ["a", "b"])))
+    assert not changed(img, got)[40:76, 60:101].any()  # the 0.1 box is not drawn
+    assert np.array_equal(np.asarray(draw_result(img, res, min_score=0.95)), np.asarray(img))
+
+
+def test_routed_group_names_read_the_names_before_routing_tokens():
+    from unimlm_engine.inputs.tokenizer import ByteTokenizer
+    from unimlm_engine.outputs.labels import routed_group_names
+
+    tok = ByteTokenizer()
+    ids = tok.encode("Yes, here are the results for red circle[DET], blue square[DET] in the image. Utilizing "
+                     "keypoints detection, the image analysis reveals the location of apex[POSE], bottom-left[POSE].")
+    assert routed_group_names(ids, tok) == {"[DET]": ["red circle", "blue square"], "[POSE]": ["apex", "bottom-left"]}
+    assert routed_group_names(tok.encode("the cat[SEG]"), tok) == {"[SEG]": ["the cat"]}

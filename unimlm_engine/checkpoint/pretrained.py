@@ -1,7 +1,8 @@
 """`load_pretrained(model)`: a preset name or a checkpoint directory -> (model, tokenizer).
 
-Presets get random weights from a fixed seed and the built-in byte tokenizer; the `tiny`
-preset's generation decoders get tiny random diffusers pipelines, built in code once and
+A shipped preset (`tiny`: the trained shapes model) loads its checkpoint directory from the package; the other
+presets get random weights from a fixed seed and the built-in byte tokenizer. The `tiny` and `tiny-random`
+presets' generation decoders get tiny random diffusers pipelines, built in code once and
 kept under $UNIMLM_CACHE (default ~/.cache/unimlm). Checkpoint directories load through
 `loader.load_checkpoint`; a relative `pipeline_dir` of a generation decoder is resolved
 against the checkpoint directory (the diffusers pipelines sit next to it; no download).
@@ -16,7 +17,7 @@ import torch
 
 from .loader import load_checkpoint
 from ..model import VisionLLM, build_model
-from ..config.presets import PRESETS, TINY_SEED, UnknownPresetError, get_preset
+from ..config.presets import PRESETS, SHIPPED, TINY_SEED, UnknownPresetError, get_preset
 from ..inputs.tokenizer import ByteTokenizer, Tokenizer
 from ..routes import span_tokens
 
@@ -58,13 +59,17 @@ def load_pretrained(model: str | os.PathLike, device: Optional[str | torch.devic
                     dtype: Optional[torch.dtype] = None) -> tuple[VisionLLM, Tokenizer]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = str(model)
+    if name in SHIPPED:
+        m, tok, _ = load_checkpoint(SHIPPED[name](), device=device, dtype=dtype)
+        _attach_tiny_pipelines(m)
+        return m, tok
     if name in PRESETS:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         cfg = get_preset(name)
         m = build_model(cfg, seed=TINY_SEED, dtype=dtype, device=device)
         tok: Tokenizer = ByteTokenizer(extra_special=span_tokens() if cfg.experts is not None else ())
         m.special_ids = dict(tok.special_ids)
-        if name == "tiny":
+        if name == "tiny-random":
             _attach_tiny_pipelines(m)
         return m, tok
     path = Path(name)

@@ -138,7 +138,8 @@ def _generate(engine, args, routes, sampling: dict, image, regions=None) -> int:
                 print(ev.text, end="", flush=True)
         print()
     out = handle.future.result()
-    paths = _save(out, image, args.save_dir) if args.save_dir else [None] * len(out.tasks)
+    paths = _save(out, image, args.save_dir, engine.tokenizer, args.draw_threshold) if args.save_dir \
+        else [None] * len(out.tasks)
     if args.json:
         print(json.dumps(out.to_json(paths), indent=2))
     else:
@@ -154,15 +155,23 @@ def _generate(engine, args, routes, sampling: dict, image, regions=None) -> int:
     return 1 if out.error is not None or failed else 0
 
 
-def _save(out, image, save_dir: str) -> list:
-    """Draw / save each task's result; -> per task the saved generated images' paths (None otherwise)."""
+def _save(out, image, save_dir: str, tokenizer, min_score: float) -> list:
+    """Draw / save each task's result (instances scoring >= min_score, labelled with the names the model wrote
+    before its routing tokens); -> per task the saved generated images' paths (None otherwise)."""
+    from ..outputs.labels import routed_group_names
     from ..outputs.visualize import save_result
 
+    names = routed_group_names(out.token_ids, tokenizer)
     paths = []
     for i, t in enumerate(out.tasks):
         saved = None
         if t.error is None and t.raw is not None and (image is not None or t.images is not None):
-            saved = save_result(t.raw, image, save_dir, f"{i}_{t.route.strip('[]').lower()}")
+            # a [POSE] result's labels are its object classes: the request's [DET] / [GRD] groups
+            cls = names.get("[DET]", names.get("[GRD]")) if t.route == "[POSE]" else names.get(t.route)
+            labels = getattr(t.raw, "labels", None)
+            if cls is not None and labels is not None and any(int(x) >= len(cls) for x in labels.tolist()):
+                cls = None  # the text and the groups disagree (a forced route): number the classes instead
+            saved = save_result(t.raw, image, save_dir, f"{i}_{t.route.strip('[]').lower()}", cls, min_score)
             print(f"saved {', '.join(saved)}", file=sys.stderr)
         paths.append(saved if t.images is not None else None)
     return paths
@@ -357,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the whole output as JSON (README: task results)")
     g.add_argument("--save-dir", help="save visualisations and generated images here (JSON then names the "
                                       "image files instead of inlining them)")
+    g.add_argument("--draw-threshold", type=float, default=0.3,
+                   help="--save-dir pictures draw the instances scoring at least this (default 0.3)")
     _add_tp(g)
     g.set_defaults(func=cmd_generate)
 

@@ -1,7 +1,12 @@
 """Named model configs.
 
-- `tiny`: runs end to end on a CPU in seconds; random weights from a fixed seed and the
-  byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`).
+- `tiny`: the shapes model (issue 18): VisionLLM v2 at a small size, trained by training/train_shapes.py on
+  the procedurally generated shapes world (unimlm_engine/shapes), shipped with the package as an official-layout
+  checkpoint (unimlm_engine/assets/shapes-tiny: fp16 safetensors, a BPE tokenizer with the official added
+  tokens). It answers questions about shapes and detects, segments and finds keypoints of them; GEN / EDIT keep
+  the tiny random diffusers pipelines, and its region encoder is untrained.
+- `tiny-random`: runs end to end on a CPU in seconds; random weights from a fixed seed and the
+  byte-level tokenizer built in code (`unimlm_engine.inputs.tokenizer.ByteTokenizer`); what most tests use.
 - `visionllm-v2-7b`: the released model's shapes (CLIP ViT-L/14-336, Vicuna-7B with vocabulary
   32,026, no LoRA-MoE, K=4 / 64 super-link queries, every tool).
 - `unifiedmllm-7b`: UnifiedMLLM's shapes (CLIP ViT-L/14-336 on one tile, Vicuna-7B with LoRA-MoE
@@ -11,6 +16,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from .model import LLMConfig, LoRAMoEConfig, ModelConfig, SuperLinkConfig, VisionConfig
@@ -22,7 +28,7 @@ TINY_VOCAB_SIZE = 3 + 256 + len(required_special_tokens())
 TINY_SEED = 1234
 
 
-def tiny() -> ModelConfig:
+def tiny_random() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                             image_size=56, patch_size=14),
@@ -69,7 +75,7 @@ def visionllm_v2_7b() -> ModelConfig:
 def tiny_unified() -> ModelConfig:
     """tiny's LLM and vision shapes on one tile, the byte tokenizer with the span tokens, tiny experts
     (2 denoising steps, 32 px images)."""
-    t = tiny()
+    t = tiny_random()
     t.vision.max_tiles, t.vision.use_thumbnail = 1, False
     return ModelConfig(vision=t.vision,
                        llm=LLMConfig(vocab_size=3 + 256 + len(special_tokens()) + len(span_tokens()), hidden_size=256,
@@ -90,7 +96,23 @@ def unifiedmllm_7b() -> ModelConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny, "visionllm-v2-7b": visionllm_v2_7b,
+def shapes_dir() -> Path:
+    """The shipped shapes checkpoint (the `tiny` preset's weights)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "shapes-tiny"
+
+
+def tiny() -> ModelConfig:
+    """The shipped shapes model's config (its checkpoint's config.json)."""
+    from ..checkpoint.loader import read_config
+
+    return read_config(shapes_dir())
+
+
+# presets whose weights ship with the package (a checkpoint directory) instead of being drawn from TINY_SEED
+SHIPPED: dict[str, Callable[[], Path]] = {"tiny": shapes_dir}
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny, "tiny-random": tiny_random,
+                                                 "visionllm-v2-7b": visionllm_v2_7b,
                                                  "unifiedmllm-7b": unifiedmllm_7b, "tiny-unified": tiny_unified}
 
 

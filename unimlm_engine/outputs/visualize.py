@@ -8,6 +8,7 @@ Every drawing function returns a new RGB image and leaves its input untouched.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -108,14 +109,20 @@ def draw_keypoints(image: Image.Image, keypoints: Any, threshold: float = 0.0, r
 
 
 def draw_result(image: Image.Image, result: Any, class_names: Optional[Sequence[str]] = None,
-                threshold: float = 0.0) -> Image.Image:
+                threshold: float = 0.0, min_score: Optional[float] = None) -> Image.Image:
     """Draw whatever a detector / pose result carries: masks, then boxes, then keypoints.
 
     Reads the attributes `boxes`, `labels` (class indices: the request's n-th routed
     group), `scores`, `masks`, `keypoints` when present and not None (DetectionResult of
     decoders/detector.py, PoseResult of decoders/pose.py). class_names[i] names class i.
+    min_score: draw only the instances scoring at least this (the official post-processing keeps the top 100
+    with no threshold).
     """
     out = _rgb(image)
+    if min_score is not None and getattr(result, "scores", None) is not None:
+        keep = [i for i, s in enumerate(_as_list(result.scores)) if s >= min_score]
+        result = SimpleNamespace(**{k: _take(getattr(result, k, None), keep)
+                                    for k in ("boxes", "labels", "scores", "masks", "keypoints")})
     masks = getattr(result, "masks", None)
     if masks is not None and len(masks):
         out = overlay_masks(out, masks)
@@ -147,8 +154,20 @@ def save_images(images: Sequence[Image.Image], save_dir: str, prefix: str) -> li
     return paths
 
 
+def _as_list(x: Any) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def _take(x: Any, keep: list[int]) -> Any:
+    if x is None:
+        return None
+    if hasattr(x, "shape"):
+        return x[keep]
+    return [x[i] for i in keep]
+
+
 def save_result(result: Any, image: Optional[Image.Image], save_dir: str, prefix: str,
-                class_names: Optional[Sequence[str]] = None) -> list[str]:
+                class_names: Optional[Sequence[str]] = None, min_score: Optional[float] = None) -> list[str]:
     """CLI --save-dir: a GenerationResult saves its images; a detector / pose result saves
     the input image with the result drawn on it. -> paths written."""
     images = getattr(result, "images", None)
@@ -156,4 +175,4 @@ def save_result(result: Any, image: Optional[Image.Image], save_dir: str, prefix
         return save_images(images, save_dir, prefix)
     if image is None:
         raise ValueError("save_result: a detection / pose result needs the request's input image")
-    return save_images([draw_result(image, result, class_names)], save_dir, prefix)
+    return save_images([draw_result(image, result, class_names, min_score=min_score)], save_dir, prefix)

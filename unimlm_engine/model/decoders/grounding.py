@@ -95,6 +95,9 @@ class GdinoModel(nn.Module):
         self.enc_output = nn.Linear(d, d)
         self.enc_output_norm = nn.LayerNorm(d)
         self.encoder_output_bbox_embed = MLPHead(d, d, 4, 3)
+        # training only (training/train_shapes.py): a list set here collects the two-stage selection and each
+        # decoder layer's output for the auxiliary losses; None (always, at inference) collects nothing
+        self.collect: list | None = None
 
     # ---- image side -------------------------------------------------------------------------------------------
     def levels(self, pixel_values: torch.Tensor, pixel_valid: torch.Tensor):
@@ -186,6 +189,8 @@ class GdinoModel(nn.Module):
         score = class_logits(query, text, text_valid).max(-1).values
         k = min(self.cfg.num_queries, score.shape[1])
         idx = torch.topk(score, k, dim=1).indices
+        if self.collect is not None:
+            self.collect.append(("enc", query, props, idx, text))
         # references stay fp32 under a bf16 model, as in the official code (bf16 delta + fp32 proposals)
         coords = torch.gather(self.encoder_output_bbox_embed(query).float() + props, 1,
                               idx[..., None].expand(-1, -1, 4))
@@ -203,6 +208,8 @@ class GdinoModel(nn.Module):
             ref_in = ref[:, :, None] * ratios4
             qpos = self.decoder.reference_points_head(sine_embed_coords(ref_in[:, :, 0], d // 2).to(hidden.dtype))
             hidden = layer(hidden, qpos, ref_in, shapes, start, memory, valid, text, tbias)
+            if self.collect is not None:
+                self.collect.append(("dec", hidden, ref))
             prev, ref = ref, (self.decoder.bbox_embed[i](hidden).float() + inverse_sigmoid(ref)).sigmoid()
         return self.decoder.layer_norm(hidden), prev
 

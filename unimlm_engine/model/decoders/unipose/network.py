@@ -124,6 +124,9 @@ class UniPoseNet(nn.Module):
         self.pose_embed = nn.ModuleList([pose] * (c.dec_layers - nb + 1))
         self.pose_hw_embed = nn.ModuleList([pose_hw] * (c.dec_layers - nb))
         self.transformer = _Transformer(c, self.bbox_embed, self.pose_embed, self.pose_hw_embed)
+        # training only (training/train_shapes.py): a list set here collects the two-stage selection and the box
+        # layers' outputs for the auxiliary losses; None (always, at inference) collects nothing
+        self.collect: list | None = None
 
     # ---------------------------------------------------------------- image side
     def _levels(self, pixels: torch.Tensor, pad: torch.Tensor):
@@ -193,6 +196,8 @@ class UniPoseNet(nn.Module):
         score = _logits(out_mem, text, obj_valid).max(-1).values
         coord = tr.enc_out_bbox_embed(out_mem) + props
         top = torch.topk(score, c.num_queries, dim=1).indices
+        if self.collect is not None:  # training only (training/train_shapes.py: the two-stage auxiliary loss)
+            self.collect.append(("enc", out_mem, coord, top, text))
         ref = torch.gather(coord, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
         out = tr.tgt_embed.weight[None].expand(b, -1, -1)
 
@@ -209,6 +214,8 @@ class UniPoseNet(nn.Module):
             hs, ref_sig = dec.norm(out), ref
             if lid < nb:
                 new_ref = (self.bbox_embed[lid](out) + inverse_sigmoid(ref)).sigmoid()
+                if self.collect is not None:
+                    self.collect.append(("dec", hs, new_ref))
             if lid == nb - 1:
                 cls = _logits(out, text, obj_valid).max(-1).values
                 sel = torch.topk(cls, n_grp, dim=1).indices

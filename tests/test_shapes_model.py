@@ -1,0 +1,192 @@
+"""The shipped shapes model (`tiny`, issue 18): its tokenizer, that training computes what the engine serves,
+the training losses against independent references, and its accuracy on held-out scenes through the engine."""
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+from unimlm_engine.checkpoint.pretrained import load_pretrained  # noqa: E402
+from unimlm_engine.config.presets import get_preset, shapes_dir  # noqa: E402
+from unimlm_engine.routes import required_special_tokens  # noqa: E402
+from unimlm_engine.shapes.tokenizer import BASE_VOCAB, train_tokenizer  # noqa: E402
+from unimlm_engine.shapes.world import CLASSES, make_scene  # noqa: E402
+
+SHAPES_PNG = ROOT / "examples" / "images" / "shapes.png"
+SHAPES_PNG_SEED = 700_000_003  # examples/images/shapes.png is make_scene(SHAPES_PNG_SEED).image
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_pretrained("tiny", device="cpu")
+
+
+def test_checkpoint_is_small_official_layout_and_tokens_official():
+    d = shapes_dir()
+    shards = list(d.glob("*.safetensors"))
+    assert len(shards) == 1 and shards[0].stat().st_size <= 25_000_000
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "visionllmv2" and cfg["use_gdino"] and cfg["use_unipose"]
+    assert get_preset("tiny").llm.vocab_size == BASE_VOCAB + len(required_special_tokens())
+    from unimlm_engine.inputs.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(d)
+    # the 26 official added tokens right after the learned vocabulary, in the official order
+    assert [tok.special_ids[t] for t in required_special_tokens()] == list(range(BASE_VOCAB, BASE_VOCAB + 26))
+    assert tok.special_ids["[DET]"] == BASE_VOCAB + 12 and tok.special_ids["[EMB]"] == BASE_VOCAB + 18
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
+def test_tokenizer_is_reproducible(tmp_path):
+    ours = json.loads(train_tokenizer(tmp_path).joinpath("tokenizer.json").read_text())
+    shipped = json.loads((shapes_dir() / "tokenizer.json").read_text())
+    assert ours["model"]["vocab"] == shipped["model"]["vocab"]
+    assert ours["model"]["merges"] == shipped["model"]["merges"]
+    assert ours["added_tokens"] == shipped["added_tokens"]
+
+
+def test_training_forward_is_the_engines(tiny):
+    """The training script's forward (prompt, [EMB] rows, payload positions) equals what the engine computes:
+    payloads of a POSE answer forced through the engine match the training forward's."""
+    from train_shapes import encode, llm_forward, payloads
+
+    from unimlm_engine import Engine, EngineConfig, Request, SamplingParams
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.shapes.tasks import pose_sample, strip_queries
+
+    model, tok = tiny
+    sc = make_scene(3)
+    s = pose_sample(sc, random.Random(0), 4)
+    ids, _, pix, groups = encode([(s, sc)], Processor(model.cfg.vision, tok), tok, model.special_ids)
+    with torch.no_grad():
+        ref = payloads(llm_forward(model, ids, pix, groups, 4), 0, groups, ("[DET]", "[POSE]"), 4)
+    forced = tuple(tok.encode(" " + strip_queries(s.answer)))
+    with Engine(model, tok, EngineConfig()) as eng:
+        out = eng.submit(Request(prompt=s.question, images=[sc.image], sampling=SamplingParams(
+            max_tokens=len(forced) + 1, forced_prefix=forced, seed=0))).result()
+    assert [p.route for p in out.payloads] == ["[DET]"] * len(s.classes) + ["[POSE]"] * len(s.keypoints)
+    for a, b in zip(ref, out.payloads):
+        torch.testing.assert_close(b.payload.float(), a, atol=1e-4, rtol=1e-4)
+
+
+def test_one_training_step_reaches_every_part():
+    """LLM cross-entropy plus the detector and UniPose set losses through the payloads: one step on a fresh
+    model gives finite losses and gradients in the vision tower, the LLM, both query tables and both decoders."""
+    import train_shapes as ts
+
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.inputs.tokenizer import HFTokenizer
+    from unimlm_engine.model import build_model
+    from unimlm_engine.shapes.config import shapes_config
+
+    tok = HFTokenizer(shapes_dir())
+    model = build_model(shapes_config(), seed=0).train()
+    model.special_ids = dict(tok.special_ids)
+    samples = [x for x in ts.make_samples(0, random.Random(0), 4) if x[0].task in ("det", "seg", "pose")][:3]
+    samples += [x for x in ts.make_samples(0, random.Random(0), 4) if x[0].task == "pose"][:1]
+    ids, labels, pix, groups = ts.encode(samples, Processor(model.cfg.vision, tok), tok, model.special_ids)
+    hidden = ts.llm_forward(model, ids, pix, groups, 4)
+    lm = torch.nn.functional.cross_entropy(model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1])),
+                                           labels[:, 1:].reshape(-1), ignore_index=ts.IGNORE)
+    det = ts.detector_loss(model, hidden, samples, groups, 4)
+    pose = ts.pose_loss(model, hidden, samples, groups, 4)
+    losses = {"lm": lm, **det, **pose}
+    assert set(losses) >= {"lm", "cls", "l1", "giou", "mask", "dice", "pose_cls", "pose_kpt"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name in ("vis_encoder.vision_model.embeddings.patch_embedding.weight", "llm.model.layers.0.mlp.up_proj.weight",
+                 "emb_embeddings_det.weight", "emb_embeddings_pose.weight", "decoders.gdino.patch2query.layers.0.weight",
+                 "decoders.unipose.projection_kpt_llava.layers.0.weight"):
+        g = model.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+def test_matching_and_giou_against_references():
+    from losses import Target, generalized_iou, match
+
+    # GIoU by hand: [0,0,2,2] vs [1,1,3,3]: inter 1, union 7, hull 9 -> 1/7 - 2/9
+    g = generalized_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3]]))
+    assert abs(g.item() - (1 / 7 - 2 / 9)) < 1e-6
+    # Hungarian matching = the best of all assignments (brute force over permutations)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        q, n = 6, 3
+        logits = torch.randn(q, 4, generator=gen)
+        boxes = torch.rand(q, 4, generator=gen) * 0.5 + 0.1
+        t = Target(torch.randint(0, 4, (n,), generator=gen), torch.rand(n, 4, generator=gen) * 0.5 + 0.1)
+        qi, ti = match(logits, boxes, t)
+        from losses import W_CLS, W_GIOU, W_L1, box_xyxy, focal_class_cost
+
+        cost = (W_CLS * focal_class_cost(logits, t.labels) + W_L1 * torch.cdist(boxes, t.boxes, p=1)
+                - W_GIOU * generalized_iou(box_xyxy(boxes), box_xyxy(t.boxes)))
+        best = min(sum(cost[p[j], j].item() for j in range(n)) for p in itertools.permutations(range(q), n))
+        assert abs(cost[qi, ti].sum().item() - best) < 1e-4
+
+
+def _box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / u
+
+
+def test_make_run_on_the_shipped_image(tiny):
+    """`make run`: the question and the detection instruction on examples/images/shapes.png. The answers are
+    well formed (a digit; the 12 classes named in order, each with its [DET] group) and at least half of the
+    objects are found with the right class (score >= 0.3, IoU >= 0.5). The shipped model does NOT yet count
+    this picture right (it answers 2, there are 4): see the README's accuracy table."""
+    from PIL import Image
+
+    from unimlm_engine import Engine, EngineConfig, Request, SamplingParams
+    from unimlm_engine.outputs.labels import routed_group_names
+    from unimlm_engine.shapes.tasks import DET_EVAL
+
+    sc = make_scene(SHAPES_PNG_SEED)
+    image = Image.open(SHAPES_PNG).convert("RGB")
+    assert image.tobytes() == sc.image.tobytes()
+    model, tok = tiny
+    greedy = SamplingParams(max_tokens=160, temperature=0.0, seed=0)
+    with Engine(model, tok, EngineConfig()) as eng:
+        q = eng.submit(Request(prompt="How many shapes are in the image? Answer with a single word.",
+                               images=[image], sampling=greedy)).result()
+        d = eng.submit(Request(prompt=DET_EVAL.replace("<class>", ", ".join(CLASSES)), images=[image],
+                               sampling=greedy)).result()
+    assert q.text.strip() in [str(i) for i in range(10)]
+    names = routed_group_names(d.token_ids, tok)["[DET]"]
+    assert names == list(CLASSES)
+    det = next(t for t in d.tasks if t.route == "[DET]")
+    found = 0
+    for o in sc.objects:
+        found += any(names[lab] == o.name and s >= 0.3 and _box_iou(b, o.box) >= 0.5
+                     for b, s, lab in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()))
+    assert found >= len(sc.objects) // 2
+
+
+# regression floors, under what the shipped model measures on these 50 scenes (routing 1.0, VQA 0.44,
+# AP50 0.64, mIoU 0.44, PCK 0.29) and far under the issue's targets (0.95 / 0.85 / 0.7 / 0.6 / 0.7), which the
+# model does not meet yet
+FLOORS = {"routing": 0.9, "vqa_exact_match": 0.3, "det_ap50": 0.5, "seg_miou": 0.3, "pose_pck": 0.15}
+
+
+def test_accuracy_on_held_out_scenes(tiny):
+    """50 held-out scenes (the benchmark's first 50) through the engine at concurrency 16."""
+    from unimlm_engine import Engine, EngineConfig
+    from unimlm_engine.shapes.evaluate import eval_items, run_requests, score
+
+    model, tok = tiny
+    items = eval_items(50)
+    with Engine(model, tok, EngineConfig(max_num_seqs=16)) as eng:
+        outs = run_requests(eng, items, concurrency=16)
+    res = score(items, outs, tok)
+    assert res["errors"] == 0
+    for k, floor in FLOORS.items():
+        assert res[k] >= floor, (k, res[k], res)
+    assert not np.isnan(res["pose_pck"])

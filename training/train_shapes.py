@@ -1,0 +1,339 @@
+"""Train the shapes model (issue 18) end to end, as VisionLLM v2 trains: the LLM's next-token cross-entropy on
+the answers (query-token labels ignored, as the official `labels[emb_select] = IGNORE_INDEX`) plus the
+Grounding-DINO (DET / SEG) and UniPose (POSE) set losses through the super-link payloads, every part trained
+together. Seeded and reproducible on the CPU (one thread order); writes an official-layout checkpoint.
+
+    python training/train_shapes.py --out unimlm_engine/assets/shapes-tiny --steps 900
+
+The input path is the engine's own: `Processor` builds the prompt (vicuna_v1, the <image> expanded to patch
+tokens), the answer follows "ASSISTANT:" as " " + answer + "</s>", the K query rows of a routing token's table
+replace its [EMB]..[EMB4] tokens, and a payload is the final-norm hidden states of those K positions.
+The decoders see the images as the engine feeds them (gdino_image / UniPose prepare_image).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from losses import Target, set_loss, weighted  # noqa: E402
+
+from unimlm_engine.checkpoint.loader import save_checkpoint  # noqa: E402
+from unimlm_engine.inputs.processor import Processor  # noqa: E402
+from unimlm_engine.inputs.tokenizer import HFTokenizer  # noqa: E402
+from unimlm_engine.model import build_model  # noqa: E402
+from unimlm_engine.model.decoders.grounding import class_logits, inverse_sigmoid  # noqa: E402
+from unimlm_engine.model.decoders.images import gdino_canvas, gdino_image  # noqa: E402
+from unimlm_engine.model.decoders.pose import MAX_KPT_SLOTS, MAX_OBJ_SLOTS, prepare_image  # noqa: E402
+from unimlm_engine.model.decoders.unipose.network import _logits as pose_logits  # noqa: E402
+from unimlm_engine.routes import get_route  # noqa: E402
+from unimlm_engine.shapes.config import shapes_config  # noqa: E402
+from unimlm_engine.shapes.tasks import Sample, det_sample, pose_sample, pose_shapes, vqa_sample  # noqa: E402
+from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
+from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, KEYPOINT_NAMES, Scene, make_scene  # noqa: E402
+
+IGNORE = -100
+# per step: VQA, DET, SEG, POSE samples
+MIX = {"vqa": 10, "det": 4, "seg": 3, "pose": 2}
+# the share of the decoder losses' gradient that flows back into the LLM through the payloads (the forward is
+# unchanged): the set losses are tens of times the cross-entropy, and at full strength they swamp the LLM's
+# updates (its text and its payloads then learn several times slower)
+PAYLOAD_GRAD = 0.1
+# the payload probe's labels: the 12 class names, then the keypoint names
+PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names})
+
+
+class PaddedCausal:
+    """The LLM's attention interface over B right-padded sequences of length L packed as [B * L]."""
+
+    def __init__(self, b: int, length: int):
+        self.b, self.length = b, length
+
+    def forward(self, layer_idx, q, k, v, scale):
+        b, n = self.b, self.length
+        q, k, v = (x.view(b, n, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
+
+
+def make_samples(step: int, rng: random.Random, num_embs: int) -> list[tuple[Sample, Scene]]:
+    out = []
+    i = 0
+    for task, n in MIX.items():
+        for _ in range(n):
+            seed = step * 64 + i
+            i += 1
+            if task == "pose":
+                sc = make_scene(seed)
+                while not pose_shapes(sc):
+                    seed += 1_000_000_000
+                    sc = make_scene(seed)
+                out.append((pose_sample(sc, rng, num_embs), sc))
+                continue
+            sc = make_scene(seed)
+            if task == "vqa":
+                out.append((vqa_sample(sc, rng), sc))
+            else:
+                out.append((det_sample(sc, rng, num_embs, route="[DET]" if task == "det" else "[SEG]"), sc))
+    return out
+
+
+def encode(samples, proc: Processor, tok, special: dict[str, int]):
+    """-> ids [B, L], labels [B, L], pixels [B, 3, S, S], per-sample routed groups [(route, position)]."""
+    emb_ids = {special[t] for t in special if t.startswith("[EMB")}
+    routes = {special[t]: t for t in ("[DET]", "[SEG]", "[GRD]", "[POSE]") if t in special}
+    seqs, labs, pix, groups = [], [], [], []
+    for s, sc in samples:
+        pi = proc(s.question, [sc.image])
+        ans = torch.tensor(tok.encode(" " + s.answer + "</s>"), dtype=torch.long)
+        ids = torch.cat([pi.input_ids, ans])
+        lab = torch.full_like(ids, IGNORE)
+        lab[len(pi.input_ids):] = ans
+        for e in emb_ids:
+            lab[ids == e] = IGNORE
+        seqs.append(ids)
+        labs.append(lab)
+        pix.append(pi.pixel_values[0])
+        groups.append([(routes[int(t)], p) for p, t in enumerate(ids.tolist()) if int(t) in routes])
+    length = max(len(x) for x in seqs)
+    pad = tok.pad_id
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+    for b, (x, y) in enumerate(zip(seqs, labs)):
+        ids[b, :len(x)], labels[b, :len(y)] = x, y
+    return ids, labels, torch.cat(pix), groups
+
+
+def llm_forward(model, ids, pixels, groups, k: int):
+    """-> final-norm hidden [B, L, H] (queries fed as the engine feeds them)."""
+    b, length = ids.shape
+    emb = model.llm.embed(ids.flatten())
+    feats = model.encode_images(pixels)
+    patch = ids.flatten() == model.special_ids["<im_patch>"]
+    emb = emb.index_put((patch.nonzero()[:, 0],), feats)
+    rows, pos = [], []
+    for bi, gs in enumerate(groups):
+        for route, p in gs:
+            rows.append(model.query_embeddings(route)[:k])
+            pos.append(torch.arange(bi * length + p + 1, bi * length + p + 1 + k))
+    if rows:
+        emb = emb.index_put((torch.cat(pos),), torch.cat(rows))
+    positions = torch.arange(length).repeat(b)
+    hidden = model.llm(emb, positions, PaddedCausal(b, length))
+    return hidden.view(b, length, -1)
+
+
+def payloads(hidden, bi: int, groups, route_names: tuple[str, ...], k: int) -> list[torch.Tensor]:
+    return [hidden[bi, p + 1:p + 1 + k] for route, p in groups[bi] if route in route_names]
+
+
+def scene_targets(sc: Scene, s: Sample, mask_hw: int | None):
+    objs = [o for o in sc.objects if o.name in s.classes]
+    labels = torch.tensor([s.classes.index(o.name) for o in objs], dtype=torch.long)
+    xyxy = torch.tensor([o.box for o in objs], dtype=torch.float32).view(-1, 4) / IMAGE_SIZE
+    boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
+    masks = None
+    if mask_hw is not None:
+        m = torch.stack([torch.from_numpy(o.mask).float() for o in objs]) if objs else torch.zeros(0, 224, 224)
+        masks = F.adaptive_avg_pool2d(m[:, None], mask_hw)[:, 0] if objs else torch.zeros(0, mask_hw, mask_hw)
+    kpts = None
+    if s.task == "pose":
+        kpts = torch.tensor(np.array([o.keypoints for o in objs]), dtype=torch.float32).view(len(objs), -1, 2) / IMAGE_SIZE
+    return Target(labels, boxes, masks, kpts)
+
+
+def detector_loss(model, hidden, samples, groups, k: int):
+    idx = [i for i, (s, _) in enumerate(samples) if s.task in ("det", "seg")]
+    if not idx:
+        return {}
+    det = model.decoders.gdino
+    ims = [gdino_image(samples[i][1].image, det.cfg.image_short, det.cfg.image_long)[0] for i in idx]
+    pixels, valid = gdino_canvas(ims, det.pad_multiple)
+    pl = [torch.stack(payloads(hidden, i, groups, ("[DET]", "[SEG]"), k)) for i in idx]
+    c_max = max(p.shape[0] for p in pl)
+    cp = torch.stack([F.pad(p, (0, 0, 0, 0, 0, c_max - p.shape[0])) for p in pl])
+    cv = torch.tensor([[j < p.shape[0] for j in range(c_max)] for p in pl])
+    det.model.collect = []
+    try:
+        logits, boxes, masks = det.forward_tensors(pixels, valid, cp, cv, with_masks=True)
+        collected = det.model.collect
+    finally:
+        det.model.collect = None
+    hw = masks.shape[-1]
+    targets = [scene_targets(samples[i][1], samples[i][0], hw) for i in idx]
+    ncls = [p.shape[0] for p in pl]
+    out = set_loss(logits, boxes, targets, ncls, masks=masks)
+    # auxiliary losses, as DINO / Grounding-DINO train: the two-stage selection (this is what teaches the
+    # encoder's class scores which proposals to pick: top-k itself passes no gradient) and every decoder layer
+    g = det.model
+    heads = []
+    layers = [r for r in collected if r[0] == "dec"][:-1]  # the last layer's output is the main loss above
+    for rec in collected:
+        if rec[0] == "enc":
+            _, query, props, top, text = rec
+            sel = torch.gather(query, 1, top[..., None].expand(-1, -1, query.shape[-1]))
+            coords = torch.gather(g.encoder_output_bbox_embed(query).float() + props, 1,
+                                  top[..., None].expand(-1, -1, 4))
+            heads.append((class_logits(sel, text, cv), coords.sigmoid()))
+    text = next(r[4] for r in collected if r[0] == "enc")
+    for i, (_, hidden, ref) in enumerate(layers):
+        hs = g.decoder.layer_norm(hidden)
+        heads.append((class_logits(hs, text, cv), (det.bbox_embed[i](hs).float() + inverse_sigmoid(ref)).sigmoid()))
+    for lg, bx in heads:
+        for k, v in set_loss(lg, bx, targets, ncls).items():
+            out[k] = out[k] + v
+    return out
+
+
+def pose_loss(model, hidden, samples, groups, k: int):
+    idx = [i for i, (s, _) in enumerate(samples) if s.task == "pose"]
+    if not idx:
+        return {}
+    net = model.decoders.unipose
+    cfg = net.cfg
+    pix, obj, kq, ov, kv, ncls, targets = [], [], [], [], [], [], []
+    for i in idx:
+        x, _ = prepare_image(samples[i][1].image, cfg.image_short, cfg.image_long)
+        pix.append(x)
+        cls_p = torch.stack(payloads(hidden, i, groups, ("[DET]",), k))
+        kpt_p = torch.stack(payloads(hidden, i, groups, ("[POSE]",), k))
+        obj.append(F.pad(cls_p, (0, 0, 0, 0, 0, MAX_OBJ_SLOTS - cls_p.shape[0])))
+        kq.append(F.pad(kpt_p, (0, 0, 0, 0, 0, MAX_KPT_SLOTS - kpt_p.shape[0])))
+        ov.append(torch.arange(MAX_OBJ_SLOTS) < cls_p.shape[0])
+        kv.append(torch.arange(MAX_KPT_SLOTS) < kpt_p.shape[0])
+        ncls.append(cls_p.shape[0])
+        targets.append(scene_targets(samples[i][1], samples[i][0], None))
+    pixels = torch.stack(pix)  # every shapes image has the same (224 x 224) canvas
+    mask = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.bool)
+    ov = torch.stack(ov)
+    net.collect = []
+    try:
+        logits, boxes, kp = net.forward_tensors(pixels, mask, torch.stack(obj), ov, torch.stack(kq), torch.stack(kv))
+        collected = net.collect
+    finally:
+        net.collect = None
+    kxy = kp[..., :cfg.num_body_points * 2].reshape(kp.shape[0], kp.shape[1], cfg.num_body_points, 2)
+    out = set_loss(logits, boxes, targets, ncls, kpts=kxy)
+    # auxiliary object losses (ED-Pose / UniPose train every layer): the two-stage selection and the box layers
+    text = next(r[4] for r in collected if r[0] == "enc")
+    for rec in collected:
+        if rec[0] == "enc":
+            _, mem, coord, top, _ = rec
+            sel = torch.gather(mem, 1, top[..., None].expand(-1, -1, mem.shape[-1]))
+            lg, bx = pose_logits(sel, text, ov), torch.gather(coord, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
+        else:
+            lg, bx = pose_logits(rec[1], text, ov), rec[2]
+        for k, v in set_loss(lg, bx, targets, ncls).items():
+            out[k] = out[k] + v
+    return {f"pose_{n}": v for n, v in out.items()}
+
+
+def probe_loss(probe: torch.nn.Linear, hidden, samples, groups, k: int) -> torch.Tensor:
+    """Training only: a linear probe (discarded after training) reads each routed group's name from its payload
+    (the mean of its K query hidden states, what patch2query / projection_*_llava average). Without it the
+    payloads of a small LLM trained from scratch stay alike across classes for hundreds of steps and the decoders
+    cannot tell the classes apart; the served model is unchanged (the probe is not in the checkpoint)."""
+    feats, labels = [], []
+    for bi, (s, _) in enumerate(samples):
+        names = {"[DET]": s.classes, "[SEG]": s.classes, "[POSE]": s.keypoints}
+        seen = {r: 0 for r in names}
+        for route, p in groups[bi]:
+            if route not in names:
+                continue
+            feats.append(hidden[bi, p + 1:p + 1 + k].mean(0))
+            labels.append(PROBE_NAMES.index(names[route][seen[route]]))
+            seen[route] += 1
+    if not feats:
+        return hidden.new_zeros(())
+    return F.cross_entropy(probe(torch.stack(feats)), torch.tensor(labels))
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    t0 = time.time()
+    tok_dir = train_tokenizer(out)
+    tok = HFTokenizer(tok_dir)
+    cfg = shapes_config()
+    model = build_model(cfg, seed=args.seed).train()
+    model.special_ids = dict(tok.special_ids)
+    proc = Processor(cfg.vision, tok)
+    k = cfg.superlink.num_embs
+    for r in ("[DET]", "[POSE]"):
+        assert get_route(r).num_queries_in(cfg.superlink) == k
+    probe = torch.nn.Linear(cfg.llm.hidden_size, len(PROBE_NAMES))
+    params = [p for p in model.parameters() if p.requires_grad] + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(args.seed)
+    log = []
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        samples = make_samples(step, rng, k)
+        ids, labels, pixels, groups = encode(samples, proc, tok, model.special_ids)
+        hidden = llm_forward(model, ids, pixels, groups, k)
+        logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
+        losses = {"lm": F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE),
+                  "probe": probe_loss(probe, hidden, samples, groups, k)}
+        dec_hidden = PAYLOAD_GRAD * hidden + (1 - PAYLOAD_GRAD) * hidden.detach()
+        losses.update(detector_loss(model, dec_hidden, samples, groups, k))
+        pose = pose_loss(model, dec_hidden, samples, groups, k)
+        total = losses["lm"] + losses["probe"] + weighted(losses_without(losses, "lm", "probe")) + 0.5 * weighted(
+            {n[5:]: v for n, v in pose.items()})
+        losses.update(pose)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            rec = {"step": step, "s": round(time.time() - t0, 1), "total": round(float(total.detach()), 4),
+                   **{n: round(float(v.detach()), 4) for n, v in losses.items()}}
+            log.append(rec)
+            print(json.dumps(rec), flush=True)
+        if args.save_every and step and step % args.save_every == 0:
+            write(model, tok, out, log)
+    write(model, tok, out, log)
+    print(f"done in {time.time() - t0:.0f} s -> {out}", flush=True)
+    return 0
+
+
+def losses_without(d: dict, *names: str) -> dict:
+    return {n: v for n, v in d.items() if n not in names}
+
+
+def write(model, tok, out: Path, log: list) -> None:
+    """fp16 safetensors in the official layout (one shard), the tokenizer files, the training log."""
+    half = build_model(model.cfg, seed=0, dtype=torch.float16)
+    half.load_state_dict(model.state_dict())
+    half.special_ids = dict(model.special_ids)
+    save_checkpoint(half, out, tokenizer=tok, fmt="safetensors", num_shards=1)
+    (out / "training_log.json").write_text(json.dumps(log, indent=0))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
