@@ -19,7 +19,8 @@ def running_server(engine_cfg=None, **server_kw):
     """(engine, base URL, ServerState) of a uvicorn server on a background thread; stopped and closed on exit."""
     model, tok = tiny_model()
     engine = ue.Engine(model, tok, engine_cfg or ue.EngineConfig())
-    server, thread, url = start_in_thread(engine, ServerConfig(**server_kw))
+    # the engine serves tiny-random: clients name it so
+    server, thread, url = start_in_thread(engine, ServerConfig(**{"model_name": "tiny-random", **server_kw}))
     try:
         yield engine, url, server.state
     finally:
