@@ -1,9 +1,10 @@
 """Train the shapes model (issue 18) end to end, as VisionLLM v2 trains: the LLM's next-token cross-entropy on
 the answers (query-token labels ignored, as the official `labels[emb_select] = IGNORE_INDEX`) plus the
 Grounding-DINO (DET / SEG) and UniPose (POSE) set losses through the super-link payloads, every part trained
-together. Seeded and reproducible on the CPU (one thread order); writes an official-layout checkpoint.
+together. Seeded (data, initialisation, sample order; a rerun was not compared bit for bit); writes an
+official-layout checkpoint.
 
-    python training/train_shapes.py --out unimlm_engine/assets/shapes-tiny --steps 900
+    python training/train_shapes.py --out unimlm_engine/assets/shapes-tiny      # the shipped model: 1,100 steps
 
 The input path is the engine's own: `Processor` builds the prompt (vicuna_v1, the <image> expanded to patch
 tokens), the answer follows "ASSISTANT:" as " " + answer + "</s>", the K query rows of a routing token's table
@@ -266,7 +267,7 @@ def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--steps", type=int, default=1100)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

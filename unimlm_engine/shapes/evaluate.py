@@ -59,8 +59,9 @@ def eval_items(num_images: int, num_embs: int = 4, seed_base: int = EVAL_SEED_BA
 
 
 def run_requests(engine, items: list[EvalItem], concurrency: int = 32, max_tokens: int = 160) -> list:
-    """-> RequestOutput per item, in order (closed loops of `concurrency` threads)."""
-    from ..engine.types import Request
+    """-> RequestOutput per item (None where the request failed), in order (closed loops of `concurrency`
+    threads)."""
+    from ..engine.types import EngineError, Request
     from ..sampling import SamplingParams
 
     outs: list[Any] = [None] * len(items)
@@ -77,7 +78,10 @@ def run_requests(engine, items: list[EvalItem], concurrency: int = 32, max_token
             it = items[i]
             req = Request(prompt=it.sample.question, images=[it.scene.image],
                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0))
-            outs[i] = engine.submit(req).result()
+            try:
+                outs[i] = engine.submit(req).result()
+            except EngineError:  # counted as an error by `score`; the other requests go on
+                outs[i] = None
 
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
