@@ -21,7 +21,7 @@ def routed_group_names(token_ids: Sequence[int], tokenizer) -> dict[str, list[st
     for t in token_ids:
         t = int(t)
         if t in routes:
-            text = _CUT.sub("", tokenizer.decode(run)).strip().rstrip(".").strip()
+            text = _CUT.sub("", tokenizer.decode(run).strip().rstrip(",")).strip().rstrip(".").strip()
             out.setdefault(routes[t], []).append(text)
             run = []
         else:

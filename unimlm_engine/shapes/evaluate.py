@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..outputs.labels import routed_group_names
 from .tasks import ROUTE_OF_TASK, VQA_TYPES, Sample, det_sample, pose_sample, pose_shapes, vqa_sample
 from .world import CLASSES, KEYPOINT_NAMES, Scene, make_scene
 
@@ -91,18 +92,9 @@ def run_requests(engine, items: list[EvalItem], concurrency: int = 32, max_token
 
 def group_names(token_ids: list[int], tokenizer, route: str, names: tuple[str, ...]) -> list[Optional[str]]:
     """The name the model wrote before each `route` token of its output (None where it matches no name)."""
-    rid = tokenizer.special_ids[route]
-    route_ids = set(tokenizer.route_ids)
-    out, run = [], []
-    for t in token_ids:
-        if t in route_ids:
-            if t == rid:
-                text = tokenizer.decode(run).strip().rstrip(",").strip()
-                out.append(next((n for n in sorted(names, key=len, reverse=True) if text.endswith(n)), None))
-            run = []
-        else:
-            run.append(t)
-    return out
+    longest_first = sorted(names, key=len, reverse=True)
+    return [next((n for n in longest_first if text.endswith(n)), None)
+            for text in routed_group_names(token_ids, tokenizer).get(route, [])]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
