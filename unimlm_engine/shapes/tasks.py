@@ -67,6 +67,7 @@ class Sample:
     classes: list[str] = field(default_factory=list)  # object classes named (det / seg / pose), in order
     keypoints: list[str] = field(default_factory=list)  # keypoint names (pose), in order
     pose_shape: Optional[str] = None
+    turns: list["Sample"] = field(default_factory=list)  # training: later VQA turns of the same conversation
 
 
 def query_tokens(num_embs: int) -> str:
