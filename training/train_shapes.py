@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, clip_groups_of,  # noqa: E402,F401
+                  patch_loss, patch_targets, probe_loss)
 from losses import Target, set_loss, weighted  # noqa: E402
 
 from unimlm_engine.checkpoint.loader import save_checkpoint  # noqa: E402
@@ -41,7 +43,7 @@ from unimlm_engine.shapes.config import shapes_config  # noqa: E402
 from unimlm_engine.shapes.tasks import (VQA_TYPES, Sample, det_sample, pose_sample, pose_shapes,  # noqa: E402
                                         vqa_sample)
 from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
-from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, KEYPOINT_NAMES, Scene, make_scene  # noqa: E402
+from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, Scene, make_scene  # noqa: E402
 
 IGNORE = -100
 # per step: VQA images, DET, SEG, POSE samples
@@ -53,30 +55,6 @@ VQA_TURNS = 1
 # joint steps; fine-tuned from a joint checkpoint, it did not learn the colour of a lone object in 3,200
 # samples, while a fresh model learned that in about 125 VQA-only steps of 16)
 VQA_PHASE_BATCH = 16
-# the share of the decoder losses' gradient that flows back into the LLM through the payloads (the forward is
-# unchanged): the set losses are tens of times the cross-entropy, and at full strength they swamp the LLM's
-# updates (its text and its payloads then learn several times slower)
-PAYLOAD_GRAD = 0.1
-# ... and that gradient's norm (over the whole batch's hidden states) is capped: a loss spike in a decoder
-# early on would otherwise swamp the LM's gradient (whose norm at the hidden states is about 0.01)
-PAYLOAD_GRAD_MAX = 0.03
-
-
-class CapGrad(torch.autograd.Function):
-    """Identity forward; backward scales the gradient by `scale` and caps its norm at `max_norm`."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float, max_norm: float):
-        ctx.scale, ctx.max_norm = scale, max_norm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g * ctx.scale
-        n = float(g.norm())
-        return (g * (ctx.max_norm / n) if n > ctx.max_norm else g), None, None
-# the payload probe's labels: the 12 class names, then the keypoint names
-PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names})
 
 
 class PaddedCausal:
@@ -107,13 +85,18 @@ def vqa_turns(sc: Scene, rng: random.Random, n: int) -> list[Sample]:
     return out
 
 
+def vqa_conversation(sc: Scene, rng: random.Random) -> Sample:
+    """The first of VQA_TURNS questions, the later ones in its `turns`."""
+    first, *rest = vqa_turns(sc, rng, VQA_TURNS)
+    first.turns = rest
+    return first
+
+
 def vqa_phase_samples(step: int, rng: random.Random) -> list[tuple[Sample, Scene]]:
     out = []
     for i in range(VQA_PHASE_BATCH):
         sc = make_scene(100_000_000 + step * 64 + i)
-        first, *rest = vqa_turns(sc, rng, VQA_TURNS)
-        first.turns = rest
-        out.append((first, sc))
+        out.append((vqa_conversation(sc, rng), sc))
     return out
 
 
@@ -134,9 +117,7 @@ def make_samples(step: int, rng: random.Random, num_embs: int) -> list[tuple[Sam
                 continue
             sc = make_scene(seed)
             if task == "vqa":
-                first, *rest = vqa_turns(sc, rng, VQA_TURNS)
-                first.turns = rest
-                out.append((first, sc))
+                out.append((vqa_conversation(sc, rng), sc))
             else:
                 out.append((det_sample(sc, rng, num_embs, route="[DET]" if task == "det" else "[SEG]"), sc))
     return out
@@ -297,56 +278,6 @@ def pose_loss(model, hidden, samples, groups, k: int):
     return {f"pose_{n}": v for n, v in out.items()}
 
 
-def probe_loss(probe: torch.nn.Linear, hidden, samples, groups, k: int) -> torch.Tensor:
-    """Training only: a linear probe (discarded after training) reads each routed group's name from its payload
-    (the mean of its K query hidden states, what patch2query / projection_*_llava average). Without it the
-    payloads of a small LLM trained from scratch stay alike across classes for hundreds of steps and the decoders
-    cannot tell the classes apart; the served model is unchanged (the probe is not in the checkpoint)."""
-    feats, labels = [], []
-    for bi, (s, _) in enumerate(samples):
-        names = {"[DET]": s.classes, "[SEG]": s.classes, "[POSE]": s.keypoints}
-        seen = {r: 0 for r in names}
-        for route, p in groups[bi]:
-            if route not in names:
-                continue
-            feats.append(hidden[bi, p + 1:p + 1 + k].mean(0))
-            labels.append(PROBE_NAMES.index(names[route][seen[route]]))
-            seen[route] += 1
-    if not feats:
-        return hidden.new_zeros(())
-    return F.cross_entropy(probe(torch.stack(feats)), torch.tensor(labels))
-
-
-def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image patch (row-major, grid x grid): the class of the object whose box centre lies in it, and the
-    class of the object covering most of it (at least a quarter); len(CLASSES) = none. -> 2 x [N * grid^2]."""
-    none, cell = len(CLASSES), IMAGE_SIZE // grid
-    centre = torch.full((len(scenes), grid, grid), none, dtype=torch.long)
-    cover = torch.full((len(scenes), grid, grid), none, dtype=torch.long)
-    for i, sc in enumerate(scenes):
-        best = torch.full((grid, grid), cell * cell / 4)
-        for o in sc.objects:
-            x0, y0, x1, y1 = o.box
-            centre[i, min(int((y0 + y1) / 2) // cell, grid - 1), min(int((x0 + x1) / 2) // cell, grid - 1)] = \
-                CLASSES.index(o.name)
-            m = torch.from_numpy(o.mask[:grid * cell, :grid * cell]).float()
-            area = m.view(grid, cell, grid, cell).sum((1, 3))
-            take = area > best
-            cover[i][take] = CLASSES.index(o.name)
-            best = torch.where(take, area, best)
-    return centre.flatten(), cover.flatten()
-
-
-def patch_loss(head: torch.nn.Linear, feats, samples, grid: int) -> torch.Tensor:
-    """Training only: a linear head (discarded after training) reads, from each image token the LLM receives,
-    which object's centre falls in its patch and which object covers it. This dense signal teaches the small
-    ViT trained from scratch object-centric features far sooner than the one-token VQA answers alone do (the
-    LLM must still learn to count and compare them); the served model is unchanged (the head is not saved)."""
-    centre, cover = patch_targets([sc for _, sc in samples], grid)
-    logits = head(feats).view(feats.shape[0], 2, -1)
-    return F.cross_entropy(logits[:, 0], centre) + F.cross_entropy(logits[:, 1], cover)
-
-
 def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -423,16 +354,6 @@ def main(argv=None) -> int:
     write(model, tok, out, log)
     print(f"done in {time.time() - t0:.0f} s -> {out}", flush=True)
     return 0
-
-
-def clip_groups_of(model, params: list) -> dict[str, list]:
-    """The gradient is clipped per part (each decoder, the rest): one global norm is dominated by the set losses'
-    gradients (hundreds of times the LLM's early on), and clipping it scales the LLM's updates down with them."""
-    groups = {n: [p for p in m.parameters() if p.requires_grad] for n, m in model.decoders.named_children()}
-    taken = {id(p) for g in groups.values() for p in g}
-    groups = {n: g for n, g in groups.items() if g}
-    groups["vlm"] = [p for p in params if id(p) not in taken]
-    return groups
 
 
 def losses_without(d: dict, *names: str) -> dict:

@@ -1,0 +1,96 @@
+"""Training-only aids of train_shapes.py: none of them is in the checkpoint or changes the served computation.
+
+The payload gradient's scale and cap (CapGrad), the payload probe, the per-patch head on the image tokens and
+the per-part gradient clipping groups.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, KEYPOINT_NAMES, Scene
+
+# the share of the decoder losses' gradient that flows back into the LLM through the payloads (the forward is
+# unchanged): the set losses are tens of times the cross-entropy, and at full strength they swamp the LLM's
+# updates (its text and its payloads then learn several times slower)
+PAYLOAD_GRAD = 0.1
+# ... and that gradient's norm (over the whole batch's hidden states) is capped: a loss spike in a decoder
+# early on would otherwise swamp the LM's gradient (whose norm at the hidden states is about 0.01)
+PAYLOAD_GRAD_MAX = 0.03
+
+
+class CapGrad(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by `scale` and caps its norm at `max_norm`."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, max_norm: float):
+        ctx.scale, ctx.max_norm = scale, max_norm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g * ctx.scale
+        n = float(g.norm())
+        return (g * (ctx.max_norm / n) if n > ctx.max_norm else g), None, None
+# the payload probe's labels: the 12 class names, then the keypoint names
+PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names})
+
+
+def probe_loss(probe: torch.nn.Linear, hidden, samples, groups, k: int) -> torch.Tensor:
+    """Training only: a linear probe (discarded after training) reads each routed group's name from its payload
+    (the mean of its K query hidden states, what patch2query / projection_*_llava average). Without it the
+    payloads of a small LLM trained from scratch stay alike across classes for hundreds of steps and the decoders
+    cannot tell the classes apart; the served model is unchanged (the probe is not in the checkpoint)."""
+    feats, labels = [], []
+    for bi, (s, _) in enumerate(samples):
+        names = {"[DET]": s.classes, "[SEG]": s.classes, "[POSE]": s.keypoints}
+        seen = {r: 0 for r in names}
+        for route, p in groups[bi]:
+            if route not in names:
+                continue
+            feats.append(hidden[bi, p + 1:p + 1 + k].mean(0))
+            labels.append(PROBE_NAMES.index(names[route][seen[route]]))
+            seen[route] += 1
+    if not feats:
+        return hidden.new_zeros(())
+    return F.cross_entropy(probe(torch.stack(feats)), torch.tensor(labels))
+
+
+def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image patch (row-major, grid x grid): the class of the object whose box centre lies in it, and the
+    class of the object covering most of it (at least a quarter); len(CLASSES) = none. -> 2 x [N * grid^2]."""
+    none, cell = len(CLASSES), IMAGE_SIZE // grid
+    centre = torch.full((len(scenes), grid, grid), none, dtype=torch.long)
+    cover = torch.full((len(scenes), grid, grid), none, dtype=torch.long)
+    for i, sc in enumerate(scenes):
+        best = torch.full((grid, grid), cell * cell / 4)
+        for o in sc.objects:
+            x0, y0, x1, y1 = o.box
+            centre[i, min(int((y0 + y1) / 2) // cell, grid - 1), min(int((x0 + x1) / 2) // cell, grid - 1)] = \
+                CLASSES.index(o.name)
+            m = torch.from_numpy(o.mask[:grid * cell, :grid * cell]).float()
+            area = m.view(grid, cell, grid, cell).sum((1, 3))
+            take = area > best
+            cover[i][take] = CLASSES.index(o.name)
+            best = torch.where(take, area, best)
+    return centre.flatten(), cover.flatten()
+
+
+def patch_loss(head: torch.nn.Linear, feats, samples, grid: int) -> torch.Tensor:
+    """Training only: a linear head (discarded after training) reads, from each image token the LLM receives,
+    which object's centre falls in its patch and which object covers it. This dense signal teaches the small
+    ViT trained from scratch a dense signal where the one-token VQA answers give a sparse one (the LLM must
+    still learn to count and compare); the served model is unchanged (the head is not saved)."""
+    centre, cover = patch_targets([sc for _, sc in samples], grid)
+    logits = head(feats).view(feats.shape[0], 2, -1)
+    return F.cross_entropy(logits[:, 0], centre) + F.cross_entropy(logits[:, 1], cover)
+
+
+def clip_groups_of(model, params: list) -> dict[str, list]:
+    """The gradient is clipped per part (each decoder, the rest): one global norm is dominated by the set losses'
+    gradients (hundreds of times the LLM's early on), and clipping it scales the LLM's updates down with them."""
+    groups = {n: [p for p in m.parameters() if p.requires_grad] for n, m in model.decoders.named_children()}
+    taken = {id(p) for g in groups.values() for p in g}
+    groups = {n: g for n, g in groups.items() if g}
+    groups["vlm"] = [p for p in params if id(p) not in taken]
+    return groups
