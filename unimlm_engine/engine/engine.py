@@ -96,6 +96,8 @@ class Engine:
             self._intake_pool.shutdown(wait=False, cancel_futures=True)
         if self.tp is not None:  # graceful unless the loop thread is still inside a step
             self.tp.close(graceful=not self.core._thread.is_alive())
+        if not self.core._thread.is_alive():  # a step still running may yet touch the pool
+            self.runner.release()
 
     def _on_tp_failure(self, error: EngineError) -> None:
         """A tensor-parallel worker died (watchdog thread): no new requests; the ones in flight end with

@@ -1,7 +1,9 @@
 """Memory plan: weights, decoders, an activation estimate and the KV pool that fills the rest.
 
 On CUDA the pool is sized like vLLM's: total * gpu_memory_utilization - weights - activations
-- decoders (the C++ `num_kv_blocks`); on the CPU it is `cpu_kv_cache_bytes`; an explicit
+- decoders (the C++ `num_kv_blocks`), where "weights" is what the device already holds besides the
+decoders (`total - free` from `cudaMemGetInfo`: this model's weights, and also other models, a second
+engine's pool or other processes on the card; at least this model's own parameter bytes); on the CPU it is `cpu_kv_cache_bytes`; an explicit
 `EngineConfig.num_kv_blocks` overrides both. The activation figure is an estimate of the
 largest step's live tensors (hidden states, the FFN intermediates, attention output and
 fp32 logits of the sampled rows), not a measurement.
@@ -35,7 +37,11 @@ def plan_kv_blocks(model, cfg: EngineConfig) -> dict:
     if cfg.num_kv_blocks is not None:
         n = cfg.num_kv_blocks
     elif device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
+        free, total = torch.cuda.mem_get_info(device)
+        # what is already on the card counts, not only this model: a pool sized from the model alone
+        # ran out of memory on an H200 with a second copy of the LLM loaded (benchmarks/bench_e2e.py)
+        other = max(0, (total - free) - weights - decoders)
+        weights += other
         n = _C.num_kv_blocks(total_memory=total, num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
                              head_dim=c.head_dim, block_size=cfg.block_size, dtype_bytes=dtype_bytes,
                              utilization=cfg.gpu_memory_utilization, weights=weights, activations=activations,
@@ -47,5 +53,5 @@ def plan_kv_blocks(model, cfg: EngineConfig) -> dict:
     else:
         n = max(1, cfg.cpu_kv_cache_bytes // per_block)
     return {"num_kv_blocks": int(n), "bytes_per_block": int(per_block),
-            "bytes": {"weights": weights, "decoders": decoders, "activations_estimate": int(activations),
+            "bytes": {"weights": weights,  # on CUDA: with what else the card held at construction "decoders": decoders, "activations_estimate": int(activations),
                       "kv_pool": int(n * per_block)}}

@@ -64,6 +64,17 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(model.llm, PagedAttention(self.cache), cuda_graph_batch_sizes,
                                             cuda_graph_max_context, capture=graph_capture is not False)
 
+    def release(self) -> None:
+        """Free the KV pool and the captured graphs (Engine.close, once the loop thread has stopped): an
+        engine's threads and handles form reference cycles, so without this the pool (most of the card's
+        memory) stays allocated until the garbage collector happens to run, and the next engine on the
+        same card runs out of memory."""
+        self.graphs = None
+        self.cache.k.clear()
+        self.cache.v.clear()
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
