@@ -47,6 +47,7 @@ from plots import plot_latency_cdfs, plot_throughput  # noqa: E402
 from unimlm_engine import Engine  # noqa: E402
 from unimlm_engine.config import EngineConfig  # noqa: E402
 from unimlm_engine.engine.types import Request  # noqa: E402
+from unimlm_engine.routes import all_routes  # noqa: E402
 from unimlm_engine.sampling import SamplingParams  # noqa: E402
 from unimlm_engine.cli.serve_bench import QUESTIONS, BenchResult, run_closed_loop  # noqa: E402
 
@@ -69,8 +70,10 @@ def make_image(rng: random.Random, image_size: int) -> tuple[np.ndarray, int]:
 
 def make_request(kind: str, rng: random.Random, special: dict[str, int], image_size: int, max_tokens: int) -> Request:
     question = rng.choice(QUESTIONS)
-    if kind == "text":
-        return Request(prompt=question, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    if kind == "text":  # text only: the routing tokens are barred (random weights would sample them)
+        no_route = {special[r.token]: -1e4 for r in all_routes() if r.token in special}
+        return Request(prompt=question, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                logit_bias=no_route))
     image, _ = make_image(rng, image_size)
     forced: tuple[int, ...] = ()
     if kind == "det":

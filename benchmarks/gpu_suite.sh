@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_suite.sh                     # on the GPU machine, from any directory
 #   GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh     # the same control flow on a CPU (CI runs this)
 #
-# STATUS: THE SUITE HAS NOT RUN ON A GPU YET. It was written on a CPU-only machine; only the dry
-# run has been exercised. Expect to fix names or limits on its first GPU run.
+# STATUS: first GPU run 2026-11-28 on an H200 (benchmarks/RESULTS.md, "GPU suite, first run"): build,
+# check, ceilings, kernels, step and sanitize ran OK; pytest timed out and e2e failed. The fixes made
+# after that run (pytest limit and compile-only tests left out; e2e memory and vocabulary) have only
+# run dry on a CPU.
 #
 # Every step has its own time limit (the smaller of its maximum and what the budget has left),
 # carries on after a failure and is skipped when the budget cannot fit its minimum. Steps
@@ -178,6 +180,10 @@ PYTEST_FILES=(tests/test_paged_attention.py tests/test_kv_cache.py tests/test_lo
   tests/test_msda.py tests/test_msda_cuda_build.py tests/test_cuda_graphs.py)
 [ "$DRY" = 1 ] && PYTEST_FILES=(tests/test_kv_cache.py)
 PYTEST_ARGS=(-p no:cacheprovider -q -rfEs -m "not slow" --junitxml="$OUT/pytest_cuda.xml")
+# the nvcc compile-only tests (msda.cu for sm_80 + sm_90a; the host harness) cost a minute or more of CPU and
+# use no GPU: the build step compiles the same file and the CPU suite runs them; on the H200 (2026-11-28)
+# the step reached them after ~150 s and timed out
+[ "$DRY" = 1 ] || PYTEST_ARGS+=(-k "not test_msda_cu_compiles_for_sm80_and_sm90a and not test_cuda_thread_body_on_host")
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_ARGS+=(--timeout=120)
 start_bg pytest "${GPU_SUITE_PYTEST_MAX:-240}" 30 -- "$PY" -m pytest "${PYTEST_ARGS[@]}" "${PYTEST_FILES[@]}"
 run_step check 120 30 -- "$PY" "$DRIVER" --mode check

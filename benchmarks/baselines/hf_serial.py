@@ -116,6 +116,18 @@ class _ForcedPrefix:
         return scores
 
 
+class _LogitBias:
+    """LogitsProcessor: SamplingParams.logit_bias, added to the scores as the engine's sampler adds it."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids, self.vals = list(bias), torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids] += self.vals.to(scores.device, scores.dtype)
+        return scores
+
+
 class _StopOnRoute:
     """StoppingCriteria: stop right after a routing token (its queries go in next)."""
 
@@ -217,7 +229,8 @@ class HFSerialBaseline:
                                                                    device=seq.device),
                 past_key_values=cache, max_new_tokens=params.max_tokens - len(tokens), do_sample=False,
                 num_beams=1, eos_token_id=sorted(stops) or None, pad_token_id=self.model.cfg.llm.pad_token_id,
-                logits_processor=LogitsProcessorList([_ForcedPrefix(params.forced_prefix, len(tokens))]),
+                logits_processor=LogitsProcessorList([_ForcedPrefix(params.forced_prefix, len(tokens))]
+                                                     + ([_LogitBias(params.logit_bias)] if params.logit_bias else [])),
                 stopping_criteria=StoppingCriteriaList([_StopOnRoute(self.route_ids)]),
                 streamer=_TokenClock(times))[0].tolist()
             tokens += new
