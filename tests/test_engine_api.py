@@ -136,6 +136,10 @@ def test_close_cancels_and_joins_fast():
     with pytest.raises(ue.EngineClosedError):
         after.result(timeout=1)
     assert not eng.core._thread.is_alive() and not any(t.is_alive() for t in eng.router._threads)
+    # the KV pool is freed at close, not when the garbage collector gets to the engine's reference cycles
+    # (on a GPU a second engine would otherwise find the card full)
+    assert eng.runner.cache.k == [] and eng.runner.cache.v == [] and eng.runner.graphs is None
+    assert eng.stats()["memory_bytes"]["kv_pool"] > 0  # stats still report the plan
 
 
 def test_context_manager_and_stats(engine):

@@ -113,3 +113,41 @@ def test_randomized_fork_free_accounting():
     for sid in list(live):
         bm.free(sid)
     assert bm.num_used == 0 and bm.num_free == 37
+
+
+def test_cuda_kv_plan_counts_what_the_card_already_holds(monkeypatch):
+    """On CUDA the pool is total * utilization minus what is on the card (cudaMemGetInfo's total - free),
+    not minus this model's weights alone: with a second 7B copy loaded (the HF baseline of bench_e2e) the
+    model-only plan overcommitted an H200 and the pool allocation ran out of memory."""
+    import torch
+
+    from unimlm_engine.config import EngineConfig
+    from unimlm_engine.config.presets import get_preset
+    from unimlm_engine.engine.memory import plan_kv_blocks
+
+    class FakeModel(torch.nn.Module):  # 1 GiB of "weights" on a "cuda" device; no decoders
+        def __init__(self):
+            super().__init__()
+            self.cfg, self.dtype, self.decoders = get_preset("visionllm-v2-7b"), torch.bfloat16, None
+            self.w = torch.nn.Parameter(torch.empty(0))
+
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    gib = 1 << 30
+    model = FakeModel()
+    monkeypatch.setattr("unimlm_engine.engine.memory._param_bytes",
+                        lambda m: 0 if m is None else gib)
+    cfg = EngineConfig()
+    per_block = None
+    blocks = {}
+    for in_use in (1 * gib, 15 * gib):  # the model alone; the model and 14 GiB of something else
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, u=in_use: (80 * gib - u, 80 * gib))
+        plan = plan_kv_blocks(model, cfg)
+        per_block = plan["bytes_per_block"]
+        blocks[in_use] = plan["num_kv_blocks"]
+        assert plan["bytes"]["weights"] == in_use
+        assert plan["num_kv_blocks"] * per_block + in_use + plan["bytes"]["activations_estimate"] \
+            <= 80 * gib * cfg.gpu_memory_utilization
+    assert blocks[1 * gib] - blocks[15 * gib] == pytest.approx(14 * gib / per_block, abs=1)

@@ -79,3 +79,34 @@ def test_cancelled_request_streams_its_partial_text(engine):
     out = h.result()
     assert out.finish_reason == "cancelled" and rest[-1].finished
     assert first.text + "".join(e.text for e in rest[:-1]) == out.text
+
+
+def test_a_token_the_detokenizer_rejects_fails_only_its_request(engine, monkeypatch):
+    """One request's output error (here: its detokenizer raises on one id, as a tokenizer smaller than the
+    model's vocabulary would) ends that request with an EngineError and the text streamed so far; the
+    requests decoded in the same steps lose no token and no text."""
+    from unimlm_engine.inputs import detokenizer
+
+    bad = engine.tokenizer.encode("Z", add_bos=False)[-1]
+    real_step = detokenizer._ByteDecoder.step
+
+    def step(self, tok):
+        if tok == bad:
+            raise IndexError(f"test: id {tok} cannot be decoded")
+        return real_step(self, tok)
+
+    monkeypatch.setattr(detokenizer._ByteDecoder, "step", step)
+    ab = engine.tokenizer.encode("ab", add_bos=False)
+    victim = engine.submit(ue.Request(prompt="one", sampling=ue.SamplingParams(
+        max_tokens=12, ignore_eos=True, forced_prefix=(*ab, bad))))
+    mates = [engine.submit(ue.Request(prompt=f"two {i}", sampling=ue.SamplingParams(
+        max_tokens=12, ignore_eos=True, logit_bias={bad: -1e4}))) for i in range(3)]
+    streamed, _ = _streamed(victim)
+    assert streamed == "ab"
+    with pytest.raises(ue.EngineError, match="output processing failed at token"):
+        victim.result(timeout=60)
+    for h in mates:
+        text, _ = _streamed(h)
+        out = h.result(timeout=60)
+        assert out.error is None and len(out.token_ids) == 12
+        assert text == out.text == engine.tokenizer.decode(out.token_ids)

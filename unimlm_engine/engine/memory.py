@@ -3,7 +3,8 @@
 On CUDA the pool is sized like vLLM's: total * gpu_memory_utilization - weights - activations
 - decoders (the C++ `num_kv_blocks`), where "weights" is what the device already holds besides the
 decoders (`total - free` from `cudaMemGetInfo`: this model's weights, and also other models, a second
-engine's pool or other processes on the card; at least this model's own parameter bytes); on the CPU it is `cpu_kv_cache_bytes`; an explicit
+engine's pool or other processes on the card; at least this model's own parameter bytes); on the CPU
+it is `cpu_kv_cache_bytes`; an explicit
 `EngineConfig.num_kv_blocks` overrides both. The activation figure is an estimate of the
 largest step's live tensors (hidden states, the FFN intermediates, attention output and
 fp32 logits of the sampled rows), not a measurement.
@@ -53,5 +54,6 @@ def plan_kv_blocks(model, cfg: EngineConfig) -> dict:
     else:
         n = max(1, cfg.cpu_kv_cache_bytes // per_block)
     return {"num_kv_blocks": int(n), "bytes_per_block": int(per_block),
-            "bytes": {"weights": weights,  # on CUDA: with what else the card held at construction "decoders": decoders, "activations_estimate": int(activations),
+            # weights: on CUDA, with whatever else the card held at construction
+            "bytes": {"weights": weights, "decoders": decoders, "activations_estimate": int(activations),
                       "kv_pool": int(n * per_block)}}

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from ..routes import find_route
 from .sequence import Sequence
-from .types import RequestOutput, StreamEvent, TaskResult
+from .types import EngineError, RequestOutput, StreamEvent, TaskResult
 
 log = logging.getLogger("unimlm_engine")
 _STOP = object()
@@ -102,17 +102,22 @@ class OutputProcessor:
     def _tokens(self, items: list[tuple[Sequence, int]]) -> None:
         spans = bool(self.span_tasks)
         for s, tok in items:
-            if s.stop_string_hit or s.text_finalized:
+            if s.stop_string_hit or s.text_finalized or s.output_error is not None:
                 continue  # generated after the cut: dropped when the text is done
-            delta = s.detok.step_one(tok)
-            if not s.request.sampling.stop:  # the common case, kept short
-                if delta:
-                    s.text_parts.append(delta)
-                s.handle.emit_text(delta, (tok,))
-            elif self._with_stops(s, delta, (tok,), final=False):
+            try:
+                delta = s.detok.step_one(tok)
+                if not s.request.sampling.stop:  # the common case, kept short
+                    if delta:
+                        s.text_parts.append(delta)
+                    s.handle.emit_text(delta, (tok,))
+                elif self._with_stops(s, delta, (tok,), final=False):
+                    self.on_stop(s)
+                if spans and len(s.text_parts) > s.span_fed:
+                    self._feed_spans(s, final=False)
+            except Exception as e:  # noqa: BLE001 - this request ends in error; its batch mates go on
+                log.exception("output processing failed for request %s", s.request.request_id)
+                s.output_error = EngineError(f"output processing failed at token {tok}: {type(e).__name__}: {e}")
                 self.on_stop(s)
-            if spans and len(s.text_parts) > s.span_fed:
-                self._feed_spans(s, final=False)
 
     def _feed_spans(self, s: Sequence, final: bool, dispatch: bool = True) -> None:
         """Parse the text streamed since the last call; hand completed span groups to on_spans."""
@@ -137,6 +142,8 @@ class OutputProcessor:
         s.handle.emit(StreamEvent(task=task))
 
     def _end(self, s: Sequence, reason: str, error: Optional[BaseException]) -> None:
+        if s.output_error is not None and error is None:
+            reason, error = "error", s.output_error
         self._finalize_text(s, dispatch=False)
         out = self.output(s, "stop" if s.stop_string_hit and reason == "length" else reason)
         if error is not None:
@@ -150,7 +157,7 @@ class OutputProcessor:
         if s.text_finalized:
             return
         s.text_finalized = True
-        if not s.stop_string_hit:
+        if not s.stop_string_hit and s.output_error is None:  # a failed detokenizer is not flushed
             tail = s.detok.flush()
             if not s.request.sampling.stop:
                 if tail:

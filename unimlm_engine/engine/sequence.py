@@ -57,6 +57,7 @@ class Sequence:
     payloads: list[RoutedPayload] = field(default_factory=list)
     finish_after_payload: Optional[str] = None
     stop_string_hit: bool = False
+    output_error: Optional[BaseException] = None  # the output thread could not process a token: ends in error
     stop_cut: Optional[int] = None  # index in `generated` of the token that completed a stop string
     text_finalized: bool = False  # the output thread flushed the text and applied stop_cut
     finish_reason: Optional[str] = None
