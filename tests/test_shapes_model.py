@@ -147,6 +147,16 @@ def test_training_aids_patch_targets_turns_and_gradient_cap():
     assert int((learned_ids == tok.eos_id).sum()) == 3  # each answer ends its turn with </s>
     assert tok.decode([int(t) for t in ids[0]]).count("USER:") == 3
 
+    # a --mix with text-only POSE samples: their answers are learned like a POSE sample's, and the UniPose
+    # loss takes only the "pose" samples (the text-only ones cost no decoder pass)
+    mixed = ts.make_samples(0, random.Random(0), 4, {"pose": 1, "pose_text": 2}, offset=200_000_000)
+    assert [s.task for s, _ in mixed] == ["pose", "pose_text", "pose_text"]
+    assert all("[POSE]" in s.answer and "[DET]" in s.answer for s, _ in mixed)
+    assert [sc.seed for _, sc in mixed][0] >= 200_000_000
+    with pytest.raises(SystemExit):  # a --seed-offset that would train on the held-out scenes is refused
+        ts.main(["--out", "unused", "--seed-offset", "499990000", "--steps", "1000"])
+    assert ts.pose_loss(None, None, mixed[1:], None, 4) == {}
+
     x = torch.ones(4, 3, requires_grad=True)
     (ts.CapGrad.apply(x, 0.1, 10.0) * 2).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((4, 3), 0.2))

@@ -46,8 +46,9 @@ from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
 from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, Scene, make_scene  # noqa: E402
 
 IGNORE = -100
-# per step: VQA images, DET, SEG, POSE samples
-MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2}
+# per step: VQA images, DET, SEG, POSE samples; pose_text = POSE samples trained on their answer text only
+# (no UniPose forward: a POSE sample's decoder pass costs ~0.8 s on 2 cores, its text ~0.05 s)
+MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0}
 # questions per VQA image: more than one makes a multi-turn conversation (vicuna_v1 turns), distinct types
 VQA_TURNS = 1
 # the first phase: VQA only (images per step). Trained jointly from the start, the small LLM learns the long,
@@ -100,20 +101,25 @@ def vqa_phase_samples(step: int, rng: random.Random) -> list[tuple[Sample, Scene
     return out
 
 
-def make_samples(step: int, rng: random.Random, num_embs: int) -> list[tuple[Sample, Scene]]:
-    """-> (sample, scene) pairs; a VQA sample carries its later turns in `turns`."""
+def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, int] = MIX,
+                 offset: int = 0) -> list[tuple[Sample, Scene]]:
+    """-> (sample, scene) pairs; a VQA sample carries its later turns in `turns`. offset: added to the scene
+    seeds (a continued run draws scenes the first run did not)."""
     out = []
     i = 0
-    for task, n in MIX.items():
+    for task, n in mix.items():
         for _ in range(n):
-            seed = step * 64 + i
+            seed = offset + step * 64 + i
             i += 1
-            if task == "pose":
+            if task in ("pose", "pose_text"):
                 sc = make_scene(seed)
                 while not pose_shapes(sc):
                     seed += 1_000_000_000
                     sc = make_scene(seed)
-                out.append((pose_sample(sc, rng, num_embs), sc))
+                sample = pose_sample(sc, rng, num_embs)
+                if task == "pose_text":
+                    sample.task = "pose_text"
+                out.append((sample, sc))
                 continue
             sc = make_scene(seed)
             if task == "vqa":
@@ -295,15 +301,37 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (its weights and tokenizer)")
+    ap.add_argument("--mix", default=None, help="samples per joint step, e.g. vqa=10,det=4,seg=3,pose=4,pose_text=4")
+    ap.add_argument("--seed-offset", type=int, default=0, help="added to the joint phase's scene seeds")
     args = ap.parse_args(argv)
+    mix = dict(MIX)
+    if args.mix:
+        mix = {t: 0 for t in MIX}
+        for part in args.mix.split(","):
+            name, _, n = part.partition("=")
+            if name not in MIX:
+                ap.error(f"--mix: unknown task {name!r} (known: {', '.join(MIX)})")
+            mix[name] = int(n)
+    from unimlm_engine.shapes.evaluate import EVAL_SEED_BASE, EVAL_SEED_LIMIT
+
+    lo, hi, g = args.seed_offset, args.seed_offset + args.steps * 64, 1_000_000_000
+    if any(lo < EVAL_SEED_LIMIT + m * g and hi > EVAL_SEED_BASE + m * g for m in range(lo // g - 1, hi // g + 1)):
+        ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
+                 f"evaluation seeds [{EVAL_SEED_BASE}, {EVAL_SEED_LIMIT}) (mod 10^9)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     t0 = time.time()
-    tok_dir = train_tokenizer(out)
-    tok = HFTokenizer(tok_dir)
+    tok = HFTokenizer(Path(args.init) if args.init else train_tokenizer(out))
     cfg = shapes_config()
     model = build_model(cfg, seed=args.seed).train()
+    if args.init:
+        from unimlm_engine.checkpoint.loader import load_checkpoint
+
+        init, _, _ = load_checkpoint(args.init)
+        model.load_state_dict({n: t.float() for n, t in init.state_dict().items()})
+        del init
     model.special_ids = dict(tok.special_ids)
     proc = Processor(cfg.vision, tok)
     k = cfg.superlink.num_embs
@@ -321,7 +349,8 @@ def main(argv=None) -> int:
         joint = step - args.vqa_steps  # < 0 in the VQA phase
         for g in opt.param_groups:
             g["lr"] = lr_at(joint, args.steps, args.lr) if joint >= 0 else min(1.0, (step + 1) / 50) * args.vqa_lr
-        samples = make_samples(joint, rng, k) if joint >= 0 else vqa_phase_samples(step, rng)
+        samples = (make_samples(joint, rng, k, mix, args.seed_offset) if joint >= 0
+                   else vqa_phase_samples(step, rng))
         ids, labels, pixels, groups = encode(samples, proc, tok, model.special_ids)
         hidden, feats = llm_forward(model, ids, pixels, groups, k)
         logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))

@@ -31,7 +31,11 @@ from ..outputs.labels import routed_group_names
 from .tasks import ROUTE_OF_TASK, VQA_TYPES, Sample, det_sample, pose_sample, pose_shapes, vqa_sample
 from .world import CLASSES, KEYPOINT_NAMES, Scene, make_scene
 
-EVAL_SEED_BASE = 500_000_000  # training draws seeds < 10^6 (+ multiples of 10^9)
+# training (training/train_shapes.py) draws seeds below 10^6 and from 10^8 (its VQA phase) and from its
+# --seed-offset (each + multiples of 10^9 where a POSE scene is redrawn); it refuses an offset that would reach
+# [EVAL_SEED_BASE, EVAL_SEED_LIMIT)
+EVAL_SEED_BASE = 500_000_000
+EVAL_SEED_LIMIT = EVAL_SEED_BASE + 10_000_000
 MASK_SCORE, POSE_SCORE, POSE_IOU = 0.3, 0.3, 0.5  # 0.3: also the CLI drawing default
 
 
