@@ -315,8 +315,9 @@ def main(argv=None) -> int:
             mix[name] = int(n)
     from unimlm_engine.shapes.evaluate import EVAL_SEED_BASE, EVAL_SEED_LIMIT
 
-    lo, hi, g = args.seed_offset, args.seed_offset + args.steps * 64, 1_000_000_000
-    if any(lo < EVAL_SEED_LIMIT + m * g and hi > EVAL_SEED_BASE + m * g for m in range(lo // g - 1, hi // g + 1)):
+    lo, hi, giga = args.seed_offset, args.seed_offset + args.steps * 64, 1_000_000_000  # POSE redraws add 10^9
+    if any(lo < EVAL_SEED_LIMIT + m * giga and hi > EVAL_SEED_BASE + m * giga
+           for m in range(lo // giga - 1, hi // giga + 1)):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
                  f"evaluation seeds [{EVAL_SEED_BASE}, {EVAL_SEED_LIMIT}) (mod 10^9)")
     torch.set_num_threads(args.threads)
