@@ -40,6 +40,7 @@ from unimlm_engine.model.decoders.pose import MAX_KPT_SLOTS, MAX_OBJ_SLOTS, prep
 from unimlm_engine.model.decoders.unipose.network import _logits as pose_logits  # noqa: E402
 from unimlm_engine.routes import get_route  # noqa: E402
 from unimlm_engine.shapes.config import shapes_config  # noqa: E402
+from unimlm_engine.shapes.evaluate import EVAL_SEED_BASE, EVAL_SEED_LIMIT, reaches_eval_seeds  # noqa: E402
 from unimlm_engine.shapes.tasks import (VQA_TYPES, Sample, det_sample, pose_sample, pose_shapes,  # noqa: E402
                                         vqa_sample)
 from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
@@ -313,11 +314,8 @@ def main(argv=None) -> int:
             if name not in MIX:
                 ap.error(f"--mix: unknown task {name!r} (known: {', '.join(MIX)})")
             mix[name] = int(n)
-    from unimlm_engine.shapes.evaluate import EVAL_SEED_BASE, EVAL_SEED_LIMIT
-
-    lo, hi, giga = args.seed_offset, args.seed_offset + args.steps * 64, 1_000_000_000  # POSE redraws add 10^9
-    if any(lo < EVAL_SEED_LIMIT + m * giga and hi > EVAL_SEED_BASE + m * giga
-           for m in range(lo // giga - 1, hi // giga + 1)):
+    lo, hi = args.seed_offset, args.seed_offset + args.steps * 64
+    if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
                  f"evaluation seeds [{EVAL_SEED_BASE}, {EVAL_SEED_LIMIT}) (mod 10^9)")
     torch.set_num_threads(args.threads)
@@ -367,7 +365,7 @@ def main(argv=None) -> int:
         losses.update(detector_loss(model, dec_hidden, samples, groups, k))
         pose = pose_loss(model, dec_hidden, samples, groups, k)
         total = losses["lm"] + losses["vqa"] + losses["probe"] + losses["patch"] + weighted(
-            losses_without(losses, "lm", "vqa", "probe", "patch")) + 0.5 * weighted(
+            {n: v for n, v in losses.items() if n not in ("lm", "vqa", "probe", "patch")}) + 0.5 * weighted(
             {n[5:]: v for n, v in pose.items()})
         losses.update(pose)
         opt.zero_grad(set_to_none=True)
@@ -384,10 +382,6 @@ def main(argv=None) -> int:
     write(model, tok, out, log)
     print(f"done in {time.time() - t0:.0f} s -> {out}", flush=True)
     return 0
-
-
-def losses_without(d: dict, *names: str) -> dict:
-    return {n: v for n, v in d.items() if n not in names}
 
 
 def write(model, tok, out: Path, log: list) -> None:

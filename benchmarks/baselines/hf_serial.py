@@ -35,6 +35,7 @@ from torch import nn
 from unimlm_engine.engine.output import to_task_result
 from unimlm_engine.model.decoders import DecoderInput
 from unimlm_engine.routes import all_routes
+from unimlm_engine.sampling import apply_logit_bias
 from unimlm_engine.engine.types import Request, TaskResult
 from unimlm_engine.model.superlink import RoutedPayload
 from unimlm_engine.inputs.processor import Processor, load_image
@@ -117,15 +118,13 @@ class _ForcedPrefix:
 
 
 class _LogitBias:
-    """LogitsProcessor: SamplingParams.logit_bias, added to the scores as the engine's sampler adds it."""
+    """LogitsProcessor: SamplingParams.logit_bias, added to the scores by the engine's reference function."""
 
     def __init__(self, bias: dict[int, float]):
-        self.ids, self.vals = list(bias), torch.tensor(list(bias.values()), dtype=torch.float32)
+        self.bias = bias
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.ids] += self.vals.to(scores.device, scores.dtype)
-        return scores
+        return apply_logit_bias(scores, self.bias)
 
 
 class _StopOnRoute:

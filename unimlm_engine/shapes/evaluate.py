@@ -36,6 +36,14 @@ from .world import CLASSES, KEYPOINT_NAMES, Scene, make_scene
 # [EVAL_SEED_BASE, EVAL_SEED_LIMIT)
 EVAL_SEED_BASE = 500_000_000
 EVAL_SEED_LIMIT = EVAL_SEED_BASE + 10_000_000
+
+
+def reaches_eval_seeds(lo: int, hi: int) -> bool:
+    """Whether training seeds [lo, hi), or those seeds plus multiples of 10^9 (a redrawn POSE scene), can be
+    held-out evaluation seeds [EVAL_SEED_BASE, EVAL_SEED_LIMIT)."""
+    giga = 1_000_000_000
+    return any(lo < EVAL_SEED_LIMIT + m * giga and hi > EVAL_SEED_BASE + m * giga
+               for m in range(lo // giga - 1, hi // giga + 1))
 MASK_SCORE, POSE_SCORE, POSE_IOU = 0.3, 0.3, 0.5  # 0.3: also the CLI drawing default
 
 
