@@ -165,6 +165,62 @@ def test_training_aids_patch_targets_turns_and_gradient_cap():
     assert abs(float(x.grad.norm()) - 0.03) < 1e-6 and torch.allclose(x.grad, x.grad[0, 0].expand(4, 3))
 
 
+def test_training_aids_for_a_vqa_continuation():
+    """The pieces of a VQA-focused continued run: text-only DET / SEG samples (answer text learned, no decoder
+    pass), the payload-keeping loss against hand-computed values, and the patch loss's weight on empty patches."""
+    import train_shapes as ts
+    from aids import patch_loss, patch_targets, payload_keep_loss
+
+    mixed = ts.make_samples(0, random.Random(0), 4, {"det": 1, "det_text": 1, "seg_text": 1}, offset=300_000_000)
+    assert [s.task for s, _ in mixed] == ["det", "det_text", "seg_text"]
+    assert "[DET]" in mixed[1][0].answer and "[SEG]" in mixed[2][0].answer
+    assert ts.detector_loss(None, None, mixed[1:], None, 4) == {}
+
+    # two groups at positions 1 and 6 of sample 0, one at 2 of sample 1; K = 2 rows after each routing token
+    teacher = torch.randn(2, 10, 8)
+    student = teacher.clone()
+    groups = [[("[DET]", 1), ("[SEG]", 6)], [("[POSE]", 2)]]
+    assert float(payload_keep_loss(student, teacher, groups, 2)) == 0.0
+    student[0, 9] += 5.0  # outside every group's rows: no loss
+    student[1, 3] = 2 * teacher[1, 3]  # one of the 6 payload rows, relative squared distance 1
+    assert abs(float(payload_keep_loss(student, teacher, groups, 2)) - 1 / 6) < 1e-6
+    assert float(payload_keep_loss(student, teacher, [[], []], 2)) == 0.0
+
+    scenes = [make_scene(40 + i) for i in range(3)]
+    samples = [(None, sc) for sc in scenes]
+    head = torch.nn.Linear(16, 2 * 13)
+    feats = torch.randn(3 * 64, 16)
+    centre, cover = patch_targets(scenes, 8)
+    logits = head(feats).view(-1, 2, 13)
+    obj = centre != 12
+    manual = torch.nn.functional.cross_entropy(logits[obj, 0], centre[obj])  # none weight 0: object patches only
+    obj = cover != 12
+    manual = manual + torch.nn.functional.cross_entropy(logits[obj, 1], cover[obj])
+    torch.testing.assert_close(patch_loss(head, feats, samples, 8, none_weight=0.0), manual)
+    with pytest.raises(SystemExit):  # keeping payloads needs the model whose payloads are kept
+        ts.main(["--out", "unused", "--keep-payloads", "1"])
+    with pytest.raises(SystemExit):  # the vision-only phase's scenes must stay clear of the held-out ones
+        ts.main(["--out", "unused", "--vit-steps", "1000000"])
+
+    # the vision-only phase trains the vision tower and bridge, and leaves the LLM as it was
+    from aids import vit_phase
+
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.inputs.tokenizer import HFTokenizer
+    from unimlm_engine.model import build_model
+    from unimlm_engine.shapes.config import shapes_config
+
+    model = build_model(shapes_config(), seed=0)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    head = torch.nn.Linear(model.cfg.llm.hidden_size, 2 * 13)
+    logs = []
+    vit_phase(model, Processor(model.cfg.vision, HFTokenizer(shapes_dir())), head, 2, 1e-3, 0.05, batch=2,
+              log=logs.append)
+    after = model.state_dict()
+    changed = {n.split(".")[0] for n in after if not torch.equal(after[n], before[n])}
+    assert changed == {"vis_encoder", "vl_bridge"} and [r["vit_step"] for r in logs] == [0, 1]
+
+
 def test_matching_and_giou_against_references():
     from losses import Target, generalized_iou, match
 

@@ -76,14 +76,17 @@ def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
     return centre.flatten(), cover.flatten()
 
 
-def patch_loss(head: torch.nn.Linear, feats, samples, grid: int) -> torch.Tensor:
+def patch_loss(head: torch.nn.Linear, feats, samples, grid: int, none_weight: float = 1.0) -> torch.Tensor:
     """Training only: a linear head (discarded after training) reads, from each image token the LLM receives,
     which object's centre falls in its patch and which object covers it. This dense signal teaches the small
     ViT trained from scratch a dense signal where the one-token VQA answers give a sparse one (the LLM must
-    still learn to count and compare); the served model is unchanged (the head is not saved)."""
+    still learn to count and compare); the served model is unchanged (the head is not saved). none_weight < 1
+    weighs the empty patches (about 60 of 64) down against the object patches, where the shape must be read."""
     centre, cover = patch_targets([sc for _, sc in samples], grid)
     logits = head(feats).view(feats.shape[0], 2, -1)
-    return F.cross_entropy(logits[:, 0], centre) + F.cross_entropy(logits[:, 1], cover)
+    w = torch.ones(len(CLASSES) + 1, device=feats.device)
+    w[-1] = none_weight
+    return F.cross_entropy(logits[:, 0], centre, weight=w) + F.cross_entropy(logits[:, 1], cover, weight=w)
 
 
 def clip_groups_of(model, params: list) -> dict[str, list]:
@@ -94,3 +97,48 @@ def clip_groups_of(model, params: list) -> dict[str, list]:
     groups = {n: g for n, g in groups.items() if g}
     groups["vlm"] = [p for p in params if id(p) not in taken]
     return groups
+
+
+def payload_keep_loss(hidden, teacher_hidden, groups, k: int) -> torch.Tensor:
+    """Training only (a continued run's --keep-payloads): the squared distance of every routed group's K payload
+    rows from the starting model's, relative to the starting model's squared norm. The decoders read only the
+    payloads (they have their own backbones), so a run that trains the LLM for VQA without the decoder passes
+    keeps what the decoders were trained on, the way distillation keeps a fine-tuned model's old outputs."""
+    rows, ref = [], []
+    for bi, gs in enumerate(groups):
+        for _, p in gs:
+            rows.append(hidden[bi, p + 1:p + 1 + k])
+            ref.append(teacher_hidden[bi, p + 1:p + 1 + k])
+    if not rows:
+        return hidden.new_zeros(())
+    s, t = torch.cat(rows), torch.cat(ref)
+    return (((s - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp(min=1e-6)).mean()
+
+
+VIT_PHASE_SEED = 450_000_000  # the vision-only phase's scenes: VIT_PHASE_SEED + step * batch + i
+
+
+def vit_phase(model, proc, head: torch.nn.Linear, steps: int, lr: float, none_weight: float, batch: int = 64,
+              log=print) -> None:
+    """Training only (--vit-steps): the vision tower and bridge trained alone on the per-patch head's loss, the
+    LLM untouched. Measured on the second shipped model: a linear probe on an object's centre image token read
+    its shape 74% of the time (its colour 100%), and neither its LLM nor a fresh one learned "What shape is ..."
+    from those tokens; 200 such steps of 64 images (90 s on 2 cores, object patches weighted up) raised the probe
+    to 92%, after which a fresh LLM learned the question in 150 steps."""
+    from unimlm_engine.shapes.world import make_scene
+
+    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    params = list(model.vis_encoder.parameters()) + list(model.vl_bridge.parameters())
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        scenes = [make_scene(VIT_PHASE_SEED + step * batch + i) for i in range(batch)]
+        pixels = torch.cat([proc("x", [sc.image]).pixel_values[0] for sc in scenes])
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 30)
+        loss = patch_loss(head, model.encode_images(pixels), [(None, sc) for sc in scenes], grid, none_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log({"vit_step": step, "patch": round(float(loss.detach()), 4)})

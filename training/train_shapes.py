@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, clip_groups_of,  # noqa: E402,F401
-                  patch_loss, patch_targets, probe_loss)
+                  patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED, vit_phase)
 from losses import Target, set_loss, weighted  # noqa: E402
 
 from unimlm_engine.checkpoint.loader import save_checkpoint  # noqa: E402
@@ -47,9 +47,10 @@ from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
 from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, Scene, make_scene  # noqa: E402
 
 IGNORE = -100
-# per step: VQA images, DET, SEG, POSE samples; pose_text = POSE samples trained on their answer text only
-# (no UniPose forward: a POSE sample's decoder pass costs ~0.8 s on 2 cores, its text ~0.05 s)
-MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0}
+# per step: VQA images, DET, SEG, POSE samples; the *_text ones are DET / SEG / POSE samples trained on their
+# answer text only (no decoder pass: a POSE sample's UniPose pass costs ~0.8 s on 2 cores, its text ~0.05 s)
+MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0, "det_text": 0, "seg_text": 0}
+TEXT_ONLY = ("det_text", "seg_text", "pose_text")
 # questions per VQA image: more than one makes a multi-turn conversation (vicuna_v1 turns), distinct types
 VQA_TURNS = 1
 # the first phase: VQA only (images per step). Trained jointly from the start, the small LLM learns the long,
@@ -87,9 +88,9 @@ def vqa_turns(sc: Scene, rng: random.Random, n: int) -> list[Sample]:
     return out
 
 
-def vqa_conversation(sc: Scene, rng: random.Random) -> Sample:
-    """The first of VQA_TURNS questions, the later ones in its `turns`."""
-    first, *rest = vqa_turns(sc, rng, VQA_TURNS)
+def vqa_conversation(sc: Scene, rng: random.Random, turns: int = VQA_TURNS) -> Sample:
+    """The first of `turns` questions, the later ones in its `turns`."""
+    first, *rest = vqa_turns(sc, rng, turns)
     first.turns = rest
     return first
 
@@ -103,7 +104,7 @@ def vqa_phase_samples(step: int, rng: random.Random) -> list[tuple[Sample, Scene
 
 
 def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, int] = MIX,
-                 offset: int = 0) -> list[tuple[Sample, Scene]]:
+                 offset: int = 0, vqa_turns_n: int = VQA_TURNS) -> list[tuple[Sample, Scene]]:
     """-> (sample, scene) pairs; a VQA sample carries its later turns in `turns`. offset: added to the scene
     seeds (a continued run draws scenes the first run did not)."""
     out = []
@@ -124,9 +125,12 @@ def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, in
                 continue
             sc = make_scene(seed)
             if task == "vqa":
-                out.append((vqa_conversation(sc, rng), sc))
+                out.append((vqa_conversation(sc, rng, vqa_turns_n), sc))
             else:
-                out.append((det_sample(sc, rng, num_embs, route="[DET]" if task == "det" else "[SEG]"), sc))
+                sample = det_sample(sc, rng, num_embs, route="[DET]" if task.startswith("det") else "[SEG]")
+                if task in TEXT_ONLY:
+                    sample.task = task
+                out.append((sample, sc))
     return out
 
 
@@ -304,8 +308,24 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     ap.add_argument("--init", default=None, help="continue from this checkpoint (its weights and tokenizer)")
     ap.add_argument("--mix", default=None, help="samples per joint step, e.g. vqa=10,det=4,seg=3,pose=4,pose_text=4")
+    ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch head's loss")
+    ap.add_argument("--patch-none-weight", type=float, default=1.0,
+                    help="class weight of the empty patches in that loss (object patches: 1)")
+    ap.add_argument("--vit-steps", type=int, default=0,
+                    help="first, the vision tower alone on the per-patch loss (aids.vit_phase), batches of 64")
+    ap.add_argument("--vit-lr", type=float, default=1e-3)
+    ap.add_argument("--fresh-llm", action="store_true",
+                    help="with --init: the LLM starts from a fresh initialisation (the rest from --init)")
+    ap.add_argument("--vqa-turns", type=int, default=VQA_TURNS, help="questions per VQA image in the joint phase")
+    ap.add_argument("--keep-payloads", type=float, default=0.0,
+                    help="with --init: weight of the loss that keeps the routed payloads at the --init model's "
+                         "(payload_keep_loss); the payload probe is then off")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the joint phase's scene seeds")
     args = ap.parse_args(argv)
+    if (args.keep_payloads or args.fresh_llm) and not args.init:
+        ap.error("--keep-payloads and --fresh-llm need --init (the model whose payloads are kept / parts reused)")
+    if reaches_eval_seeds(VIT_PHASE_SEED, VIT_PHASE_SEED + args.vit_steps * 64):
+        ap.error(f"--vit-steps {args.vit_steps}: its scenes would reach the held-out evaluation seeds")
     mix = dict(MIX)
     if args.mix:
         mix = {t: 0 for t in MIX}
@@ -331,6 +351,15 @@ def main(argv=None) -> int:
         init, _, _ = load_checkpoint(args.init)
         model.load_state_dict({n: t.float() for n, t in init.state_dict().items()})
         del init
+    teacher = None
+    if args.keep_payloads:
+        teacher = build_model(cfg, seed=args.seed).eval().requires_grad_(False)
+        teacher.load_state_dict(model.state_dict())
+        teacher.special_ids = dict(tok.special_ids)
+    if args.fresh_llm:
+        fresh = build_model(cfg, seed=args.seed + 1).state_dict()
+        model.load_state_dict({n: t for n, t in fresh.items() if n.startswith("llm.")}, strict=False)
+        del fresh
     model.special_ids = dict(tok.special_ids)
     proc = Processor(cfg.vision, tok)
     k = cfg.superlink.num_embs
@@ -339,6 +368,9 @@ def main(argv=None) -> int:
     probe = torch.nn.Linear(cfg.llm.hidden_size, len(PROBE_NAMES))
     grid = cfg.vision.image_size // cfg.vision.patch_size
     head = torch.nn.Linear(cfg.llm.hidden_size, 2 * (len(CLASSES) + 1))
+    if args.vit_steps:
+        vit_phase(model, proc, head, args.vit_steps, args.vit_lr, args.patch_none_weight,
+                  log=lambda rec: print(json.dumps({**rec, "s": round(time.time() - t0, 1)}), flush=True))
     params = [p for p in model.parameters() if p.requires_grad] + list(probe.parameters()) + list(head.parameters())
     clip_groups = clip_groups_of(model, params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -348,7 +380,7 @@ def main(argv=None) -> int:
         joint = step - args.vqa_steps  # < 0 in the VQA phase
         for g in opt.param_groups:
             g["lr"] = lr_at(joint, args.steps, args.lr) if joint >= 0 else min(1.0, (step + 1) / 50) * args.vqa_lr
-        samples = (make_samples(joint, rng, k, mix, args.seed_offset) if joint >= 0
+        samples = (make_samples(joint, rng, k, mix, args.seed_offset, args.vqa_turns) if joint >= 0
                    else vqa_phase_samples(step, rng))
         ids, labels, pixels, groups = encode(samples, proc, tok, model.special_ids)
         hidden, feats = llm_forward(model, ids, pixels, groups, k)
@@ -357,15 +389,23 @@ def main(argv=None) -> int:
         n_lab = (labels[:, 1:] != IGNORE).sum(1)
         is_vqa = torch.tensor([s.task == "vqa" for s, _ in samples])
         losses = {"lm": tok_loss.sum() / n_lab.sum().clamp(min=1),
-                  "probe": probe_loss(probe, hidden, samples, groups, k),
-                  "patch": patch_loss(head, feats, samples, grid)}
+                  "probe": (hidden.new_zeros(()) if teacher is not None
+                            else probe_loss(probe, hidden, samples, groups, k)),
+                  "patch": args.patch_weight * patch_loss(head, feats, samples, grid, args.patch_none_weight)}
+        routed = [i for i, g in enumerate(groups) if g]
+        if teacher is not None and routed:
+            sub = [groups[i] for i in routed]
+            with torch.no_grad():
+                ref, _ = llm_forward(teacher, ids[routed], pixels[routed], sub, k)
+            losses["keep"] = args.keep_payloads * payload_keep_loss(hidden[routed], ref, sub, k)
         # the VQA answers are a few tokens among the long task answers: their mean is added as its own term
         losses["vqa"] = tok_loss.view(len(samples), -1)[is_vqa].sum() / n_lab[is_vqa].sum().clamp(min=1)
         dec_hidden = CapGrad.apply(hidden, PAYLOAD_GRAD, PAYLOAD_GRAD_MAX)
         losses.update(detector_loss(model, dec_hidden, samples, groups, k))
         pose = pose_loss(model, dec_hidden, samples, groups, k)
-        total = losses["lm"] + losses["vqa"] + losses["probe"] + losses["patch"] + weighted(
-            {n: v for n, v in losses.items() if n not in ("lm", "vqa", "probe", "patch")}) + 0.5 * weighted(
+        plain = ("lm", "vqa", "probe", "patch", "keep")
+        total = sum(losses[n] for n in plain if n in losses) + weighted(
+            {n: v for n, v in losses.items() if n not in plain}) + 0.5 * weighted(
             {n[5:]: v for n, v in pose.items()})
         losses.update(pose)
         opt.zero_grad(set_to_none=True)
