@@ -83,3 +83,25 @@ def test_backend_that_cannot_serve_a_route_is_refused(exported):
     model, tok = load_pretrained(str(ckpt), device="cpu")
     with pytest.raises(ValueError, match="cannot serve \\[SEG\\]"):
         ue.Engine(model, tok, ue.EngineConfig(decoder_backends={"seg": f"onnxruntime:{onnx_path}"}))
+
+
+def test_value_log_keeps_count_sum_and_feeds_subscribers_without_history():
+    """The router's per-decoder statistics: mean from count and sum, every value passed to the subscribers
+    (the server's histograms) from several threads, and no per-value list kept."""
+    import threading
+
+    from unimlm_engine.engine.routing import ValueLog
+
+    log = ValueLog()
+    assert log.mean() is None and len(log) == 0
+    log.add(3)
+    seen = []
+    log.subscribe(seen.append)  # values from now on
+    threads = [threading.Thread(target=lambda: [log.add(1.0) for _ in range(1000)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(log) == 4001 and log.total == 4003.0 and abs(log.mean() - 4003 / 4001) < 1e-12
+    assert len(seen) == 4000 and set(seen) == {1.0}
+    assert not any(isinstance(v, (list, tuple)) for v in vars(log).values() if v is not log._subscribers)

@@ -26,6 +26,38 @@ from .sequence import Sequence
 from .types import DecoderError, TaskResult
 
 
+class ValueLog:
+    """One decoder's running statistic (its batch sizes, its items' waits in the batcher): the count and sum
+    (for the mean) and the functions called with each new value (the server's Prometheus histograms). No
+    per-value history is kept, so a long-running server's memory does not grow with the values it logs."""
+
+    def __init__(self):
+        self.count = 0
+        self.total = 0.0
+        self._subscribers: list[Callable[[float], None]] = []
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self.count += 1
+            self.total += value
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            fn(value)
+
+    def subscribe(self, fn: Callable[[float], None]) -> None:
+        """fn(value) for every value added from now on."""
+        with self._lock:
+            self._subscribers.append(fn)
+
+    def mean(self) -> Optional[float]:
+        with self._lock:
+            return self.total / self.count if self.count else None
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class DecoderRouter:
     def __init__(self, model, cfg: EngineConfig, on_result: Callable[[Sequence, int, TaskResult], None]):
         self.model = model
@@ -42,13 +74,13 @@ class DecoderRouter:
         policy = _C.DecoderPolicy(max_batch_size=cfg.decoder_max_batch_size,
                                   max_queue_delay_us=int(cfg.decoder_max_queue_delay_ms * 1000),
                                   max_queue_size=max(cfg.max_queue_size, 1) * 8)
-        self.batch_sizes: dict[str, list[int]] = {}  # per decoder: the size of each batch run
-        self.queue_delays_s: dict[str, list[float]] = {}  # per decoder: each item's wait in the batcher
+        self.batch_sizes: dict[str, ValueLog] = {}  # per decoder: the size of each batch run
+        self.queue_delays_s: dict[str, ValueLog] = {}  # per decoder: each item's wait in the batcher
         self._threads = []
         for spec in self.available.values():
             self.batcher.add_decoder(spec.name, policy)
-            self.batch_sizes[spec.name] = []
-            self.queue_delays_s[spec.name] = []
+            self.batch_sizes[spec.name] = ValueLog()
+            self.queue_delays_s[spec.name] = ValueLog()
             t = threading.Thread(target=self._worker, args=(spec,), name=f"unimlm-decoder-{spec.name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -127,10 +159,10 @@ class DecoderRouter:
             t.join(timeout)
 
     def mean_batch_size(self) -> dict[str, Optional[float]]:
-        return {k: (sum(v) / len(v) if v else None) for k, v in self.batch_sizes.items()}
+        return {k: v.mean() for k, v in self.batch_sizes.items()}
 
     def mean_queue_delay_s(self) -> dict[str, Optional[float]]:
-        return {k: (sum(v) / len(v) if v else None) for k, v in self.queue_delays_s.items()}
+        return {k: v.mean() for k, v in self.queue_delays_s.items()}
 
     # ---- worker -----------------------------------------------------------------
     def _take(self, items) -> list[tuple[Sequence, int, RouteSpec]]:
@@ -144,8 +176,9 @@ class DecoderRouter:
             jobs = self._take(batch.items)
             if jobs:
                 now = _C.DecoderBatcher.now_us()
-                self.queue_delays_s[spec.name].extend((now - it.enqueue_us) / 1e6 for it in batch.items)
-                self.batch_sizes[spec.name].append(len(jobs))
+                for it in batch.items:
+                    self.queue_delays_s[spec.name].add((now - it.enqueue_us) / 1e6)
+                self.batch_sizes[spec.name].add(len(jobs))
                 self._run(spec, jobs)
             if batch.closed:
                 return

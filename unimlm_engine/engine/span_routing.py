@@ -19,6 +19,7 @@ from .. import _C
 from ..model.decoders import DecoderInput, check_image
 from ..routes import GROUNDING_TASK, SpanRouteSpec, all_span_routes, span_route_for
 from .output import to_task_result
+from .routing import ValueLog
 from .sequence import Sequence
 from .spans import SpanGroup
 from .types import DecoderError, TaskResult
@@ -42,7 +43,7 @@ class SpanRouter:
         self._threads = []
         for spec in self.available.values():
             self.batcher.add_decoder(self.queue(spec), policy)
-            router.batch_sizes[self.queue(spec)] = []
+            router.batch_sizes[self.queue(spec)] = ValueLog()
             t = threading.Thread(target=self._worker, args=(spec,), name=f"unimlm-span-{spec.name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -124,7 +125,7 @@ class SpanRouter:
             self._take(list(batch.expired) + list(batch.cancelled))  # the engine loop ends those requests
             jobs = self._take(batch.items)
             if jobs:
-                self.router.batch_sizes[name].append(len(jobs))
+                self.router.batch_sizes[name].add(len(jobs))
                 self._run(spec, jobs)
             if batch.closed:
                 return

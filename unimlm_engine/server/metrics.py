@@ -2,8 +2,9 @@
 
 Engine state is read at scrape time from `Engine.stats()` (the C++ scheduler's queue, running set, KV
 block pool and preemption count, the decoder batcher's queue depths); per-request latencies are observed
-when a request ends (from its RequestOutput); decoder batch sizes and batcher queue delays are taken from
-the router's logs (engine/routing.py) at scrape time.
+when a request ends (from its RequestOutput); decoder batch sizes and batcher queue delays are observed as
+the router logs them (its ValueLogs call the histograms; values logged before the app was built are not in
+them).
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ class ServerMetrics:
                                        buckets=_BATCH, registry=r)
         self.decoder_delay = Histogram("unimlm_decoder_queue_delay_seconds", "Wait in the decoder batcher",
                                        ["decoder"], buckets=_LATENCY, registry=r)
-        self._seen: dict[tuple[str, str], int] = {}
+        router = engine.router
+        for logs, hist in ((router.batch_sizes, self.decoder_batch), (router.queue_delays_s, self.decoder_delay)):
+            for name, log in logs.items():
+                log.subscribe(hist.labels(name).observe)
 
     def observe_output(self, out) -> None:
         self.finished.labels(out.finish_reason or "unknown").inc()
@@ -77,17 +81,5 @@ class ServerMetrics:
         if out.time_per_output_token_s is not None:
             self.tpot.observe(out.time_per_output_token_s)
 
-    def _sync_decoders(self) -> None:
-        router = self.engine.router
-        for kind, logs, hist in (("batch", router.batch_sizes, self.decoder_batch),
-                                 ("delay", router.queue_delays_s, self.decoder_delay)):
-            for name, values in logs.items():
-                start = self._seen.get((kind, name), 0)
-                end = len(values)
-                for v in values[start:end]:
-                    hist.labels(name).observe(v)
-                self._seen[(kind, name)] = end
-
     def render(self) -> bytes:
-        self._sync_decoders()
         return generate_latest(self.registry)
