@@ -175,6 +175,12 @@ def test_training_aids_for_a_vqa_continuation():
     assert [s.task for s, _ in mixed] == ["det", "det_text", "seg_text"]
     assert "[DET]" in mixed[1][0].answer and "[SEG]" in mixed[2][0].answer
     assert ts.detector_loss(None, None, mixed[1:], None, 4) == {}
+    # --vqa-weights: a type weighted up comes first far more often than 1 in 6 (exists is always askable)
+    rng = random.Random(0)
+    firsts = [ts.vqa_turns(make_scene(60 + i), rng, 2, {"exists": 50.0})[0].qtype for i in range(60)]
+    assert firsts.count("exists") >= 50
+    plain = [ts.vqa_turns(make_scene(60 + i), rng, 2)[0].qtype for i in range(60)]
+    assert plain.count("exists") < 25
 
     # two groups at positions 1 and 6 of sample 0, one at 2 of sample 1; K = 2 rows after each routing token
     teacher = torch.randn(2, 10, 8)

@@ -73,10 +73,14 @@ class PaddedCausal:
         return out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[3])
 
 
-def vqa_turns(sc: Scene, rng: random.Random, n: int) -> list[Sample]:
-    """Up to n questions of distinct types about one scene (the types whose precondition it meets)."""
+def vqa_turns(sc: Scene, rng: random.Random, n: int, weights: dict[str, float] | None = None) -> list[Sample]:
+    """Up to n questions of distinct types about one scene (the types whose precondition it meets), in random
+    order, or drawn without replacement in proportion to `weights` (default 1 per type)."""
     types = list(VQA_TYPES)
-    rng.shuffle(types)
+    if weights:  # Efraimidis-Spirakis: sort by u^(1/w)
+        types.sort(key=lambda t: -rng.random() ** (1.0 / weights.get(t, 1.0)))
+    else:
+        rng.shuffle(types)
     out = []
     for t in types:
         try:
@@ -88,9 +92,10 @@ def vqa_turns(sc: Scene, rng: random.Random, n: int) -> list[Sample]:
     return out
 
 
-def vqa_conversation(sc: Scene, rng: random.Random, turns: int = VQA_TURNS) -> Sample:
+def vqa_conversation(sc: Scene, rng: random.Random, turns: int = VQA_TURNS,
+                     weights: dict[str, float] | None = None) -> Sample:
     """The first of `turns` questions, the later ones in its `turns`."""
-    first, *rest = vqa_turns(sc, rng, turns)
+    first, *rest = vqa_turns(sc, rng, turns, weights)
     first.turns = rest
     return first
 
@@ -104,7 +109,8 @@ def vqa_phase_samples(step: int, rng: random.Random) -> list[tuple[Sample, Scene
 
 
 def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, int] = MIX,
-                 offset: int = 0, vqa_turns_n: int = VQA_TURNS) -> list[tuple[Sample, Scene]]:
+                 offset: int = 0, vqa_turns_n: int = VQA_TURNS,
+                 vqa_weights: dict[str, float] | None = None) -> list[tuple[Sample, Scene]]:
     """-> (sample, scene) pairs; a VQA sample carries its later turns in `turns`. offset: added to the scene
     seeds (a continued run draws scenes the first run did not)."""
     out = []
@@ -125,7 +131,7 @@ def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, in
                 continue
             sc = make_scene(seed)
             if task == "vqa":
-                out.append((vqa_conversation(sc, rng, vqa_turns_n), sc))
+                out.append((vqa_conversation(sc, rng, vqa_turns_n, vqa_weights), sc))
             else:
                 sample = det_sample(sc, rng, num_embs, route="[DET]" if task.startswith("det") else "[SEG]")
                 if task in TEXT_ONLY:
@@ -311,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch head's loss")
     ap.add_argument("--patch-none-weight", type=float, default=1.0,
                     help="class weight of the empty patches in that loss (object patches: 1)")
+    ap.add_argument("--vqa-weights", default=None,
+                    help="relative frequency of VQA question types in the joint phase, e.g. exists=3 (default 1)")
     ap.add_argument("--vit-steps", type=int, default=0,
                     help="first, the vision tower alone on the per-patch loss (aids.vit_phase), batches of 64")
     ap.add_argument("--vit-lr", type=float, default=1e-3)
@@ -334,6 +342,12 @@ def main(argv=None) -> int:
             if name not in MIX:
                 ap.error(f"--mix: unknown task {name!r} (known: {', '.join(MIX)})")
             mix[name] = int(n)
+    vqa_weights = {}
+    for part in (args.vqa_weights.split(",") if args.vqa_weights else []):
+        name, _, w = part.partition("=")
+        if name not in VQA_TYPES:
+            ap.error(f"--vqa-weights: unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
+        vqa_weights[name] = float(w)
     lo, hi = args.seed_offset, args.seed_offset + args.steps * 64
     if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
@@ -380,7 +394,7 @@ def main(argv=None) -> int:
         joint = step - args.vqa_steps  # < 0 in the VQA phase
         for g in opt.param_groups:
             g["lr"] = lr_at(joint, args.steps, args.lr) if joint >= 0 else min(1.0, (step + 1) / 50) * args.vqa_lr
-        samples = (make_samples(joint, rng, k, mix, args.seed_offset, args.vqa_turns) if joint >= 0
+        samples = (make_samples(joint, rng, k, mix, args.seed_offset, args.vqa_turns, vqa_weights) if joint >= 0
                    else vqa_phase_samples(step, rng))
         ids, labels, pixels, groups = encode(samples, proc, tok, model.special_ids)
         hidden, feats = llm_forward(model, ids, pixels, groups, k)
