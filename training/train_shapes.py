@@ -4,7 +4,7 @@ Grounding-DINO (DET / SEG) and UniPose (POSE) set losses through the super-link 
 together, after a VQA-only first phase (see VQA_PHASE_BATCH). Seeded (data, initialisation, sample order; a
 rerun was not compared bit for bit); writes an official-layout checkpoint.
 
-    python training/train_shapes.py --out unimlm_engine/assets/shapes-tiny   # the shipped model: 800 + 900 steps
+    python training/train_shapes.py --out runs/a   # phases 1-2; the shipped model's six phases: README
 
 The input path is the engine's own: `Processor` builds the prompt (vicuna_v1, the <image> expanded to patch
 tokens), the answer follows "ASSISTANT:" as " " + answer + "</s>", the K query rows of a routing token's table
