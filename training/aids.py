@@ -122,9 +122,9 @@ def vit_phase(model, proc, head: torch.nn.Linear, steps: int, lr: float, none_we
               log=print) -> None:
     """Training only (--vit-steps): the vision tower and bridge trained alone on the per-patch head's loss, the
     LLM untouched. Measured on the third shipped model: a linear probe on an object's centre image token read
-    its shape 74% of the time (its colour 100%), and neither its LLM nor a fresh one learned "What shape is ..."
-    from those tokens; 200 such steps of 64 images (90 s on 2 cores, object patches weighted up) raised the probe
-    to 92%, after which a fresh LLM learned the question in 150 steps."""
+    its shape 74% of the time (its colour 100%), and its LLM did not learn "What shape is ..." from those tokens;
+    200 such steps of 64 images (90 s on 2 cores, object patches weighted up) raised the probe to 92%, after
+    which a fresh LLM learned the question in 150 steps (the old LLM still did not)."""
     from unimlm_engine.shapes.world import make_scene
 
     grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
