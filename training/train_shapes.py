@@ -21,30 +21,26 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, clip_groups_of,  # noqa: E402,F401
                   patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED, vit_phase)
-from losses import Target, set_loss, weighted  # noqa: E402
+from decoder_losses import detector_loss, payloads, pose_loss, scene_targets  # noqa: E402,F401
+from losses import weighted  # noqa: E402
 
 from unimlm_engine.checkpoint.loader import save_checkpoint  # noqa: E402
 from unimlm_engine.inputs.processor import Processor  # noqa: E402
 from unimlm_engine.inputs.tokenizer import HFTokenizer  # noqa: E402
 from unimlm_engine.model import build_model  # noqa: E402
-from unimlm_engine.model.decoders.grounding import class_logits, inverse_sigmoid  # noqa: E402
-from unimlm_engine.model.decoders.images import gdino_canvas, gdino_image  # noqa: E402
-from unimlm_engine.model.decoders.pose import MAX_KPT_SLOTS, MAX_OBJ_SLOTS, prepare_image  # noqa: E402
-from unimlm_engine.model.decoders.unipose.network import _logits as pose_logits  # noqa: E402
 from unimlm_engine.routes import get_route  # noqa: E402
 from unimlm_engine.shapes.config import shapes_config  # noqa: E402
 from unimlm_engine.shapes.evaluate import EVAL_SEED_BASE, EVAL_SEED_LIMIT, reaches_eval_seeds  # noqa: E402
 from unimlm_engine.shapes.tasks import (VQA_TYPES, Sample, det_sample, pose_sample, pose_shapes,  # noqa: E402
                                         vqa_sample)
 from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
-from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, Scene, make_scene  # noqa: E402
+from unimlm_engine.shapes.world import CLASSES, Scene, make_scene  # noqa: E402
 
 IGNORE = -100
 # per step: VQA images, DET, SEG, POSE samples; the *_text ones are DET / SEG / POSE samples trained on their
@@ -190,111 +186,6 @@ def llm_forward(model, ids, pixels, groups, k: int):
     return hidden.view(b, length, -1), feats
 
 
-def payloads(hidden, bi: int, groups, route_names: tuple[str, ...], k: int) -> list[torch.Tensor]:
-    return [hidden[bi, p + 1:p + 1 + k] for route, p in groups[bi] if route in route_names]
-
-
-def scene_targets(sc: Scene, s: Sample, mask_hw: int | None):
-    objs = [o for o in sc.objects if o.name in s.classes]
-    labels = torch.tensor([s.classes.index(o.name) for o in objs], dtype=torch.long)
-    xyxy = torch.tensor([o.box for o in objs], dtype=torch.float32).view(-1, 4) / IMAGE_SIZE
-    boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
-    masks = None
-    if mask_hw is not None:
-        m = torch.stack([torch.from_numpy(o.mask).float() for o in objs]) if objs else torch.zeros(0, 224, 224)
-        masks = F.adaptive_avg_pool2d(m[:, None], mask_hw)[:, 0] if objs else torch.zeros(0, mask_hw, mask_hw)
-    kpts = None
-    if s.task == "pose":
-        kpts = torch.tensor(np.array([o.keypoints for o in objs]), dtype=torch.float32).view(len(objs), -1, 2) / IMAGE_SIZE
-    return Target(labels, boxes, masks, kpts)
-
-
-def detector_loss(model, hidden, samples, groups, k: int):
-    idx = [i for i, (s, _) in enumerate(samples) if s.task in ("det", "seg")]
-    if not idx:
-        return {}
-    det = model.decoders.gdino
-    ims = [gdino_image(samples[i][1].image, det.cfg.image_short, det.cfg.image_long)[0] for i in idx]
-    pixels, valid = gdino_canvas(ims, det.pad_multiple)
-    pl = [torch.stack(payloads(hidden, i, groups, ("[DET]", "[SEG]"), k)) for i in idx]
-    c_max = max(p.shape[0] for p in pl)
-    cp = torch.stack([F.pad(p, (0, 0, 0, 0, 0, c_max - p.shape[0])) for p in pl])
-    cv = torch.tensor([[j < p.shape[0] for j in range(c_max)] for p in pl])
-    det.model.collect = []
-    try:
-        logits, boxes, masks = det.forward_tensors(pixels, valid, cp, cv, with_masks=True)
-        collected = det.model.collect
-    finally:
-        det.model.collect = None
-    hw = masks.shape[-1]
-    targets = [scene_targets(samples[i][1], samples[i][0], hw) for i in idx]
-    ncls = [p.shape[0] for p in pl]
-    out = set_loss(logits, boxes, targets, ncls, masks=masks)
-    # auxiliary losses, as DINO / Grounding-DINO train: the two-stage selection (this is what teaches the
-    # encoder's class scores which proposals to pick: top-k itself passes no gradient) and every decoder layer
-    g = det.model
-    heads = []
-    layers = [r for r in collected if r[0] == "dec"][:-1]  # the last layer's output is the main loss above
-    for rec in collected:
-        if rec[0] == "enc":
-            _, query, props, top, text = rec
-            sel = torch.gather(query, 1, top[..., None].expand(-1, -1, query.shape[-1]))
-            coords = torch.gather(g.encoder_output_bbox_embed(query).float() + props, 1,
-                                  top[..., None].expand(-1, -1, 4))
-            heads.append((class_logits(sel, text, cv), coords.sigmoid()))
-    text = next(r[4] for r in collected if r[0] == "enc")
-    for i, (_, hidden, ref) in enumerate(layers):
-        hs = g.decoder.layer_norm(hidden)
-        heads.append((class_logits(hs, text, cv), (det.bbox_embed[i](hs).float() + inverse_sigmoid(ref)).sigmoid()))
-    for lg, bx in heads:
-        for k, v in set_loss(lg, bx, targets, ncls).items():
-            out[k] = out[k] + v
-    return out
-
-
-def pose_loss(model, hidden, samples, groups, k: int):
-    idx = [i for i, (s, _) in enumerate(samples) if s.task == "pose"]
-    if not idx:
-        return {}
-    net = model.decoders.unipose
-    cfg = net.cfg
-    pix, obj, kq, ov, kv, ncls, targets = [], [], [], [], [], [], []
-    for i in idx:
-        x, _ = prepare_image(samples[i][1].image, cfg.image_short, cfg.image_long)
-        pix.append(x)
-        cls_p = torch.stack(payloads(hidden, i, groups, ("[DET]",), k))
-        kpt_p = torch.stack(payloads(hidden, i, groups, ("[POSE]",), k))
-        obj.append(F.pad(cls_p, (0, 0, 0, 0, 0, MAX_OBJ_SLOTS - cls_p.shape[0])))
-        kq.append(F.pad(kpt_p, (0, 0, 0, 0, 0, MAX_KPT_SLOTS - kpt_p.shape[0])))
-        ov.append(torch.arange(MAX_OBJ_SLOTS) < cls_p.shape[0])
-        kv.append(torch.arange(MAX_KPT_SLOTS) < kpt_p.shape[0])
-        ncls.append(cls_p.shape[0])
-        targets.append(scene_targets(samples[i][1], samples[i][0], None))
-    pixels = torch.stack(pix)  # every shapes image has the same (224 x 224) canvas
-    mask = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.bool)
-    ov = torch.stack(ov)
-    net.collect = []
-    try:
-        logits, boxes, kp = net.forward_tensors(pixels, mask, torch.stack(obj), ov, torch.stack(kq), torch.stack(kv))
-        collected = net.collect
-    finally:
-        net.collect = None
-    kxy = kp[..., :cfg.num_body_points * 2].reshape(kp.shape[0], kp.shape[1], cfg.num_body_points, 2)
-    out = set_loss(logits, boxes, targets, ncls, kpts=kxy)
-    # auxiliary object losses (ED-Pose / UniPose train every layer): the two-stage selection and the box layers
-    text = next(r[4] for r in collected if r[0] == "enc")
-    for rec in collected:
-        if rec[0] == "enc":
-            _, mem, coord, top, _ = rec
-            sel = torch.gather(mem, 1, top[..., None].expand(-1, -1, mem.shape[-1]))
-            lg, bx = pose_logits(sel, text, ov), torch.gather(coord, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
-        else:
-            lg, bx = pose_logits(rec[1], text, ov), rec[2]
-        for k, v in set_loss(lg, bx, targets, ncls).items():
-            out[k] = out[k] + v
-    return {f"pose_{n}": v for n, v in out.items()}
-
-
 def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -314,7 +205,6 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     ap.add_argument("--init", default=None, help="continue from this checkpoint (its weights and tokenizer)")
     ap.add_argument("--mix", default=None, help="samples per joint step, e.g. vqa=10,det=4,seg=3,pose=4,pose_text=4")
-    ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch head's loss")
     ap.add_argument("--patch-none-weight", type=float, default=1.0,
                     help="class weight of the empty patches in that loss (object patches: 1)")
     ap.add_argument("--vqa-weights", default=None,
@@ -405,7 +295,7 @@ def main(argv=None) -> int:
         losses = {"lm": tok_loss.sum() / n_lab.sum().clamp(min=1),
                   "probe": (hidden.new_zeros(()) if teacher is not None
                             else probe_loss(probe, hidden, samples, groups, k)),
-                  "patch": args.patch_weight * patch_loss(head, feats, samples, grid, args.patch_none_weight)}
+                  "patch": patch_loss(head, feats, samples, grid, args.patch_none_weight)}
         routed = [i for i, g in enumerate(groups) if g]
         if teacher is not None and routed:
             sub = [groups[i] for i in routed]
