@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ....ops.masked_attention import masked_sdpa
 from ....ops.msda import ms_deform_attn
 
 
@@ -94,7 +95,8 @@ class MSDeformAttn(nn.Module):
 
 
 def _mha(mod: nn.MultiheadAttention, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
-    """nn.MultiheadAttention's math, batch-first, via SDPA. allowed: bool broadcastable to [B, h, Lq, Lk]."""
+    """nn.MultiheadAttention's math, batch-first, via SDPA (tiled over the rows where the mask is sparse: the
+    keypoint layer's group mask). allowed: bool broadcastable to [B, h, Lq, Lk]."""
     d = q.shape[-1]
     h = mod.num_heads
     wq, wk, wv = mod.in_proj_weight.split(d)
@@ -103,7 +105,7 @@ def _mha(mod: nn.MultiheadAttention, q, k, v, allowed: Optional[torch.Tensor]) -
     def heads(x, w_, b_):
         return F.linear(x, w_, b_).view(x.shape[0], x.shape[1], h, d // h).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv), attn_mask=allowed)
+    o = masked_sdpa(heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv), allowed)
     return mod.out_proj(o.transpose(1, 2).reshape(q.shape[0], q.shape[1], d))
 
 
