@@ -12,12 +12,20 @@ kernel is kept (the tiled path was not measured there).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 TILE = 128  # query rows per tile
 MIN_SAVING = 2.0  # tile only when the dense score matrix is at least this many times the tiled one
 TILED = True  # False: always the dense call (benchmarks/bench_unipose.py --dense)
+
+
+class SparseMask(NamedTuple):
+    """A bool mask with its column spans computed once (for a mask used by several layers or calls)."""
+    allowed: torch.Tensor
+    spans: list  # column_spans(allowed, TILE)
 
 
 def column_spans(allowed: torch.Tensor, tile: int = TILE) -> list[tuple[int, int, int, int]]:
@@ -40,15 +48,19 @@ def column_spans(allowed: torch.Tensor, tile: int = TILE) -> list[tuple[int, int
     return spans
 
 
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | SparseMask | None,
                 tile: int = TILE) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, attn_mask=allowed) for q [B, h, Lq, d], k / v [B, h, Lk, d] and
-    allowed a bool mask broadcastable to [B, h, Lq, Lk] (True = may attend). Tiled over the query rows when the
-    mask is sparse enough (on the CPU); otherwise the dense call."""
+    allowed a bool mask broadcastable to [B, h, Lq, Lk] (True = may attend), or a SparseMask (its spans were
+    computed at TILE). Tiled over the query rows when the mask is sparse enough (on the CPU); otherwise the
+    dense call."""
+    spans = None
+    if isinstance(allowed, SparseMask):
+        allowed, spans = allowed.allowed, (allowed.spans if tile == TILE else None)
     if (not TILED or allowed is None or q.device.type != "cpu" or q.shape[-2] <= tile or allowed.shape[-2] != q.shape[-2]
             or type(allowed) is not torch.Tensor or torch.compiler.is_compiling()):  # graphs: one dense op
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    spans = column_spans(allowed, tile)
+    spans = spans if spans is not None else column_spans(allowed, tile)
     tiled = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in spans)
     if tiled * MIN_SAVING > q.shape[-2] * k.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

@@ -7,7 +7,6 @@ encoder's deformable layer, text layer (nn.MultiheadAttention weights, post-norm
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +93,9 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out)
 
 
-def _mha(mod: nn.MultiheadAttention, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+def _mha(mod: nn.MultiheadAttention, q, k, v, allowed) -> torch.Tensor:
     """nn.MultiheadAttention's math, batch-first, via SDPA (tiled over the rows where the mask is sparse: the
-    keypoint layer's group mask). allowed: bool broadcastable to [B, h, Lq, Lk]."""
+    keypoint layer's group mask). allowed: None, bool broadcastable to [B, h, Lq, Lk], or a SparseMask."""
     d = q.shape[-1]
     h = mod.num_heads
     wq, wk, wv = mod.in_proj_weight.split(d)
@@ -200,7 +199,7 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d)
 
     def forward(self, tgt, pos, ref, text, text_valid, memory, mem_pad, shapes, starts, self_allowed):
-        """self_allowed: None or [B, 1, Q, Q] bool; text_valid: [B, 1, 1, T] bool."""
+        """self_allowed: None, [B, 1, Q, Q] bool or a SparseMask of one; text_valid: [B, 1, 1, T] bool."""
         qk = tgt + pos
         tgt = self.norm2(tgt + _mha(self.self_attn, qk, qk, tgt, self_allowed))
         tgt = self.catext_norm(tgt + _mha(self.ca_text, tgt + pos, text, text, text_valid))
