@@ -1,7 +1,8 @@
 """Build: setuptools drives CMake, which builds the pybind11 module unimlm_engine._C.
 
-`kernels/` and `export/` are installed as `unimlm_engine.kernels` and
-`unimlm_engine.export` (see DESIGN.md section 2).
+`export/` is installed as `unimlm_engine.export` (see DESIGN.md section 2). The Triton kernels live in
+`unimlm_engine/kernels/` itself: a `kernels/` package at the repository root shadowed Hugging Face's `kernels`
+package (a dependency of transformers >= 5.2x) whenever the root was on sys.path (pytest, `python -m`).
 
 Environment knobs:
   UNIMLM_CUDA=AUTO|ON|OFF   compile csrc/kernels CUDA sources. ON: fail the build (a CMake error
@@ -68,10 +69,9 @@ setup(
     description="Serving engine for generalist multimodal LLMs with routed task decoders",
     python_requires=">=3.10",
     packages=find_packages(include=["unimlm_engine", "unimlm_engine.*"])
-    + ["unimlm_engine.kernels", "unimlm_engine.export"],
+    + ["unimlm_engine.export"],
     package_dir={
         "unimlm_engine": "unimlm_engine",
-        "unimlm_engine.kernels": "kernels",
         "unimlm_engine.export": "export",
     },
     # the shipped shapes model (the `tiny` preset's weights, issue 18)

@@ -221,7 +221,7 @@ def machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
         info["commit"] = _git("rev-parse", "--short", "HEAD").strip()
-        info["uncommitted_engine_files"] = _git("status", "--short", "--", "unimlm_engine", "kernels").splitlines()
+        info["uncommitted_engine_files"] = _git("status", "--short", "--", "unimlm_engine").splitlines()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info

@@ -109,7 +109,7 @@ class LLMConfig:
 
 
 # The one definition of the LoRA-MoE limits: LoRAMoEConfig validates against them and the fused
-# Triton kernel (kernels/lora_moe.py) asserts them, so a config that validates runs on a GPU too.
+# Triton kernel (unimlm_engine/kernels/lora_moe.py) asserts them, so a config that validates runs on a GPU too.
 LORA_MOE_MAX_EXPERTS = 64
 LORA_MOE_MAX_RANK = 256
 
@@ -118,7 +118,7 @@ LORA_MOE_MAX_RANK = 256
 class LoRAMoEConfig:
     """Dense-router LoRA-MoE on the FFN linears: o = W0 x + (alpha/r) sum_i softmax(x Wg)_i B_i A_i x.
     Limits: 1 <= num_experts <= LORA_MOE_MAX_EXPERTS, 1 <= rank <= LORA_MOE_MAX_RANK (the fused
-    kernel, kernels/lora_moe.py, imports the same constants)."""
+    kernel, unimlm_engine/kernels/lora_moe.py, imports the same constants)."""
 
     num_experts: int = 8
     rank: int = 4

@@ -21,7 +21,7 @@ decode forward is row-independent apart from attention, which is per sequence, s
 output rows equal the unpadded forward's. Decode split counts: a captured graph fixes its grid,
 so the bucket's metadata passes the context bound (max_blocks * block_size) as max_context_len
 when capturing; each sequence then divides its *live* context over those splits on the device
-(kernels/paged_attention.py), so no program walks pages past a live context. Uncaptured
+(unimlm_engine/kernels/paged_attention.py), so no program walks pages past a live context. Uncaptured
 (capture=False), the metadata carries each step's live longest context.
 
 Two modes share that buffer logic:

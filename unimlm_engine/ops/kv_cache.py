@@ -1,4 +1,4 @@
-"""Paged KV cache write op: `unimlm::write_kv_cache` (Triton kernel: `kernels/kv_cache.py`).
+"""Paged KV cache write op: `unimlm::write_kv_cache` (Triton kernel: `unimlm_engine/kernels/kv_cache.py`).
 
 Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, Hkv, D].
 slot_mapping: [T] int64, slot = block_id * block_size + offset, -1 = skip the token.

@@ -78,7 +78,7 @@ def _(x, w0, w_router, lora_a, lora_b, scaling):
 
 @functools.cache
 def _triton_impl():
-    """The two-launch Triton kernel (kernels/lora_moe.py), or None when Triton cannot be imported."""
+    """The two-launch Triton kernel (unimlm_engine/kernels/lora_moe.py), or None when Triton cannot be imported."""
     try:
         from unimlm_engine.kernels.lora_moe import lora_moe_triton
     except ImportError:

@@ -1,6 +1,6 @@
 """Multi-scale deformable attention forward: `unimlm::ms_deform_attn`.
 
-For each batch n, query q and head m (math in kernels/README_msda.md):
+For each batch n, query q and head m (math in unimlm_engine/kernels/README_msda.md):
 
     out[n, q, m, :] = sum_{l, p} a[n, q, m, l, p] * bilinear(V_l[n, :, m, :], loc[n, q, m, l, p])
 
@@ -20,7 +20,7 @@ Shapes:
 Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CPU tensors take the reference. CUDA
 tensors take the CUDA kernel of unimlm_engine._C (when built with CUDA) or the Triton kernel:
 the one the GPU benchmark measured fastest for this device and dtype (the dispatch table),
-else CUDA first (`_dispatch.DEFAULT_ORDER`); kernels/README_msda.md states the rule. On CUDA
+else CUDA first (`_dispatch.DEFAULT_ORDER`); unimlm_engine/kernels/README_msda.md states the rule. On CUDA
 the kernels trust `spatial_shapes` / `level_start_index` (checking them against S would need
 a device-to-host copy each call).
 """

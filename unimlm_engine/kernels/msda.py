@@ -1,4 +1,4 @@
-"""Triton multi-scale deformable attention forward (math: kernels/README_msda.md).
+"""Triton multi-scale deformable attention forward (math: unimlm_engine/kernels/README_msda.md).
 
 One program per (block of BLOCK_Q queries, batch*head): it holds a [BLOCK_Q, BLOCK_D]
 fp32 accumulator covering all D channels of its head and walks the L*P samples
