@@ -207,6 +207,9 @@ def test_training_aids_for_a_vqa_continuation():
         ts.main(["--out", "unused", "--keep-payloads", "1"])
     with pytest.raises(SystemExit):  # the vision-only phase's scenes must stay clear of the held-out ones
         ts.main(["--out", "unused", "--vit-steps", "1000000"])
+    for bad in ("nonsense", "mps") + (() if torch.cuda.is_available() else ("cuda",)):
+        with pytest.raises(SystemExit):  # a device this machine cannot train on: refused before any work
+            ts.main(["--out", "unused", "--device", bad])
 
     # the vision-only phase trains the vision tower and bridge, and leaves the LLM as it was
     from aids import vit_phase

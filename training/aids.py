@@ -53,7 +53,7 @@ def probe_loss(probe: torch.nn.Linear, hidden, samples, groups, k: int) -> torch
             seen[route] += 1
     if not feats:
         return hidden.new_zeros(())
-    return F.cross_entropy(probe(torch.stack(feats)), torch.tensor(labels))
+    return F.cross_entropy(probe(torch.stack(feats)), torch.tensor(labels, device=hidden.device))
 
 
 def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +82,7 @@ def patch_loss(head: torch.nn.Linear, feats, samples, grid: int, none_weight: fl
     ViT trained from scratch a dense signal where the one-token VQA answers give a sparse one (the LLM must
     still learn to count and compare); the served model is unchanged (the head is not saved). none_weight < 1
     weighs the empty patches (about 60 of 64) down against the object patches, where the shape must be read."""
-    centre, cover = patch_targets([sc for _, sc in samples], grid)
+    centre, cover = (t.to(feats.device) for t in patch_targets([sc for _, sc in samples], grid))
     logits = head(feats).view(feats.shape[0], 2, -1)
     w = torch.ones(len(CLASSES) + 1, device=feats.device)
     w[-1] = none_weight
@@ -132,7 +132,7 @@ def vit_phase(model, proc, head: torch.nn.Linear, steps: int, lr: float, none_we
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01)
     for step in range(steps):
         scenes = [make_scene(VIT_PHASE_SEED + step * batch + i) for i in range(batch)]
-        pixels = torch.cat([proc("x", [sc.image]).pixel_values[0] for sc in scenes])
+        pixels = torch.cat([proc("x", [sc.image]).pixel_values[0] for sc in scenes]).to(params[0].device)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30)
         loss = patch_loss(head, model.encode_images(pixels), [(None, sc) for sc in scenes], grid, none_weight)

@@ -41,11 +41,12 @@ def detector_loss(model, hidden, samples, groups, k: int):
         return {}
     det = model.decoders.gdino
     ims = [gdino_image(samples[i][1].image, det.cfg.image_short, det.cfg.image_long)[0] for i in idx]
-    pixels, valid = gdino_canvas(ims, det.pad_multiple)
+    dev = hidden.device
+    pixels, valid = (t.to(dev) for t in gdino_canvas(ims, det.pad_multiple))
     pl = [torch.stack(payloads(hidden, i, groups, ("[DET]", "[SEG]"), k)) for i in idx]
     c_max = max(p.shape[0] for p in pl)
     cp = torch.stack([F.pad(p, (0, 0, 0, 0, 0, c_max - p.shape[0])) for p in pl])
-    cv = torch.tensor([[j < p.shape[0] for j in range(c_max)] for p in pl])
+    cv = torch.tensor([[j < p.shape[0] for j in range(c_max)] for p in pl], device=dev)
     det.model.collect = []
     try:
         logits, boxes, masks = det.forward_tensors(pixels, valid, cp, cv, with_masks=True)
@@ -53,7 +54,7 @@ def detector_loss(model, hidden, samples, groups, k: int):
     finally:
         det.model.collect = None
     hw = masks.shape[-1]
-    targets = [scene_targets(samples[i][1], samples[i][0], hw) for i in idx]
+    targets = [scene_targets(samples[i][1], samples[i][0], hw).to(dev) for i in idx]
     ncls = [p.shape[0] for p in pl]
     out = set_loss(logits, boxes, targets, ncls, masks=masks)
     # auxiliary losses, as DINO / Grounding-DINO train: the two-stage selection (this is what teaches the
@@ -85,6 +86,7 @@ def pose_loss(model, hidden, samples, groups, k: int):
     net = model.decoders.unipose
     cfg = net.cfg
     pix, obj, kq, ov, kv, ncls, targets = [], [], [], [], [], [], []
+    dev = hidden.device
     for i in idx:
         x, _ = prepare_image(samples[i][1].image, cfg.image_short, cfg.image_long)
         pix.append(x)
@@ -92,12 +94,12 @@ def pose_loss(model, hidden, samples, groups, k: int):
         kpt_p = torch.stack(payloads(hidden, i, groups, ("[POSE]",), k))
         obj.append(F.pad(cls_p, (0, 0, 0, 0, 0, MAX_OBJ_SLOTS - cls_p.shape[0])))
         kq.append(F.pad(kpt_p, (0, 0, 0, 0, 0, MAX_KPT_SLOTS - kpt_p.shape[0])))
-        ov.append(torch.arange(MAX_OBJ_SLOTS) < cls_p.shape[0])
-        kv.append(torch.arange(MAX_KPT_SLOTS) < kpt_p.shape[0])
+        ov.append(torch.arange(MAX_OBJ_SLOTS, device=dev) < cls_p.shape[0])
+        kv.append(torch.arange(MAX_KPT_SLOTS, device=dev) < kpt_p.shape[0])
         ncls.append(cls_p.shape[0])
-        targets.append(scene_targets(samples[i][1], samples[i][0], None))
-    pixels = torch.stack(pix)  # every shapes image has the same (224 x 224) canvas
-    mask = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.bool)
+        targets.append(scene_targets(samples[i][1], samples[i][0], None).to(dev))
+    pixels = torch.stack(pix).to(dev)  # every shapes image has the same (224 x 224) canvas
+    mask = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.bool, device=dev)
     ov = torch.stack(ov)
     net.collect = []
     try:

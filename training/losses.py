@@ -22,6 +22,10 @@ class Target:
     masks: torch.Tensor | None = None  # [n, h, w] float in [0, 1] at the prediction's mask resolution
     keypoints: torch.Tensor | None = None  # [n, k, 2] xy in [0, 1]
 
+    def to(self, device) -> "Target":
+        return Target(*(None if t is None else t.to(device) for t in (self.labels, self.boxes, self.masks,
+                                                                      self.keypoints)))
+
 
 def box_xyxy(b: torch.Tensor) -> torch.Tensor:
     cx, cy, w, h = b.unbind(-1)
@@ -92,6 +96,7 @@ def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[Target], n
         c = num_classes[b]
         lg = logits[b, :, :c].float()
         qi, ti = match(lg, boxes[b], t, None if kpts is None else kpts[b])
+        qi, ti = qi.to(lg.device), ti.to(lg.device)
         onehot = torch.zeros_like(lg)
         onehot[qi, t.labels[ti]] = 1.0
         out["cls"] = out["cls"] + sigmoid_focal(lg, onehot).sum() / n_obj

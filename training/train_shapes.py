@@ -178,10 +178,10 @@ def llm_forward(model, ids, pixels, groups, k: int):
     for bi, gs in enumerate(groups):
         for route, p in gs:
             rows.append(model.query_embeddings(route)[:k])
-            pos.append(torch.arange(bi * length + p + 1, bi * length + p + 1 + k))
+            pos.append(torch.arange(bi * length + p + 1, bi * length + p + 1 + k, device=ids.device))
     if rows:
         emb = emb.index_put((torch.cat(pos),), torch.cat(rows))
-    positions = torch.arange(length).repeat(b)
+    positions = torch.arange(length, device=ids.device).repeat(b)
     hidden = model.llm(emb, positions, PaddedCausal(b, length))
     return hidden.view(b, length, -1), feats
 
@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (fp32; not bit-reproducible there: "
+                    "atomic-add backward kernels)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     ap.add_argument("--init", default=None, help="continue from this checkpoint (its weights and tokenizer)")
@@ -242,6 +244,14 @@ def main(argv=None) -> int:
     if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
                  f"evaluation seeds [{EVAL_SEED_BASE}, {EVAL_SEED_LIMIT}) (mod 10^9)")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch build or machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: only cpu and cuda are supported")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -265,13 +275,16 @@ def main(argv=None) -> int:
         model.load_state_dict({n: t for n, t in fresh.items() if n.startswith("llm.")}, strict=False)
         del fresh
     model.special_ids = dict(tok.special_ids)
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     proc = Processor(cfg.vision, tok)
     k = cfg.superlink.num_embs
     for r in ("[DET]", "[POSE]"):
         assert get_route(r).num_queries_in(cfg.superlink) == k
-    probe = torch.nn.Linear(cfg.llm.hidden_size, len(PROBE_NAMES))
+    probe = torch.nn.Linear(cfg.llm.hidden_size, len(PROBE_NAMES)).to(dev)
     grid = cfg.vision.image_size // cfg.vision.patch_size
-    head = torch.nn.Linear(cfg.llm.hidden_size, 2 * (len(CLASSES) + 1))
+    head = torch.nn.Linear(cfg.llm.hidden_size, 2 * (len(CLASSES) + 1)).to(dev)
     if args.vit_steps:
         vit_phase(model, proc, head, args.vit_steps, args.vit_lr, args.patch_none_weight,
                   log=lambda rec: print(json.dumps({**rec, "s": round(time.time() - t0, 1)}), flush=True))
@@ -286,12 +299,13 @@ def main(argv=None) -> int:
             g["lr"] = lr_at(joint, args.steps, args.lr) if joint >= 0 else min(1.0, (step + 1) / 50) * args.vqa_lr
         samples = (make_samples(joint, rng, k, mix, args.seed_offset, args.vqa_turns, vqa_weights) if joint >= 0
                    else vqa_phase_samples(step, rng))
-        ids, labels, pixels, groups = encode(samples, proc, tok, model.special_ids)
+        ids, labels, pixels, groups = (x.to(dev) if torch.is_tensor(x) else x
+                                       for x in encode(samples, proc, tok, model.special_ids))
         hidden, feats = llm_forward(model, ids, pixels, groups, k)
         logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
         tok_loss = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none")
         n_lab = (labels[:, 1:] != IGNORE).sum(1)
-        is_vqa = torch.tensor([s.task == "vqa" for s, _ in samples])
+        is_vqa = torch.tensor([s.task == "vqa" for s, _ in samples], device=dev)
         losses = {"lm": tok_loss.sum() / n_lab.sum().clamp(min=1),
                   "probe": (hidden.new_zeros(()) if teacher is not None
                             else probe_loss(probe, hidden, samples, groups, k)),
