@@ -18,7 +18,7 @@ import torch
 
 import unimlm_engine as ue
 from engine_helpers import IMAGES, tiny_model
-from unimlm_engine.cli.main import build_parser
+from unimlm_engine.cli.parser import build_parser
 from unimlm_engine.config import ConfigError, LLMConfig, LoRAMoEConfig
 from unimlm_engine.distributed import WorkerDiedError, check_tp
 from unimlm_engine.distributed.comm import TPGroup, make_store
