@@ -67,3 +67,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def det_ckpt(tmp_path_factory):
+    """tests/export_helpers.py's tiny checkpoint (safetensors), for every test file that exports or serves it."""
+    from tests.export_helpers import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("det_ckpt"), "safetensors")
+
+
+@pytest.fixture(scope="session")
+def det_ckpt_export(det_ckpt, tmp_path_factory):
+    """`unimlm export det --model det_ckpt --canvas 64x96`, once per session: (rc, stdout, stderr, out dir)."""
+    import contextlib
+    import io
+
+    from unimlm_engine.cli.main import main
+
+    out = tmp_path_factory.mktemp("det_ckpt_export")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", "det", "--model", str(det_ckpt), "--out", str(out), "--canvas", "64x96"])
+    return rc, stdout.getvalue(), stderr.getvalue(), out

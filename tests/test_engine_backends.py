@@ -3,8 +3,6 @@
 or the CLI's --decoder-backend, and equals the eager engine for concurrent requests with different
 class counts and image sizes (all resized onto the exported 64x96 canvas: the official detector runs each
 image on its own canvas, so an export serves exactly the canvases it was made for)."""
-import contextlib
-import io
 import json
 
 import numpy as np
@@ -12,26 +10,20 @@ import pytest
 import torch
 
 import unimlm_engine as ue
-from unimlm_engine.checkpoint.loader import save_checkpoint
 from unimlm_engine.checkpoint.pretrained import load_pretrained
 from unimlm_engine.cli.main import main
-from unimlm_engine.inputs.tokenizer import ByteTokenizer
 
 IMAGES = [(41, 97), (80, 120), (300, 451)]  # (h, w): resized to 41x96, 64x96, 64x96: one 64x96 canvas
 CLASSES = [1, 3, 5]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The tiny model saved as a checkpoint directory, and its detector exported from that directory."""
-    root = tmp_path_factory.mktemp("engine_backends")
-    model, _ = load_pretrained("tiny-random", device="cpu")
-    ckpt = save_checkpoint(model, root / "ckpt", ByteTokenizer())
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        rc = main(["export", "det", "--model", str(ckpt), "--out", str(root / "export"), "--canvas", "64x96"])
-    assert rc == 0, err.getvalue()
-    return ckpt, root / "export" / "det.onnx"
+def exported(det_ckpt, det_ckpt_export):
+    """A tiny checkpoint directory and its detector exported from that directory (tests/conftest.py: shared
+    with test_export_checkpoint.py)."""
+    rc, _, err, out = det_ckpt_export
+    assert rc == 0, err
+    return det_ckpt, out / "det.onnx"
 
 
 def _requests(tok):

@@ -1,21 +1,19 @@
 """`unimlm export det --model CHECKPOINT_DIR`: the exported artifacts compute what the engine's decoder for
 that directory computes (`load_pretrained(DIR)`), at image sizes and class counts no export was made at; the
 decoder-only load equals the engine's load; the export and `convert_checkpoint` show tqdm bars on stderr."""
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from unimlm_engine.checkpoint.loader import convert_checkpoint, save_checkpoint
+from tests.export_helpers import save_tiny
+from unimlm_engine.checkpoint.loader import convert_checkpoint
 from unimlm_engine.checkpoint.pretrained import load_pretrained
 from unimlm_engine.cli.main import main
 from unimlm_engine.config.presets import TINY_SEED, get_preset
 from unimlm_engine.export.source import load_decoder
 from unimlm_engine.export.validate import max_scaled_diff
-from unimlm_engine.inputs.tokenizer import ByteTokenizer
 from unimlm_engine.model import build_model
 from unimlm_engine.model.decoders.backends import load_route_backend
 from unimlm_engine.model.decoders.detector import pad_payloads
@@ -25,36 +23,17 @@ from unimlm_engine.routes import get_route
 TOL = 1e-4
 
 
-def _tiny_with_own_detector():
-    """The tiny model with its detector weights moved away from the preset's (so an export of the preset
-    instead of the checkpoint would fail the comparison)."""
-    model = build_model(get_preset("tiny-random"), seed=TINY_SEED)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.decoders.gdino.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _save(path, fmt):
-    """fmt "bin": save_checkpoint's .bin shards; "safetensors": those converted by convert_checkpoint
-    (save_checkpoint(fmt="safetensors") refuses the detector's shared bbox_embed tensors)."""
-    bin_dir = save_checkpoint(_tiny_with_own_detector(), path / "tiny-bin", ByteTokenizer())
-    return bin_dir if fmt == "bin" else convert_checkpoint(bin_dir, path / "tiny-st", progress=False)
+_save = save_tiny
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return _save(tmp_path_factory.mktemp("ckpt"), "safetensors")
+def ckpt(det_ckpt):
+    return det_ckpt
 
 
 @pytest.fixture(scope="module")
-def cli_export(ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["export", "det", "--model", str(ckpt), "--out", str(out), "--canvas", "64x96"])
-    return rc, stdout.getvalue(), stderr.getvalue(), out
+def cli_export(det_ckpt_export):  # tests/conftest.py: shared with test_engine_backends.py
+    return det_ckpt_export
 
 
 def test_cli_export_of_checkpoint_dir(cli_export):
