@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 TILE = 128  # query rows per tile
 MIN_SAVING = 2.0  # tile only when the dense score matrix is at least this many times the tiled one
-TILED = True  # False: always the dense call (benchmarks/bench_unipose.py --dense)
+TILED = True  # False: always the dense call (benchmarks/bench_unipose.py times both)
 
 
 class SparseMask(NamedTuple):
@@ -57,8 +57,9 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torc
     spans = None
     if isinstance(allowed, SparseMask):
         allowed, spans = allowed.allowed, (allowed.spans if tile == TILE else None)
-    if (not TILED or allowed is None or q.device.type != "cpu" or q.shape[-2] <= tile or allowed.shape[-2] != q.shape[-2]
-            or type(allowed) is not torch.Tensor or torch.compiler.is_compiling()):  # graphs: one dense op
+    if (not TILED or allowed is None or q.device.type != "cpu" or q.shape[-2] <= tile
+            or allowed.shape[-2] != q.shape[-2] or type(allowed) is not torch.Tensor
+            or torch.compiler.is_compiling()):  # traced graphs (compile, export, FakeTensors): one dense op
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     spans = spans if spans is not None else column_spans(allowed, tile)
     tiled = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in spans)
