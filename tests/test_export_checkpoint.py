@@ -23,21 +23,8 @@ from unimlm_engine.routes import get_route
 TOL = 1e-4
 
 
-_save = save_tiny
-
-
-@pytest.fixture(scope="module")
-def ckpt(det_ckpt):
-    return det_ckpt
-
-
-@pytest.fixture(scope="module")
-def cli_export(det_ckpt_export):  # tests/conftest.py: shared with test_engine_backends.py
-    return det_ckpt_export
-
-
-def test_cli_export_of_checkpoint_dir(cli_export):
-    rc, stdout, stderr, out = cli_export
+def test_cli_export_of_checkpoint_dir(det_ckpt_export):  # tests/conftest.py: shared with test_engine_backends
+    rc, stdout, stderr, out = det_ckpt_export
     assert rc == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["path"] == str(out / "det.onnx") and summary["canvases"] == ["64x96"]
@@ -51,12 +38,12 @@ def test_cli_export_of_checkpoint_dir(cli_export):
     pytest.param([(45, 60), (100, 140)], [17, 2], id="17_classes"),
     pytest.param([(20, 31)], [4], id="one_image"),
 ])
-def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
+def test_export_matches_engine_decoder(det_ckpt, det_ckpt_export, sizes, n_classes):
     """One 64x96 canvas exported (the multi-canvas selection is test_decoder_backends'), batch and classes
     dynamic; every image here resizes onto that canvas (the detector runs each image on its own canvas)."""
-    rc, _, stderr, out = cli_export
+    rc, _, stderr, out = det_ckpt_export
     assert rc == 0, stderr
-    decoder = load_pretrained(ckpt, device="cpu")[0].decoders.gdino
+    decoder = load_pretrained(det_ckpt, device="cpu")[0].decoders.gdino
     preset = build_model(get_preset("tiny-random"), seed=TINY_SEED).decoders.gdino
     assert not torch.equal(decoder.patch2query.layers[0].weight, preset.patch2query.layers[0].weight)
     backend = load_route_backend(decoder, [get_route("[DET]")], "onnxruntime", out / "det.onnx")
@@ -77,7 +64,7 @@ def test_export_matches_engine_decoder(ckpt, cli_export, sizes, n_classes):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_decoder_only_load_equals_engine_load(tmp_path, fmt):
-    path = _save(tmp_path, fmt)
+    path = save_tiny(tmp_path, fmt)
     model = load_pretrained(path, device="cpu")[0]
     want = model.decoders.gdino.state_dict()
     got = load_decoder("detector", path).state_dict()
@@ -101,7 +88,7 @@ def test_unknown_model_rejected(tmp_path, capsys):
     assert "neither a preset" in capsys.readouterr().err
 
 
-def test_convert_shows_progress(ckpt, tmp_path, capsys):
-    convert_checkpoint(ckpt.parent / "tiny-bin", tmp_path / "converted", num_shards=3)
+def test_convert_shows_progress(det_ckpt, tmp_path, capsys):
+    convert_checkpoint(det_ckpt.parent / "tiny-bin", tmp_path / "converted", num_shards=3)
     err = capsys.readouterr().err
     assert "convert tiny-bin" in err and "5/5" in err  # 2 shards read + 3 written

@@ -115,8 +115,8 @@ def group_mask(kpt_mask: torch.Tensor, n_groups: int) -> SparseMask:
     validity row computed once: a request's mask depends only on how many keypoints it names, and building it
     cost ~20% of a batch-1 CPU forward of the shipped model's decoder."""
     rows = []
-    for row in kpt_mask:
-        key = (tuple(row.tolist()), n_groups, str(row.device))
+    for row, flags in zip(kpt_mask, kpt_mask.tolist()):  # one device-to-host copy for the batch
+        key = (tuple(flags), n_groups, str(row.device))
         with _GROUP_MASKS_LOCK:
             hit = _GROUP_MASKS.get(key)
             if hit is not None:
