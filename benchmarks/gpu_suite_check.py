@@ -147,6 +147,50 @@ def check_msda(levels, n, m, d, lq, p, dtype=None, loc_dtype=None, softmax=False
         record(f"check.msda[cuda] {tag}", "SKIP", reason=reason)
 
 
+@case
+def check_layer_ops(t, n, h, hkv, d, inter, dtype=None, tol=2e-2):
+    """(residual add +) RMSNorm, RoPE on q / k column views of one fused QKV output, SiLU x up on views of a
+    fused gate-up output: each against fp32 math on the same low-precision inputs (relative to the max)."""
+    from unimlm_engine.ops import layer_ops as lo
+    _, _, _, _, override = _ops()
+    dtype = dtype or LOW
+    g = torch.Generator(device=DEV).manual_seed(t)
+    rnd = lambda *shape: torch.randn(*shape, device=DEV, generator=g).to(dtype)  # noqa: E731
+    x, r, w = rnd(t, n), rnd(t, n), (1 + 0.1 * torch.randn(n, device=DEV, generator=g)).to(dtype)
+    qkv, gu = rnd(t, (h + 2 * hkv) * d), rnd(t, 2 * inter)
+    q, k, _ = qkv.split([h * d, hkv * d, hkv * d], 1)
+    q, k = q.view(t, h, d), k.view(t, hkv, d)
+    pos = torch.randint(0, 4096, (t,), device=DEV, generator=g).float()
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    emb = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    with override("triton"), poison_empty():
+        norm = lo.rms_norm(x, w, 1e-5)
+        anorm, s = lo.add_rms_norm(x, r, w, 1e-5)
+        qo, ko = lo.rope(q, k, cos, sin)
+        act = lo.silu_mul(*gu.chunk(2, -1))
+    sync()
+
+    def ref_norm(v):
+        vf = v.float()
+        return w.float() * vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    def ref_rope(v):
+        vf = v.float()
+        return vf * cos + torch.cat([-vf[..., d // 2:], vf[..., :d // 2]], -1) * sin
+
+    gf, uf = (c.float() for c in gu.chunk(2, -1))
+    pairs = {"rms_norm": (norm, ref_norm(x)), "add_rms_norm": (anorm, ref_norm(x.float() + r.float())),
+             "residual_sum": (s, x.float() + r.float()), "rope_q": (qo, ref_rope(q)), "rope_k": (ko, ref_rope(k)),
+             "silu_mul": (act, torch.nn.functional.silu(gf) * uf)}
+    errs = {name: ((o.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            for name, (o, ref) in pairs.items()}
+    nan = any(bool(torch.isnan(o).any()) for o, _ in pairs.values())
+    ok = not nan and max(errs.values()) <= tol
+    return record(f"check.layer_ops T{t} N{n} H{h}/{hkv} d{d} I{inter} {str(dtype)[6:]}", "ok" if ok else "FAIL",
+                  max_rel_err=max(errs.values()), nan=nan, **{f"rel_err_{k}": v for k, v in errs.items()})
+
+
 def run_check() -> None:
     if DRY:
         check_decode([1, 17, 140], 4, 2, 64, 16)  # 3 splits: the merge kernel runs
@@ -155,6 +199,7 @@ def run_check() -> None:
         check_lora(3, 160, 70, 4, 2)
         check_msda([(5, 6), (3, 3)], 1, 2, 16, 5, 2)
         check_msda([(5, 6), (3, 3)], 1, 2, 16, 5, 2, loc_dtype=torch.float32, softmax=True)
+        check_layer_ops(3, 72, 4, 2, 16, 40)
     else:
         # decode: many splits (B*Hkv small), GQA, a batch of 64 random contexts, block 32 / d64, d256, fp16 d80
         check_decode([1, 17, 129, 500, 4096], 32, 32, 128, 16)
@@ -180,6 +225,10 @@ def run_check() -> None:
         check_msda(lv, 2, 8, 32, 333, 4, loc_dtype=torch.float32, softmax=True)
         check_msda(lv, 1, 8, 32, 111, 8)
         check_msda([(7, 9), (4, 5), (1, 1)], 2, 3, 13, 63, 3)
+        check_layer_ops(1, 4096, 32, 32, 128, 11008)  # Vicuna-7B decode
+        check_layer_ops(77, 4096, 32, 8, 128, 14336)  # GQA, a prefill chunk
+        check_layer_ops(5, 5120, 40, 40, 128, 13824)  # 13B widths (N not a power of two)
+        check_layer_ops(3, 200, 6, 2, 24, 100)  # ragged: masks everywhere
     run_sanitize_launches()
     bad = [r for r in _mine() if r["status"] in ("FAIL", "ERROR")]
     n = len([r for r in _mine() if r["name"].startswith("check.") and r["status"] != "SKIP"])
@@ -244,10 +293,28 @@ def launch_msda():
     return record("launch.msda", "ok", ran=ran, cuda_left_out=reason)
 
 
+@case
+def launch_layer_ops():
+    from unimlm_engine.ops import layer_ops as lo
+    _, _, _, _, override = _ops()
+    shapes = [(1, 200, 6, 2, 24, 100), (9, 4096, 32, 8, 128, 11008)] if not DRY else [(3, 72, 4, 2, 16, 40)]
+    with override("triton"):
+        for t, n, h, hkv, d, inter in shapes:
+            x = torch.randn(t, n, device=DEV).to(LOW)
+            lo.add_rms_norm(x, x.clone(), torch.ones(n, device=DEV).to(LOW), 1e-5)
+            qkv = torch.randn(t, (h + 2 * hkv) * d, device=DEV).to(LOW)
+            cs = torch.rand(t, 1, d, device=DEV)
+            lo.rope(qkv[:, :h * d].view(t, h, d), qkv[:, h * d:(h + hkv) * d].view(t, hkv, d), cs, cs.clone())
+            lo.silu_mul(*torch.randn(t, 2 * inter, device=DEV).to(LOW).chunk(2, -1))
+            sync()
+    return record("launch.layer_ops (add+rms_norm, rope, silu_mul)", "ok", shapes=len(shapes))
+
+
 def run_sanitize_launches() -> None:
     launch_paged()
     launch_lora()
     launch_msda()
+    launch_layer_ops()
 
 
 def run_sanitize() -> None:
@@ -255,4 +322,4 @@ def run_sanitize() -> None:
     bad = [r for r in _mine() if r["status"] in ("FAIL", "ERROR")]
     ran = [r["name"] for r in _mine() if r["status"] == "ok"]
     note = "launches ran plain (dry run: no compute-sanitizer)" if DRY else "launches ran under memcheck"
-    headline(f"{len(ran)}/3 launch groups ran; {note}" + (f"; ERROR: {bad[0]['name']}" if bad else ""))
+    headline(f"{len(ran)}/4 launch groups ran; {note}" + (f"; ERROR: {bad[0]['name']}" if bad else ""))

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import ConfigError, LLMConfig, LoRAMoEConfig
 from ..model.attention import AttentionBackend
-from ..model.llm import LlamaDecoderLayer, RMSNorm, RotaryEmbedding
+from ..model.llm import LlamaDecoderLayer, RMSNorm, RotaryEmbedding, run_layers
 from .comm import TPGroup
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
@@ -142,10 +142,7 @@ class TPLlamaStack(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """As `LLM.forward`: embeds [T, hidden], positions [T] -> final-norm hidden [T, hidden] (every rank)."""
         cos, sin = self.rotary_emb.cos_sin(positions)
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+        return run_layers(self.layers, self.norm, embeds, cos, sin, attn)
 
 
 def build_stack(cfg: LLMConfig, lora_moe: Optional[LoRAMoEConfig], group: TPGroup, state: dict,

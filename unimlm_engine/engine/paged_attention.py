@@ -104,7 +104,8 @@ class PagedAttention:
             raise ValueError(f"PagedAttention: got {q.shape[0]} tokens, metadata describes {meta.num_tokens}")
         dt = self.cache.dtype
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        write_kv_cache(k.to(dt).contiguous(), v.to(dt).contiguous(), kc, vc, meta.slot_mapping)
+        # k, v may be column views of a fused QKV output (head_dim contiguous): the write takes strides
+        write_kv_cache(k.to(dt), v.to(dt), kc, vc, meta.slot_mapping)
         qc = q.to(dt).contiguous()
         if meta.is_all_decode:
             out = paged_decode_attention(qc, kc, vc, meta.block_tables, meta.context_lens, scale,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig
+from ..model.llm import fuse_projections_
 from ..model.vlm import VisionLLM
 from .cuda_graphs import DecodeGraphRunner
 from .paged_attention import PagedAttention, PagedAttentionMetadata, PagedKVCache
@@ -59,6 +60,10 @@ class ModelRunner:
                                   dtype=kv_dtype or model.dtype, device=model.device)
         self.attn = PagedAttention(self.cache)
         self.device = model.device
+        if torch.device(self.device).type == "cuda" and tp is None:
+            # q/k/v and gate/up as one GEMM each (parameters become views: no extra memory); on CPU the
+            # separate projections stay (the CPU path is the reference, unchanged)
+            fuse_projections_(model.llm.model.layers)
         self.graphs: Optional[DecodeGraphRunner] = None
         if cuda_graphs and tp is None and (graph_capture is not None or torch.device(self.device).type == "cuda"):
             self.graphs = DecodeGraphRunner(model.llm, PagedAttention(self.cache), cuda_graph_batch_sizes,

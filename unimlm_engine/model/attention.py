@@ -16,7 +16,10 @@ import torch
 
 class AttentionBackend(Protocol):
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor: ...
+                scale: float) -> torch.Tensor:
+        """q [T, H, D], k / v [T, Hkv, D] (RoPE applied; v may be a column view of a fused QKV output:
+        head_dim contiguous, other strides free) -> [T, H, D]."""
+        ...
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import LLMConfig, LoRAMoEConfig
 from .attention import AttentionBackend
+from ..ops.layer_ops import add_rms_norm, rms_norm, rope, silu_mul
 from .lora_moe import LoRAMoELinear
 
 
@@ -24,9 +25,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(x + residual), x + residual): the residual add and the norm in one launch on CUDA."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -56,14 +59,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] (rotate-half convention, computed in fp32)"""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int):
         super().__init__()
@@ -74,13 +69,20 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.qkv_weight: Optional[torch.Tensor] = None  # set by fuse_projections_
+
+    def _apply(self, fn, recurse: bool = True):
+        self.qkv_weight = None  # a cast or move gives the projections their own storage again
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.h, self.d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.hkv, self.d), cos, sin)
-        v = self.v_proj(x).view(t, self.hkv, self.d)
-        out = attn.forward(self.layer_idx, q, k, v, self.scale)
+        if self.qkv_weight is not None:  # one GEMM; q, k, v are column views of its output
+            q, k, v = F.linear(x, self.qkv_weight).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], 1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = rope(q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), cos, sin)
+        out = attn.forward(self.layer_idx, q, k, v.view(t, self.hkv, self.d), self.scale)
         return self.o_proj(out.reshape(t, self.h * self.d))
 
 
@@ -92,9 +94,18 @@ class LlamaMLP(nn.Module):
                   "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
         for name, (i, o) in shapes.items():
             setattr(self, name, LoRAMoELinear(i, o, lora_moe) if name in targets else nn.Linear(i, o, bias=False))
+        self.gate_up_weight: Optional[torch.Tensor] = None  # set by fuse_projections_
+
+    def _apply(self, fn, recurse: bool = True):
+        self.gate_up_weight = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -106,8 +117,58 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, residual = self.forward_residual(x, None, cos, sin, attn)
+        return out + residual
+
+    def forward_residual(self, x: torch.Tensor, residual: Optional[torch.Tensor], cos, sin,
+                         attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with the residual stream carried apart (as vLLM does): the stream is `x + residual`
+        (x alone when residual is None) and the layer returns (mlp output, stream before it), so each
+        residual add happens inside the next norm's launch. The same sums, rounded the same way, as
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))`."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, attn)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
+
+
+def run_layers(layers, norm: RMSNorm, x: torch.Tensor, cos, sin, attn: AttentionBackend) -> torch.Tensor:
+    """The decoder stack and its final norm over the embeddings x -> final-norm hidden states."""
+    residual = None
+    for layer in layers:
+        x, residual = layer.forward_residual(x, residual, cos, sin, attn)
+    return norm(x) if residual is None else norm.add_forward(x, residual)[0]
+
+
+def fuse_projections_(layers) -> int:
+    """Serve each layer's q/k/v (and gate/up, when both are plain linears) as one GEMM: the weights are
+    copied into one [sum of outputs, K] tensor and the Parameters become row views of it, so memory does not
+    grow and the state dict keeps the checkpoint's names and values (its tensors then share storage: clone
+    them before safetensors.save_file). Undone by any later cast or move (`_apply`). On a GPU at batch 1 this
+    is 2 fewer launches per layer over the same bytes. -> number of fused groups."""
+    fused = 0
+    with torch.no_grad():
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            groups = [(a, "qkv_weight", (a.q_proj, a.k_proj, a.v_proj))]
+            if type(m.gate_proj) is nn.Linear and type(m.up_proj) is nn.Linear:
+                groups.append((m, "gate_up_weight", (m.gate_proj, m.up_proj)))
+            for owner, attr, linears in groups:
+                if getattr(owner, attr) is not None or any(type(lin) is not nn.Linear or lin.bias is not None
+                                                           for lin in linears):
+                    continue
+                merged = torch.cat([lin.weight for lin in linears])
+                start = 0
+                for lin in linears:
+                    n = lin.weight.shape[0]
+                    lin.weight.data = merged[start:start + n]
+                    start += n
+                setattr(owner, attr, merged)
+                fused += 1
+    return fused
 
 
 class LlamaModel(nn.Module):
@@ -137,10 +198,7 @@ class LLM(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """embeds: [T, hidden], positions: [T] int64 -> final-norm hidden states [T, hidden]"""
         cos, sin = self.model.rotary_emb.cos_sin(positions)
-        x = embeds
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+        return run_layers(self.model.layers, self.model.norm, embeds, cos, sin, attn)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [T, hidden] -> [T, vocab] (fp32)"""
