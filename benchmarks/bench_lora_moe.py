@@ -1,6 +1,10 @@
 """Fused LoRA-MoE linear (Triton, two launches) at the shipped shapes: d 4096 -> 11008, E=8,
 r=4 and r=16, bf16, tokens 1..4096. GPU only.
 
+Both bases side by side (`cublas_base_ms`, `triton_base_ms`): x W0^T by cuBLAS with the expand added to
+its output, or by launch 2's own K loop (kernels/lora_moe.lora_moe_triton); `fused_ms` is the op as
+dispatched (the default base).
+
 Baselines in the same run: the base GEMM alone (torch.matmul, the floor: target fused <=
 1.15x of it) and a per-expert loop in bf16 (router softmax in fp32, then expert by expert
 B_i (g_i * A_i x)). The launch split: `router_shrink_ms` (launch 1, K split over `splits`
@@ -46,19 +50,24 @@ def per_expert_loop(x, w0, wg, a, b, scaling):
     return out
 
 
-def launch_split(x, w0, wg, a, b, scaling, splits=None) -> dict:
-    """The two launches of kernels/lora_moe.lora_moe_triton as separate closures on shared buffers:
-    {"router_shrink": fn, "base_gate_expand": fn, "out": [T, N] tensor, "splits": S, "gated": bool
-    (launch 1 applied the gate)}. Run router_shrink before base_gate_expand for a correct `out`."""
+def launch_split(x, w0, wg, a, b, scaling, splits=None, base=None) -> dict:
+    """The launches of kernels/lora_moe.lora_moe_triton as separate closures on shared buffers:
+    {"base_gemm": fn or None (base "triton": no such launch), "router_shrink": fn, "base_gate_expand": fn
+    (base "cublas": the expand adding to the base output), "out": [T, N] tensor, "splits": S, "gated": bool
+    (launch 1 applied the gate), "base": str}. Run them in that order for a correct `out`; timed alone,
+    the in-place expand adds to `out` again each time (the time is right, the values are not)."""
     from unimlm_engine.kernels import lora_moe as klm
 
+    base = base or klm.default_base()
     t, e, er = x.shape[0], wg.shape[0], a.shape[0]
     plan = klm._plan(x, w0.shape[0], e, er, splits)
     part, mid = klm._workspace(plan, x, e, er)
     out = torch.empty((t, w0.shape[0]), device=x.device, dtype=x.dtype)
-    return {"router_shrink": lambda: klm._launch_router_shrink(plan, x, wg, a, part, mid, scaling),
-            "base_gate_expand": lambda: klm._launch_base_gate_expand(plan, x, w0, part, mid, b, scaling, out),
-            "out": out, "splits": plan.splits, "gated": plan.gated}
+    gemm = (lambda: torch.mm(x, w0.t(), out=out)) if base == "cublas" else None
+    return {"base_gemm": gemm, "router_shrink": lambda: klm._launch_router_shrink(plan, x, wg, a, part, mid, scaling),
+            "base_gate_expand": lambda: klm._launch_base_gate_expand(plan, x, w0, part, mid, b, scaling, out,
+                                                                     base=base == "triton"),
+            "out": out, "splits": plan.splits, "gated": plan.gated, "base": base}
 
 
 def run_case(t, r, op, reference, timer=time_cuda, device="cuda", dtype=torch.bfloat16, k=K_IN, n=N_OUT, e=EXPERTS):
@@ -76,11 +85,21 @@ def run_case(t, r, op, reference, timer=time_cuda, device="cuda", dtype=torch.bf
     split = launch_split(x, w0, wg, a, b, scaling)
     t_launch1, t_launch2 = timer(split["router_shrink"]), timer(split["base_gate_expand"])
     flops = 2 * t * k * n + 2 * t * k * e * (r + 1) + 2 * t * e * r * n
-    return {"tokens": t, "rank": r, "rel_err": err, "check": "ok" if ok else "FAIL", "fused_ms": t_fused,
-            "base_gemm_ms": t_base, "loop_ms": t_loop, "fused/base": t_fused / t_base if ok else None,
-            "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12,
-            "splits": split["splits"], "gated_in_launch1": split["gated"], "router_shrink_ms": t_launch1,
-            "base_gate_expand_ms": t_launch2}
+    row = {"tokens": t, "rank": r, "rel_err": err, "check": "ok" if ok else "FAIL", "fused_ms": t_fused,
+           "base_gemm_ms": t_base, "loop_ms": t_loop, "fused/base": t_fused / t_base if ok else None,
+           "speedup_vs_loop": t_loop / t_fused if ok else None, "TFLOP/s": flops / (t_fused * 1e-3) / 1e12,
+           "base": split["base"], "splits": split["splits"], "gated_in_launch1": split["gated"],
+           "router_shrink_ms": t_launch1, "base_gate_expand_ms": t_launch2}
+    # the A/B of who computes x W0^T: the kernel with each base, checked and timed the same way
+    from unimlm_engine.kernels import lora_moe as klm
+    for base in klm.BASES:
+        out_b = klm.lora_moe_triton(x, w0, wg, a, b, scaling, base=base)
+        err_b = ((out_b.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        t_b = timer(lambda base=base: klm.lora_moe_triton(x, w0, wg, a, b, scaling, base=base))
+        row[f"{base}_base_ms"] = t_b
+        row[f"{base}_base/base"] = t_b / t_base if err_b <= 2e-2 else None
+        row[f"{base}_base_rel_err"] = err_b
+    return row
 
 
 def main() -> int:

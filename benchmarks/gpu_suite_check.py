@@ -98,33 +98,42 @@ def check_kv_write(t, hkv, d, bs, dtype=None):
 
 @case
 def check_lora(t, k, n, e, r, dtype=None, tol=2e-2):
-    """The op against the fp32 reference, the LoRA part alone too (a broken gate or expand cannot
-    hide under the base GEMM), and benchmarks/bench_lora_moe.launch_split bit-equal to the op."""
+    """The op (the default base) and the kernel with each base (x W0^T by cuBLAS or by the kernel's own K loop)
+    against the fp32 reference, the LoRA part alone too (a broken gate or expand cannot hide under the base
+    GEMM), and benchmarks/bench_lora_moe.launch_split bit-equal to the kernel. One record per base."""
     import bench_lora_moe as blm
+    from unimlm_engine.kernels import lora_moe as klm
     _, _, lm, _, override = _ops()
     dtype = dtype or LOW
     x, w0, wg, a, b = lora_inputs(t, k, n, e, r, dtype, seed=t)
     scaling = 32.0 / r
-    with override("triton"), poison_empty():
-        out = lm.lora_moe_linear(x, w0, wg, a, b, scaling)
-        split = blm.launch_split(x, w0, wg, a, b, scaling)
-        split["router_shrink"]()
-        split["base_gate_expand"]()
-    sync()
     xf = x.float()
     gate = torch.softmax(xf @ wg.float().t(), dim=-1)
     mid = (xf @ a.float().t()).view(-1, e, r) * gate.unsqueeze(-1)
-    base = xf @ w0.float().t()
+    base_ref = xf @ w0.float().t()
     lora_ref = scaling * (mid.reshape(-1, e * r) @ b.float().t())
-    ref = base + lora_ref
-    rel = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-    rel_lora = ((out.float() - base - lora_ref).abs().max() / lora_ref.abs().max().clamp_min(1e-6)).item()
-    nan = bool(torch.isnan(out).any())
-    same = torch.equal(bits(split["out"]), bits(out))
-    ok = not nan and rel <= tol and rel_lora <= 0.1 and same
-    return record(f"check.lora T{t} {k}->{n} E{e} r{r} {str(dtype)[6:]}", "ok" if ok else "FAIL", rel_err=rel,
-                  rel_err_lora_part=rel_lora, nan=nan, splits=split["splits"], gated=split["gated"],
-                  launch_split_equal=same)
+    ref = base_ref + lora_ref
+    with override("triton"), poison_empty():
+        op_out = lm.lora_moe_linear(x, w0, wg, a, b, scaling)
+    for base in klm.BASES:
+        with override("triton"), poison_empty():
+            out = klm.lora_moe_triton(x, w0, wg, a, b, scaling, base=base)
+            split = blm.launch_split(x, w0, wg, a, b, scaling, base=base)
+            for name in ("base_gemm", "router_shrink", "base_gate_expand"):
+                if split[name] is not None:
+                    split[name]()
+        sync()
+        rel = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        rel_lora = ((out.float() - base_ref - lora_ref).abs().max() / lora_ref.abs().max().clamp_min(1e-6)).item()
+        nan = bool(torch.isnan(out).any())
+        same = torch.equal(bits(split["out"]), bits(out))
+        extra = {}
+        if base == klm.default_base():  # the op dispatches to this base
+            extra["op_equal"] = torch.equal(bits(op_out), bits(out))
+        ok = not nan and rel <= tol and rel_lora <= 0.1 and same and extra.get("op_equal", True)
+        record(f"check.lora[{base}] T{t} {k}->{n} E{e} r{r} {str(dtype)[6:]}", "ok" if ok else "FAIL", rel_err=rel,
+               rel_err_lora_part=rel_lora, nan=nan, splits=split["splits"], gated=split["gated"],
+               launch_split_equal=same, **extra)
 
 
 @case
@@ -271,11 +280,13 @@ def launch_lora():
     shapes = [(1, 256, 300, 8, 4), (40, 320, 130, 4, 16), (130, 128, 200, 16, 4)]
     if DRY:
         shapes = [(3, 160, 70, 4, 2), (70, 64, 40, 2, 2)]
+    from unimlm_engine.kernels import lora_moe as klm
     with override("triton"):
         for t, k, n, e, r in shapes:
-            lm.lora_moe_linear(*lora_inputs(t, k, n, e, r, LOW), 2.0)
-            sync()
-    return record("launch.lora_moe (split and gated)", "ok", shapes=len(shapes))
+            for base in klm.BASES:
+                klm.lora_moe_triton(*lora_inputs(t, k, n, e, r, LOW), 2.0, base=base)
+                sync()
+    return record("launch.lora_moe (split and gated, both bases)", "ok", shapes=len(shapes))
 
 
 @case

@@ -161,7 +161,9 @@ def run_kernels(classic: bool) -> None:
     decode_key = "kernels.decode B2" if DRY else "kernels.decode B64 ctx4096 H32/32"
     lora_lo, lora_hi = ("kernels.lora T3", "kernels.lora T70") if DRY else ("kernels.lora T1 ", "kernels.lora T4096")
     headline(f"{low_name()}: decode {'B2 ctx64' if DRY else 'B64 ctx4096'} {_fmt(_pick(decode_key, 'frac_copy_bw'))}"
-             f" of copy bw (>=0.85); LoRA-MoE fused/base T{'3' if DRY else '1'} {_fmt(_pick(lora_lo, 'fused/base'))}, "
-             f"T{'70' if DRY else '4096'} {_fmt(_pick(lora_hi, 'fused/base'))} (<=1.15); MSDA encoder best "
+             f" of copy bw (>=0.85); LoRA-MoE /base T{'3' if DRY else '1'} {_fmt(_pick(lora_lo, 'cublas_base/base'))} "
+             f"(Triton base {_fmt(_pick(lora_lo, 'triton_base/base'))}), T{'70' if DRY else '4096'} "
+             f"{_fmt(_pick(lora_hi, 'cublas_base/base'))} (Triton base {_fmt(_pick(lora_hi, 'triton_base/base'))}) "
+             f"(<=1.15); MSDA encoder best "
              f"{best['impl'] if best else '-'} {_fmt(best['ms'] if best else None, '.3f')} ms, vs classic "
              f"{_fmt(vs_classic)}x (>=3); dispatch {_pick('kernels.msda dispatch', 'winner') or 'unchanged'}")

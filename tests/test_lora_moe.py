@@ -1,5 +1,6 @@
 """Fused LoRA-MoE linear: the Triton kernel (TRITON_INTERPRET=1, forced with backend_override)
-against the fp32 concatenated reference and the per-expert loop; launch 1's K splits; the
+against the fp32 concatenated reference and the per-expert loop, with x W0^T by torch's GEMM
+(the "cublas" base, the default) and by the kernel's own K loop ("triton"); launch 1's K splits; the
 config's E / r limits are the kernel's."""
 import pytest
 import torch
@@ -24,6 +25,13 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poison)
 
 
+@pytest.fixture(params=["cublas", "triton"])
+def base(request, monkeypatch):
+    """Who computes x W0^T, set the way a deployment sets it (UNIMLM_LORA_MOE_BASE)."""
+    monkeypatch.setenv("UNIMLM_LORA_MOE_BASE", request.param)
+    return request.param
+
+
 def make_inputs(t, e, r, dtype=torch.float32, k=K, n=N):
     """x is a non-contiguous row view; weights scaled so outputs are O(1)."""
     x = torch.randn(t, k + 7)[:, 3:3 + k]
@@ -38,7 +46,7 @@ def make_inputs(t, e, r, dtype=torch.float32, k=K, n=N):
 @pytest.mark.parametrize("r", [1, 4, 16], ids=lambda v: f"r{v}")
 @pytest.mark.parametrize("e", [1, 4, 16], ids=lambda v: f"E{v}")
 @pytest.mark.parametrize("t", [1, 17, 130], ids=lambda v: f"T{v}")
-def test_triton_matches_reference_and_loop(t, e, r, nan_empty):
+def test_triton_matches_reference_and_loop(t, e, r, nan_empty, base):
     x, w0, wg, a, b = make_inputs(t, e, r)
     with backend_override("triton"):
         out = lm.lora_moe_linear(x, w0, wg, a, b, 2.0)
@@ -51,7 +59,7 @@ def test_triton_matches_reference_and_loop(t, e, r, nan_empty):
 
 @pytest.mark.triton_cpu
 @pytest.mark.parametrize("t", [1, 33], ids=lambda v: f"T{v}")
-def test_fp16_within_twice_torch_fp16_error(t, nan_empty):
+def test_fp16_within_twice_torch_fp16_error(t, nan_empty, base):
     x, w0, wg, a, b = make_inputs(t, 8, 4, torch.float16)
     with backend_override("triton"):
         out = lm.lora_moe_linear(x, w0, wg, a, b, 4.0)
@@ -66,7 +74,7 @@ def test_fp16_within_twice_torch_fp16_error(t, nan_empty):
 
 
 @pytest.mark.triton_cpu
-def test_zero_lora_b_gives_the_base_linear(nan_empty):
+def test_zero_lora_b_gives_the_base_linear(nan_empty, base):
     x, w0, wg, a, b = make_inputs(17, 4, 4)
     with backend_override("triton"):
         out = lm.lora_moe_linear(x, w0, wg, a, torch.zeros_like(b), 2.0)
@@ -83,7 +91,7 @@ def test_single_expert_is_a_plain_lora(nan_empty):
 
 
 @pytest.mark.triton_cpu
-def test_rank_64_and_sixteen_experts_shrink_tiles(nan_empty):
+def test_rank_64_and_sixteen_experts_shrink_tiles(nan_empty, base):
     """E*r = 1024 spans many column tiles of launch 1 and middle tiles of launch 2's expand."""
     x, w0, wg, a, b = make_inputs(5, 16, 64)
     with backend_override("triton"):
@@ -95,7 +103,7 @@ def test_rank_64_and_sixteen_experts_shrink_tiles(nan_empty):
 @pytest.mark.triton_cpu
 @pytest.mark.parametrize("e,r", [(4, 4), (16, 16)], ids=["E4r4", "E16r16-two-column-tiles"])
 @pytest.mark.parametrize("splits", [1, 2, 4], ids=lambda v: f"splits{v}")
-def test_k_splits_agree(splits, e, r, nan_empty):
+def test_k_splits_agree(splits, e, r, nan_empty, base):
     """K = 5 tiles of 128: with 4 splits of 2 tiles the last slice is empty (its partials are zeros).
     One split and one column tile: launch 1 applies the gate itself (gated); else launch 2 does."""
     from unimlm_engine.kernels import lora_moe as klm
@@ -109,7 +117,7 @@ def test_k_splits_agree(splits, e, r, nan_empty):
 
 
 @pytest.mark.triton_cpu
-def test_benchmark_launch_split_composes_the_op(monkeypatch):
+def test_benchmark_launch_split_composes_the_op(monkeypatch, base):
     """benchmarks/bench_lora_moe.launch_split (the per-launch timing closures) runs the op's math."""
     from pathlib import Path
 
@@ -118,8 +126,10 @@ def test_benchmark_launch_split_composes_the_op(monkeypatch):
 
     x, w0, wg, a, b = make_inputs(5, 4, 4)
     split = bench_lora_moe.launch_split(x, w0, wg, a, b, 2.0)
-    split["router_shrink"]()
-    split["base_gate_expand"]()
+    assert split["base"] == base and (split["base_gemm"] is None) == (base == "triton")
+    for name in ("base_gemm", "router_shrink", "base_gate_expand"):
+        if split[name] is not None:
+            split[name]()
     assert split["splits"] == 2  # K = 160: two 128-wide tiles under the interpreter
     torch.testing.assert_close(split["out"], lm.lora_moe_reference(x, w0, wg, a, b, 2.0), atol=2e-5, rtol=1e-5)
 
@@ -156,6 +166,14 @@ def test_too_many_experts_is_refused():
         lm.lora_moe_linear(x, w0, wg, a, b, 1.0)
 
 
+def test_unknown_base_is_refused(monkeypatch):
+    from unimlm_engine.kernels import lora_moe as klm
+
+    monkeypatch.setenv("UNIMLM_LORA_MOE_BASE", "cutlass")
+    with pytest.raises(ValueError, match="UNIMLM_LORA_MOE_BASE must be one of"):
+        klm.default_base()
+
+
 def test_cpu_default_backend_is_the_reference():
     x, w0, wg, a, b = make_inputs(4, 4, 4)
     assert torch.equal(lm.lora_moe_linear(x, w0, wg, a, b, 2.0), lm.lora_moe_reference(x, w0, wg, a, b, 2.0))
@@ -168,7 +186,7 @@ def test_opcheck_fake_tensors():
 
 @pytest.mark.triton_gpu
 @pytest.mark.parametrize("t", [1, 130, 4096], ids=lambda v: f"T{v}")
-def test_bf16_cuda(t):
+def test_bf16_cuda(t, base):
     x, w0, wg, a, b = (z.cuda() for z in make_inputs(t, 8, 4, torch.bfloat16, k=4096, n=1000))
     with backend_override("triton"):
         out = lm.lora_moe_linear(x, w0, wg, a, b, 8.0)
@@ -197,9 +215,11 @@ for name, splits, block_e, gated in (("small_t", 16, 16, False), ("small_t", 1, 
              "w0_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "scaling": "fp32"}
     build(lm._router_shrink_kernel, types, dict(BLOCK_M=bm, BLOCK_J=64, BLOCK_K=bk, GATED=gated, F32=False),
           8 if bm >= 128 else 4)
-    build(lm._base_gate_expand_kernel, types,
-          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, BLOCK_KR=max(16, min(bk, 4096 // (bm * splits))),
-               SPLITS=splits, GATED=gated, F32=False), warps)
+    for base in (True, False):
+        build(lm._base_gate_expand_kernel, types,
+              dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e,
+                   BLOCK_KR=max(16, min(bk, 4096 // (bm * splits))), SPLITS=splits, GATED=gated, F32=False,
+                   BASE=base), warps)
 print("compiled")
 '''
 

@@ -13,6 +13,12 @@ holds whole rows (one split, one column tile), applies the gate itself and store
 (GATED=True): the gate prologue in launch 2 nearly doubles its registers at BM >= 64 (half the
 occupancy, 1.25-2x slower on an H100), while at BM = 16 it costs a few microseconds. Runs on
 CUDA, and on CPU only under TRITON_INTERPRET=1 (tests).
+
+The base product x W0^T has two owners (`base`, $UNIMLM_LORA_MOE_BASE): "cublas" (default) runs
+torch's GEMM first and launch 2 skips its K loop, adding the expand to that output in place (BASE=False);
+"triton" is launch 2's own K loop as above. Measured on GPUs so far (RESULTS.md), the K loop alone kept
+the fused linear at 1.5-2.9x cuBLAS's x W0^T; which base wins at each T is for the next GPU run to show
+(benchmarks/bench_lora_moe.py and the GPU suite time both).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_EXPERTS = LORA_MOE_MAX_EXPERTS
 MAX_RANK = LORA_MOE_MAX_RANK
 MAX_SPLITS = 16  # launch 2 unrolls its partial-sum reduction over the splits
+BASES = ("cublas", "triton")  # who computes x W0^T (lora_moe_triton)
 SPLIT_MAX_T = 64  # K is split for at most this many tokens (decode batches); more tokens: launch 1 gates
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by token count; under the interpreter big tiles are cheapest
 # (its cost is per program and per op, not per element)
@@ -109,23 +116,29 @@ def _base_gate_expand_kernel(x_ptr, w0_ptr, part_ptr, mid_ptr, b_ptr, o_ptr, T, 
                              stride_xt, stride_w0, stride_ps, stride_pt, stride_mh, stride_mt, stride_b, stride_ot,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_KR: tl.constexpr, SPLITS: tl.constexpr,
-                             GATED: tl.constexpr, F32: tl.constexpr):
+                             GATED: tl.constexpr, F32: tl.constexpr, BASE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tmask = t < T
     nmask = n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    kk = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):  # base GEMM: x W0^T
-        k = k0 + kk
-        x = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=tmask[:, None] & (k < K)[None, :], other=0.0)
-        w = tl.load(w0_ptr + n[None, :] * stride_w0 + k[:, None], mask=nmask[None, :] & (k < K)[:, None], other=0.0)
-        if F32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+    if BASE:  # base GEMM: x W0^T
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            x = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=tmask[:, None] & (k < K)[None, :],
+                        other=0.0)
+            w = tl.load(w0_ptr + n[None, :] * stride_w0 + k[:, None], mask=nmask[None, :] & (k < K)[:, None],
+                        other=0.0)
+            if F32:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+    else:  # the base product is already in `out` (cuBLAS): the expand adds to it in place
+        acc = tl.load(o_ptr + t[:, None] * stride_ot + n[None, :], mask=tmask[:, None] & nmask[None, :],
+                      other=0.0).to(tl.float32)
     rows = part_ptr + t[:, None] * stride_pt
     if not GATED:  # the gate from the router logits summed over the K splits
         e = tl.arange(0, BLOCK_E)
@@ -238,9 +251,9 @@ def _launch_router_shrink(plan: _Plan, x, w_router, lora_a, part, mid, scaling: 
         num_warps=plan.warps1)
 
 
-def _launch_base_gate_expand(plan: _Plan, x, w0, part, mid, lora_b, scaling: float, out):
-    """Launch 2: out [T, N] = x W0^T + mid B_cat^T (mid gated here from the partials, or read). -> the
-    compiled kernel."""
+def _launch_base_gate_expand(plan: _Plan, x, w0, part, mid, lora_b, scaling: float, out, base: bool = True):
+    """Launch 2: out [T, N] = x W0^T + mid B_cat^T (mid gated here from the partials, or read); base=False:
+    out += mid B_cat^T (out already holds x W0^T). -> the compiled kernel."""
     t, k = x.shape
     n, er = w0.shape[0], lora_b.shape[1]
     e = part.shape[2] - er
@@ -249,25 +262,44 @@ def _launch_base_gate_expand(plan: _Plan, x, w0, part, mid, lora_b, scaling: flo
         x.stride(0), w0.stride(0), part.stride(0), part.stride(1), mid.stride(0), mid.stride(1), lora_b.stride(0),
         out.stride(0),
         BLOCK_M=plan.bm, BLOCK_N=plan.bn, BLOCK_K=plan.bk, BLOCK_E=max(16, triton.next_power_of_2(e)),
-        BLOCK_KR=plan.block_kr, SPLITS=plan.splits, GATED=plan.gated, F32=plan.f32, num_warps=plan.warps)
+        BLOCK_KR=plan.block_kr, SPLITS=plan.splits, GATED=plan.gated, F32=plan.f32, BASE=base,
+        num_warps=plan.warps)
+
+
+def default_base() -> str:
+    """$UNIMLM_LORA_MOE_BASE (read per call): "cublas" (default) or "triton"; see lora_moe_triton."""
+    base = os.environ.get("UNIMLM_LORA_MOE_BASE", "cublas")
+    if base not in BASES:
+        raise ValueError(f"UNIMLM_LORA_MOE_BASE must be one of {BASES}, got {base!r}")
+    return base
 
 
 def lora_moe_triton(x: torch.Tensor, w0: torch.Tensor, w_router: torch.Tensor, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scaling: float, splits: int | None = None) -> torch.Tensor:
+                    lora_b: torch.Tensor, scaling: float, splits: int | None = None,
+                    base: str | None = None) -> torch.Tensor:
     """x: [T, K], w0: [N, K], w_router: [E, K], lora_a: [E*r, K], lora_b: [N, E*r] -> [T, N] (x.dtype).
-    splits: launch 1's K splits (a power of two <= MAX_SPLITS; None: by occupancy, `_splits`)."""
+    splits: launch 1's K splits (a power of two <= MAX_SPLITS; None: by occupancy, `_splits`).
+    base: who computes x W0^T (None: `default_base()`). "triton": launch 2's own K loop, the expand continuing
+    the same accumulator (one rounding, no extra pass over the output). "cublas": torch's GEMM first, then
+    launch 2 adds mid B_cat^T to that output in place (the base rounded to x.dtype once more, one extra read
+    and write of [T, N]). Why cuBLAS by default: on an H200 (2026-11-28) the Triton K loop alone made the
+    fused linear 1.5-2.9x cuBLAS's x W0^T (0.099 vs 0.034 ms at T = 1), and the expand-add costs a few
+    microseconds; README_lora_moe.md has the measured table once a GPU has run both."""
     assert x.dtype == w0.dtype == w_router.dtype == lora_a.dtype == lora_b.dtype, "one dtype for all operands"
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     for name, t_ in (("x", x), ("w0", w0), ("w_router", w_router), ("lora_a", lora_a), ("lora_b", lora_b)):
         assert t_.stride(-1) == 1, f"{name} must have a contiguous last dimension"
+    base = base or default_base()
+    assert base in BASES, f"base must be one of {BASES}"
     t = x.shape[0]
     n, e, er = w0.shape[0], w_router.shape[0], lora_a.shape[0]
     assert 1 <= e <= MAX_EXPERTS and er // e <= MAX_RANK, f"E <= {MAX_EXPERTS}, r <= {MAX_RANK}"
-    out = torch.empty((t, n), device=x.device, dtype=x.dtype)
     if t == 0:
-        return out
+        return torch.empty((t, n), device=x.device, dtype=x.dtype)
+    out = torch.nn.functional.linear(x, w0) if base == "cublas" else torch.empty((t, n), device=x.device,
+                                                                                   dtype=x.dtype)
     plan = _plan(x, n, e, er, splits)
     part, mid = _workspace(plan, x, e, er)
     _launch_router_shrink(plan, x, w_router, lora_a, part, mid, scaling)
-    _launch_base_gate_expand(plan, x, w0, part, mid, lora_b, scaling, out)
+    _launch_base_gate_expand(plan, x, w0, part, mid, lora_b, scaling, out, base=base == "triton")
     return out
