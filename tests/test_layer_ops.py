@@ -169,3 +169,15 @@ def test_fused_layer_ops_off_takes_the_reference(monkeypatch):
         assert not calls
         lo.silu_mul(g, g)
     assert calls == [1]
+
+
+def test_opcheck_fake_tensors():
+    """The registered ops (what torch.compile / torch.export trace) pass torch.library.opcheck."""
+    x, r, w = torch.randn(3, 16), torch.randn(3, 16), torch.rand(16)
+    q, k = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
+    cos, sin = torch.rand(3, 1, 8), torch.rand(3, 1, 8)
+    ops = torch.ops.unimlm
+    torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-5))
+    torch.library.opcheck(ops.add_rms_norm.default, (x, r, w, 1e-5))
+    torch.library.opcheck(ops.rope.default, (q, k, cos, sin))
+    torch.library.opcheck(ops.silu_mul.default, (x, r))

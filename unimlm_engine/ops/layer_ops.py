@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import custom_op, pick, triton_launch_guard
+from ._dispatch import custom_op, pick, requested_backend, triton_launch_guard
 
 _enabled = True
 
@@ -41,8 +41,9 @@ def _kernels():
 
 
 def _triton(*ts: torch.Tensor):
-    """The kernel module when these tensors should take it, else None."""
-    if not _enabled:
+    """The kernel module when these tensors should take it, else None. CPU tensors return at the first test
+    unless Triton is forced (tests): the CPU engine calls these ops ~20 times a step."""
+    if not _enabled or (not ts[0].is_cuda and requested_backend() != "triton"):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return None
