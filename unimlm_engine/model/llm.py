@@ -2,7 +2,10 @@
 
 RoPE, RMSNorm, SwiGLU, GQA; LoRA-MoE on the FFN linears when configured. Tokens of all
 sequences are packed along one axis (no padding): the attention backend knows where each
-sequence starts and what it has cached.
+sequence starts and what it has cached. The residual stream is carried beside each layer's output
+(`forward_residual`), so on CUDA every residual add shares a launch with the next RMSNorm; RMSNorm, RoPE and
+SiLU x up are `unimlm::` ops (ops/layer_ops.py: one Triton launch each on CUDA, the eager code on the CPU),
+and the engine serves q/k/v and gate/up as one GEMM each on CUDA (`fuse_projections_`).
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig, LoRAMoEConfig
-from .attention import AttentionBackend
 from ..ops.layer_ops import add_rms_norm, rms_norm, rope, silu_mul
+from .attention import AttentionBackend
 from .lora_moe import LoRAMoELinear
 
 
