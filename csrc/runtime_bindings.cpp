@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
 
 #include "bindings.h"
@@ -30,6 +31,13 @@ using release_gil = py::call_guard<py::gil_scoped_release>;
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& v) {
   return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
+// A 0/1 byte vector as a numpy bool array (one copy; bool is one byte in numpy).
+py::array_t<bool> to_numpy_bool(const std::vector<uint8_t>& v) {
+  py::array_t<bool> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size());
+  return out;
 }
 
 py::list pairs(const std::vector<CopyPair>& cow) {
@@ -181,8 +189,8 @@ void bind_step_output(py::module_& m) {
       .def_property_readonly("seq_ids", [](const StepOutput& o) { return to_numpy(o.seq_ids); })
       .def_property_readonly("num_new_tokens", [](const StepOutput& o) { return to_numpy(o.num_new_tokens); })
       .def_property_readonly("num_computed", [](const StepOutput& o) { return to_numpy(o.num_computed); })
-      .def_property_readonly("is_prefill", [](const StepOutput& o) { return to_numpy(o.is_prefill).attr("astype")("bool"); })
-      .def_property_readonly("do_sample", [](const StepOutput& o) { return to_numpy(o.do_sample).attr("astype")("bool"); })
+      .def_property_readonly("is_prefill", [](const StepOutput& o) { return to_numpy_bool(o.is_prefill); })
+      .def_property_readonly("do_sample", [](const StepOutput& o) { return to_numpy_bool(o.do_sample); })
       .def_property_readonly("query_start_loc", [](const StepOutput& o) { return to_numpy(o.query_start_loc); })
       .def_property_readonly("slot_mapping", [](const StepOutput& o) { return to_numpy(o.slot_mapping); })
       .def_property_readonly("block_table_start", [](const StepOutput& o) { return to_numpy(o.block_table_start); })

@@ -61,7 +61,7 @@ class Step:
     sampler_ids: set = field(default_factory=set)
     chunks: list[Sequence] = field(default_factory=list)  # scheduled but not sampling (prefill chunks)
     sampled: Optional[torch.Tensor] = None
-    forced: Optional[np.ndarray] = None
+    forced: Optional[list] = None  # per sampler row: a forced-prefix token (host-known); None: no row is
     host: Optional[torch.Tensor] = None
     event: object = None
     discard: set = field(default_factory=set)  # seq ids whose sample here is invalid (routing split)
@@ -246,8 +246,13 @@ class EngineCore:
 
     def _launch(self, out) -> Step:
         """Run step `out` on the device and sample; placeholders read the in-flight step's samples."""
+        with torch.inference_mode():  # once for the forward, the logits and the sampler
+            return self._launch_step(out)
+
+    def _launch_step(self, out) -> Step:
         table = self.seqs
-        seqs = [table[i] for i in out.seq_ids.tolist()]
+        seq_ids = out.seq_ids.tolist()
+        seqs = [table[i] for i in seq_ids]
         if out.is_prefill.any():
             now = time.monotonic()
             for s in seqs:
@@ -263,17 +268,20 @@ class EngineCore:
         step = Step(seqs, out.num_computed.tolist(), out.num_new_tokens.tolist(), out.query_start_loc.tolist(),
                     hidden)
         flags = do_sample.tolist()
-        if not all(flags):
+        every = all(flags)
+        if not every:
             step.chunks = [s for s, d in zip(seqs, flags) if not d]
-        if do_sample.any():
-            step.samplers = [s for s, d in zip(seqs, flags) if d] if step.chunks else seqs
-            ids = step.sampler_ids
+        if every or any(flags):
+            step.samplers = seqs if every else [s for s, d in zip(seqs, flags) if d]
+            step.sampler_ids = set(seq_ids) if every else {s.seq_id for s in step.samplers}
             for i, s in enumerate(step.samplers):
                 s.sample_row = i
-                ids.add(s.seq_id)
-            rows = h2d(last_rows.numpy()[do_sample.astype(bool)], hidden.device)
-            logits = self.runner.logits(hidden[rows])
-            step.sampled, step.forced = self.sampler.sample(logits, step.samplers)
+            if every and hidden.shape[0] == len(seqs):  # one row per sequence (decode): hidden is the rows
+                rows = hidden
+            else:
+                rows = hidden[h2d(last_rows.numpy()[do_sample], hidden.device)]
+            step.sampled, forced = self.sampler.sample(self.runner.logits(rows), step.samplers)
+            step.forced = forced.tolist() if forced.any() else None
             step.host, step.event = to_host(step.sampled)
         return step
 
@@ -282,7 +290,7 @@ class EngineCore:
         routing token with its queries), sampled ones as PLACEHOLDER."""
         if not step.samplers:
             return
-        prefix = step.forced.tolist() if step.forced.any() else None  # None: every sample is a placeholder
+        prefix = step.forced  # None: every sample is a placeholder
         ids, toks = [], []
         for i, s in enumerate(step.samplers):
             if s.text_done or s.seq_id in step.discard or s.finish_after_payload:
@@ -313,7 +321,7 @@ class EngineCore:
             return
         wait(step.event)
         values = step.host.tolist()
-        forced = step.forced.tolist() if step.forced.any() else None
+        forced = step.forced
         res_ids, res_pos, res_val, learned, ended, routed = [], [], [], [], [], []
         now = time.monotonic()
         eos, route_ids = self.eos, self.superlinks.route_ids

@@ -38,17 +38,19 @@ class BatchSampler:
         sequence's `num_sampled`."""
         n = len(seqs)
         dev = logits.device
-        if all(0 <= s.greedy_from <= s.num_sampled for s in seqs):  # the common case: plain argmax
-            for s in seqs:
-                s.num_sampled += 1
+        plain = True  # the common case: plain argmax for every row (one pass: check and advance)
+        for s in seqs:
+            if not 0 <= s.greedy_from <= s.num_sampled:
+                plain = False
+            s.num_sampled += 1
+        if plain:
             return logits.argmax(-1), np.zeros(n, dtype=bool)
         forced_tok = np.full(n, -1, dtype=np.int64)
         greedy, rand, filt = [], [], []
         bias_rows, bias_cols, bias_vals = [], [], []
         for i, s in enumerate(seqs):
             p = s.request.sampling
-            step = s.num_sampled
-            s.num_sampled += 1
+            step = s.num_sampled - 1  # this row's sample index (advanced above)
             if step < len(p.forced_prefix):
                 forced_tok[i] = p.forced_prefix[step]
                 continue
