@@ -6,7 +6,7 @@ import torch
 
 import unimlm_engine as ue
 from unimlm_engine.engine.handle import RequestHandle
-from unimlm_engine.engine.sampler import BatchSampler
+from unimlm_engine.engine.sampler import BatchSampler, argmax_rows
 from unimlm_engine.engine.sequence import Sequence
 from unimlm_engine.sampling import SamplingParams, sample_rows, sample_token, uniforms
 
@@ -97,3 +97,19 @@ def test_steps_advance_and_forced_prefix_comes_first():
     got = [int(sampler.sample(logits, [s])[0][0]) for _ in range(5)]
     assert got[:2] == [4, 4] and s.num_sampled == 5
     assert got[2:] == [sample_token(logits[0], p, seed=7, step=k) for k in (2, 3, 4)]
+
+
+def test_argmax_rows_is_torch_argmax():
+    """The CPU greedy path's numpy argmax picks what torch.argmax picks: the first maximum, ties, NaN (the
+    maximum), -inf rows, strided rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (257, 300), generator=g).float()  # many ties
+    x[5, 17] = float("nan")
+    x[6, 3] = x[6, 200] = float("nan")
+    x[7] = float("-inf")
+    x[8, -1] = float("inf")
+    for t in (x, x[:, ::2], x.t().contiguous().t(), x[::3]):
+        got = argmax_rows(t)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, t.argmax(-1))
+

@@ -28,6 +28,15 @@ def h2d(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] -> int64 [n], the first maximum of each row (NaN counts as the maximum, as in torch).
+    CPU fp32 goes through numpy: torch's CPU argmax over the last dimension took 91 us for [256, 285] where
+    numpy took 12 us (one thread, 2-core CPU); the same indices, ties and NaN included."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.from_numpy(logits.numpy().argmax(-1).astype(np.int64, copy=False))
+    return logits.argmax(-1)
+
+
 class BatchSampler:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -44,7 +53,7 @@ class BatchSampler:
                 plain = False
             s.num_sampled += 1
         if plain:
-            return logits.argmax(-1), np.zeros(n, dtype=bool)
+            return argmax_rows(logits), np.zeros(n, dtype=bool)
         forced_tok = np.full(n, -1, dtype=np.int64)
         greedy, rand, filt = [], [], []
         bias_rows, bias_cols, bias_vals = [], [], []
@@ -69,11 +78,11 @@ class BatchSampler:
             logits = logits.index_put((h2d(np.asarray(bias_rows), dev), h2d(np.asarray(bias_cols), dev)),
                                       h2d(np.asarray(bias_vals, dtype=np.float32), dev), accumulate=True)
         if len(greedy) == n:
-            return logits.argmax(-1), forced
+            return argmax_rows(logits), forced
         out = h2d(np.where(forced, forced_tok, 0), dev)
         if greedy:
             idx = h2d(np.asarray(greedy), dev)
-            out[idx] = logits[idx].argmax(-1)
+            out[idx] = argmax_rows(logits[idx])
         for rows, filtered in ((rand, False), (filt, True)):
             if rows:
                 out[h2d(np.asarray(rows), dev)] = self._random(logits, seqs, rows, filtered)
