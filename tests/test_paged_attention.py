@@ -309,8 +309,9 @@ def test_kernels_compile_for_sm90_bf16():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("lens,gqa,bs", [([1, 17, 63, 129, 500], 4, 16), ([5], 1, 32), ([33, 1, 2], 8, 16)],
-                         ids=["mix-gqa4-bs16", "one-mha-bs32", "gqa8-bs16"])
+@pytest.mark.parametrize("lens,gqa,bs", [([1, 17, 63, 129, 500], 4, 16), ([5], 1, 32), ([33, 1, 2], 8, 16),
+                                         ([77], 4, 16), ([1], 2, 16)],
+                         ids=["mix-gqa4-bs16", "one-mha-bs32", "gqa8-bs16", "one-gqa4-bs16", "one-token"])
 def test_batched_cpu_decode_equals_per_sequence_reference(lens, gqa, bs):
     """The CPU serving path (all sequences at once) == the per-sequence fp32 reference."""
     from unimlm_engine.ops.paged_attention import paged_decode_batched, paged_decode_reference
