@@ -90,15 +90,16 @@ def paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale,
         out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, scale=scale, enable_gqa=True)
         return out[:, :, 0].to(q.dtype)
     width = min((max_context_len + bs - 1) // bs, block_tables.shape[1])
-    pages = block_tables[:, :width].reshape(-1).long().clamp(min=0)  # padding reads block 0, masked below
-    k = k_cache.index_select(0, pages).view(b, width * bs, hkv, d)  # [B, L, Hkv, D]
-    v = v_cache.index_select(0, pages).view(b, width * bs, hkv, d)
+    pages = block_tables[:, :width].reshape(-1).long().clamp(min=0)  # padding reads block 0, zeroed below
     valid = torch.arange(width * bs, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
     # zero K and V past each context: a masked score is -inf, but -inf + NaN (a poisoned or stale slot)
-    # is NaN, and 0 * NaN in the value sum would leak too
-    pad = ~valid[:, :, None, None]
-    k = k.float().masked_fill(pad, 0.0).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v.float().masked_fill(pad, 0.0).transpose(1, 2)
+    # is NaN, and 0 * NaN in the value sum would leak too. Whole rows by index_fill_ on the fresh gather:
+    # a broadcast masked_fill took 1.3 ms for [16, 304, 2, 64] on the CPU, index_fill_ ~0.3 ms.
+    pad_rows = (~valid).view(-1).nonzero().view(-1)
+    k = k_cache.index_select(0, pages).view(-1, hkv * d).index_fill_(0, pad_rows, 0.0)
+    v = v_cache.index_select(0, pages).view(-1, hkv * d).index_fill_(0, pad_rows, 0.0)
+    k = k.view(b, width * bs, hkv, d).float().transpose(1, 2)  # [B, Hkv, L, D]
+    v = v.view(b, width * bs, hkv, d).float().transpose(1, 2)
     out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=valid[:, None, None, :],
                                          scale=scale, enable_gqa=True)  # [B, H, 1, D], fp32
     return out[:, :, 0].to(q.dtype)
