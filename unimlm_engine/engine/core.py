@@ -60,7 +60,7 @@ class Step:
     sampler_ids: set = field(default_factory=set)
     chunks: list[Sequence] = field(default_factory=list)  # scheduled but not sampling (prefill chunks)
     sampled: Optional[torch.Tensor] = None
-    forced: Optional[list] = None  # per sampler row: a forced-prefix token (host-known); None: no row is
+    forced: Optional[list] = None  # per sampler row: is its token a forced-prefix one (None: no row's is)
     host: Optional[torch.Tensor] = None
     event: object = None
     discard: set = field(default_factory=set)  # seq ids whose sample here is invalid (routing split)
@@ -243,12 +243,9 @@ class EngineCore:
         self.loop_cpu_s += time.thread_time() - c0
         return True
 
+    @torch.inference_mode()  # once per step for the forward, the logits and the sampler
     def _launch(self, out) -> Step:
         """Run step `out` on the device and sample; placeholders read the in-flight step's samples."""
-        with torch.inference_mode():  # once for the forward, the logits and the sampler
-            return self._launch_step(out)
-
-    def _launch_step(self, out) -> Step:
         table = self.seqs
         seq_ids = out.seq_ids.tolist()
         seqs = [table[i] for i in seq_ids]
