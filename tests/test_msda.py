@@ -137,13 +137,89 @@ def test_op_triton_backend_on_noncontiguous_inputs():
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
 
 
-def test_op_on_cpu_takes_reference_by_default():
+def test_op_on_cpu_dispatch():
+    """auto on CPU fp32 takes the C++ kernel (its own grad_fn), fp16 and a forced reference take the reference
+    (bit for bit), a forced cuda backend on CPU tensors is refused."""
     value, shapes, starts, loc, attn = make_inputs("lq1")
+    ref = ms_deform_attn_reference(value, shapes, starts, loc, attn)
     with backend_override("auto"):
         got = ms_deform_attn(value, shapes, starts, loc, attn)
-    torch.testing.assert_close(got, ms_deform_attn_reference(value, shapes, starts, loc, attn), atol=0, rtol=0)
+        assert type(ms_deform_attn(value.requires_grad_(), shapes, starts, loc, attn).grad_fn).__name__ == \
+            "_MsdaCpuBackward"
+        value.requires_grad_(False)
+        half = [t.half() for t in (value, loc, attn)]
+        got_half = ms_deform_attn(half[0], shapes, starts, half[1], half[2])
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_half, ms_deform_attn_reference(half[0], shapes, starts, half[1], half[2]),
+                               atol=0, rtol=0)
+    with backend_override("reference"):
+        torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, attn), ref, atol=0, rtol=0)
     with backend_override("cuda"), pytest.raises(RuntimeError, match="CUDA"):
         ms_deform_attn(value, shapes, starts, loc, attn)
+
+
+def _grads(fn, value, shapes, starts, loc, attn, up, softmax_weights=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], softmax_weights)
+    return (out.detach(),) + torch.autograd.grad((out * up).sum(), leaves)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("softmax_weights", [False, True], ids=["weights", "fused-softmax"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_kernel_forward_and_backward_match_reference(case, softmax_weights, threads, monkeypatch):
+    """The C++ CPU kernel (csrc/kernels/msda_cpu.cpp): output and the gradients of value, locations and weights
+    against the grid_sample reference's autograd, in fp64 for the reference (locations outside the levels,
+    1x1 levels and the fused softmax included), with 1 and 3 threads (3 > N*M in some cases)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(5)
+    value, shapes, starts, loc, attn = make_inputs(case)
+    up = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    with backend_override("auto"):
+        got = _grads(ms_deform_attn, value, shapes, starts, loc, attn, up, softmax_weights)
+
+    def reference64(v, sh, st, lc, a, sw):
+        return ms_deform_attn_reference(v.double(), sh, st, lc.double(), a.double(), sw)
+
+    want = _grads(reference64, value.double(), shapes, starts, loc.double(), attn.double(), up.double(),
+                  softmax_weights)
+    for name, g, w in zip(("out", "value", "loc", "weights"), got, want):
+        assert g.dtype == torch.float32, name
+        scale = float(w.abs().max()) or 1.0
+        torch.testing.assert_close(g.double() / scale, w / scale, atol=3e-6, rtol=0, msg=name)
+
+
+def test_cpu_kernel_noncontiguous_nan_and_empty_inputs():
+    value, shapes, starts, loc, attn = make_inputs("outside")
+    loc[0, 2, 1, 0, 1] = float("nan")  # samples nothing (grid_sample's result there is implementation-defined)
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_nc = loc.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not value_nc.is_contiguous() and not loc_nc.is_contiguous()
+    with backend_override("auto"):
+        got = ms_deform_attn(value_nc, shapes, starts, loc_nc, attn)
+        empty = ms_deform_attn(value, shapes, starts, loc[:, :0], attn[:, :0])
+    zeroed = attn.clone()
+    zeroed[0, 2, 1, 0, 1] = 0.0  # the NaN point's sample left out
+    want = ms_deform_attn_reference(value, shapes, starts, loc.nan_to_num(), zeroed)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert empty.shape == (1, 0, value.shape[2] * value.shape[3])
+
+
+def test_gradient_with_forced_kernel_backends_takes_the_reference(monkeypatch):
+    """The CUDA and Triton kernels have no backward: with a gradient needed the op takes the reference
+    (differentiable) instead of returning an output autograd cannot see through."""
+    value, shapes, starts, loc, attn = make_inputs("odd-3lvl")
+    value.requires_grad_()
+    launched = []
+    monkeypatch.setattr("unimlm_engine.ops.msda._triton_module",
+                        lambda: type("K", (), {"ms_deform_attn_triton": staticmethod(
+                            lambda *a, **k: launched.append(1))}))
+    with backend_override("triton"):
+        out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert not launched and out.requires_grad
+    (g,) = torch.autograd.grad(out.sum(), value)
+    (want,) = torch.autograd.grad(ms_deform_attn_reference(value, shapes, starts, loc, attn).sum(), value)
+    torch.testing.assert_close(g, want, atol=0, rtol=0)
 
 
 def test_opcheck_and_fake_tensor():

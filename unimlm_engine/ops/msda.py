@@ -17,19 +17,25 @@ Shapes:
     attention_weights:  [N, Lq, M, L, P]
     returns             [N, Lq, M*D]        in value.dtype
 
-Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CPU tensors take the reference. CUDA
+Backends (ops/_dispatch.py, UNIMLM_KERNEL_BACKEND): CPU tensors take the C++ CPU kernel of
+unimlm_engine._C (`msda_cpu_forward` / `msda_cpu_backward`, csrc/kernels/msda_cpu.cpp: fp32, forward
+and backward) when every float input is fp32 and the backend is auto, else the reference. CUDA
 tensors take the CUDA kernel of unimlm_engine._C (when built with CUDA) or the Triton kernel:
 the one the GPU benchmark measured fastest for this device and dtype (the dispatch table),
 else CUDA first (`_dispatch.DEFAULT_ORDER`); unimlm_engine/kernels/README_msda.md states the rule. On CUDA
 the kernels trust `spatial_shapes` / `level_start_index` (checking them against S would need
 a device-to-host copy each call).
+
+Gradients: the CUDA and Triton kernels have no backward, so where a gradient is needed (grad mode on and
+an input that requires it) CUDA tensors take the reference (grid_sample, differentiable), as the
+layer ops do; CPU fp32 tensors take the C++ kernel's backward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import custom_op, pick, triton_launch_guard
+from ._dispatch import custom_op, pick, requested_backend, triton_launch_guard
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Mirrors the dtype enum of csrc/kernels/msda.cuh (MsdaDtype).
@@ -148,6 +154,54 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def _cpu_module():
+    try:
+        from unimlm_engine import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "msda_cpu_forward") else None
+
+
+class _MsdaCpu(torch.autograd.Function):
+    """The C++ CPU kernel (fp32, contiguous inputs) with its backward; weights already softmaxed."""
+
+    @staticmethod
+    def forward(ctx, mod, value, spatial_shapes, level_start_index, loc, attn):
+        n, s, m, d = value.shape
+        _, lq, _, n_levels, n_points, _ = loc.shape
+        out = value.new_empty((n, lq, m * d))
+        ctx.mod, ctx.dims = mod, (n, s, m, d, n_levels, lq, n_points)
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, loc, attn)
+        if out.numel():
+            mod.msda_cpu_forward(value.data_ptr(), spatial_shapes.data_ptr(), level_start_index.data_ptr(),
+                                 loc.data_ptr(), attn.data_ptr(), out.data_ptr(), *ctx.dims, torch.get_num_threads())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        value, shapes, starts, loc, attn = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_value, g_loc, g_attn = torch.zeros_like(value), torch.empty_like(loc), torch.empty_like(attn)
+        if grad.numel():
+            ctx.mod.msda_cpu_backward(value.data_ptr(), shapes.data_ptr(), starts.data_ptr(), loc.data_ptr(),
+                                      attn.data_ptr(), grad.data_ptr(), g_value.data_ptr(), g_loc.data_ptr(),
+                                      g_attn.data_ptr(), *ctx.dims, torch.get_num_threads())
+        else:
+            g_loc.zero_(), g_attn.zero_()
+        return None, g_value, None, None, g_loc, g_attn
+
+
+def _cpu_kernel(value, spatial_shapes, level_start_index, loc, attn, softmax_weights: bool):
+    """-> the module when the C++ CPU kernel takes this call, else None (the rule: module doc)."""
+    if value.is_cuda or requested_backend() != "auto":
+        return None
+    if not all(t.dtype == torch.float32 for t in (value, loc, attn)) or not all(
+            type(t) is torch.Tensor for t in (value, loc, attn)):
+        return None
+    return _cpu_module()
+
+
 def _triton_module():
     try:
         from unimlm_engine.kernels import msda as kmod
@@ -175,6 +229,18 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
                    softmax_weights: bool = False) -> torch.Tensor:
     """value: [N, S, M, D], sampling_locations: [N, Lq, M, L, P, 2] -> [N, Lq, M*D] (see module doc)."""
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    cpu_mod = _cpu_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          softmax_weights)
+    if cpu_mod is not None:
+        w = attention_weights
+        if softmax_weights:
+            n, lq, m, n_levels, n_points = w.shape
+            w = torch.softmax(w.reshape(n, lq, m, n_levels * n_points), dim=-1).view(w.shape)
+        return _MsdaCpu.apply(cpu_mod, value.contiguous(), spatial_shapes.contiguous(),
+                              level_start_index.contiguous(), sampling_locations.contiguous(), w.contiguous())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights, softmax_weights)
     cuda_mod = _cuda_module()
     triton_mod = _triton_module()
     backend = pick(value, has_triton=triton_mod is not None, has_cuda=cuda_mod is not None, op="ms_deform_attn")
