@@ -56,7 +56,7 @@ def test_tokenizer_is_reproducible(tmp_path):
 def test_training_forward_is_the_engines(tiny):
     """The training script's forward (prompt, [EMB] rows, payload positions) equals what the engine computes:
     payloads of a POSE answer forced through the engine match the training forward's."""
-    from train_shapes import encode, llm_forward, payloads
+    from train_shapes import Routed, encode, llm_forward, payloads
 
     from unimlm_engine import Engine, EngineConfig, Request, SamplingParams
     from unimlm_engine.inputs.processor import Processor
@@ -67,7 +67,7 @@ def test_training_forward_is_the_engines(tiny):
     s = pose_sample(sc, random.Random(0), 4)
     ids, _, pix, groups = encode([(s, sc)], Processor(model.cfg.vision, tok), tok, model.special_ids)
     with torch.no_grad():
-        ref = payloads(llm_forward(model, ids, pix, groups, 4)[0], 0, groups, ("[DET]", "[POSE]"), 4)
+        ref = payloads(Routed(llm_forward(model, ids, pix, groups, 4)[0], groups, 4), 0, groups, ("[DET]", "[POSE]"))
     forced = tuple(tok.encode(" " + strip_queries(s.answer)))
     with Engine(model, tok, EngineConfig()) as eng:
         out = eng.submit(Request(prompt=s.question, images=[sc.image], sampling=SamplingParams(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from aids import Routed
 from losses import Target, set_loss
 
 from unimlm_engine.model.decoders.grounding import class_logits, inverse_sigmoid
@@ -16,8 +17,8 @@ from unimlm_engine.shapes.tasks import Sample
 from unimlm_engine.shapes.world import IMAGE_SIZE, Scene
 
 
-def payloads(hidden, bi: int, groups, route_names: tuple[str, ...], k: int) -> list[torch.Tensor]:
-    return [hidden[bi, p + 1:p + 1 + k] for route, p in groups[bi] if route in route_names]
+def payloads(routed: Routed, bi: int, groups, route_names: tuple[str, ...]) -> list[torch.Tensor]:
+    return [routed(bi, p) for route, p in groups[bi] if route in route_names]
 
 
 def scene_targets(sc: Scene, s: Sample, mask_hw: int | None):
@@ -43,7 +44,8 @@ def detector_loss(model, hidden, samples, groups, k: int):
     ims = [gdino_image(samples[i][1].image, det.cfg.image_short, det.cfg.image_long)[0] for i in idx]
     dev = hidden.device
     pixels, valid = (t.to(dev) for t in gdino_canvas(ims, det.pad_multiple))
-    pl = [torch.stack(payloads(hidden, i, groups, ("[DET]", "[SEG]"), k)) for i in idx]
+    routed = Routed(hidden, groups, k)
+    pl = [torch.stack(payloads(routed, i, groups, ("[DET]", "[SEG]"))) for i in idx]
     c_max = max(p.shape[0] for p in pl)
     cp = torch.stack([F.pad(p, (0, 0, 0, 0, 0, c_max - p.shape[0])) for p in pl])
     cv = torch.tensor([[j < p.shape[0] for j in range(c_max)] for p in pl], device=dev)
@@ -87,11 +89,12 @@ def pose_loss(model, hidden, samples, groups, k: int):
     cfg = net.cfg
     pix, obj, kq, ov, kv, ncls, targets = [], [], [], [], [], [], []
     dev = hidden.device
+    routed = Routed(hidden, groups, k)
     for i in idx:
         x, _ = prepare_image(samples[i][1].image, cfg.image_short, cfg.image_long)
         pix.append(x)
-        cls_p = torch.stack(payloads(hidden, i, groups, ("[DET]",), k))
-        kpt_p = torch.stack(payloads(hidden, i, groups, ("[POSE]",), k))
+        cls_p = torch.stack(payloads(routed, i, groups, ("[DET]",)))
+        kpt_p = torch.stack(payloads(routed, i, groups, ("[POSE]",)))
         obj.append(F.pad(cls_p, (0, 0, 0, 0, 0, MAX_OBJ_SLOTS - cls_p.shape[0])))
         kq.append(F.pad(kpt_p, (0, 0, 0, 0, 0, MAX_KPT_SLOTS - kpt_p.shape[0])))
         ov.append(torch.arange(MAX_OBJ_SLOTS, device=dev) < cls_p.shape[0])

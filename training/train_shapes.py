@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, clip_groups_of,  # noqa: E402,F401
+from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, Routed, clip_groups_of,  # noqa: E402,F401
                   patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED, vit_phase)
 from decoder_losses import detector_loss, payloads, pose_loss, scene_targets  # noqa: E402,F401
 from losses import weighted  # noqa: E402
