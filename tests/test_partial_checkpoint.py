@@ -115,8 +115,12 @@ def test_edit_runs_the_checkpoint_unet(edit_ckpt):
     want = dec.generate(payload, [7], images=[img], num_inference_steps=2)[0]
     dec.set_pipeline(stock)
     other = dec.generate(payload, [7], images=[img], num_inference_steps=2)[0]
-    assert np.array_equal(np.asarray(got), np.asarray(want))
-    assert not np.array_equal(np.asarray(got), np.asarray(other))
+    got, want, other = (np.asarray(x).astype(np.int16) for x in (got, want, other))
+    # the same UNet weights, loaded into a fresh module vs the in-memory one: equal up to float summation
+    # order (measured 2026-12-07, diffusers 0.42.1: one channel of one pixel off by 1 of 3,072); the stock
+    # UNet moves almost every value (mean |diff| ~19 levels)
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01
+    assert np.abs(got - other).mean() > 5
 
 
 def test_edit_unet_that_does_not_fit_is_a_clear_error(edit_ckpt, tmp_path):
