@@ -1,7 +1,8 @@
 """One rule for picking an op's implementation.
 
 `UNIMLM_KERNEL_BACKEND` (read at call time) = auto | reference | triton | cuda.
-- auto: CPU tensors take the PyTorch reference and never launch Triton. CUDA tensors take a
+- auto: CPU tensors take the PyTorch reference (or the op's C++ CPU kernel where it has one:
+  ms_deform_attn in fp32) and never launch Triton. CUDA tensors take a
   compiled kernel, chosen among the available ones (`pick(..., op=...)`) by:
     1. the measured table: the backend the GPU benchmark found fastest for this op on this
        device (by `torch.cuda.get_device_name`) and dtype, if that backend is available;
