@@ -7,8 +7,8 @@ DCNv4's MSDA benchmark shape (Lq=15,200, P=8) over the same pyramid.
 On a GPU: CUDA-event timing after warmup; every kernel is first checked against the
 reference on the same inputs and a kernel that fails gets no speedup printed. Bytes are
 the compulsory traffic (value read once, locations + weights read, output written);
-%copy compares that rate with a measured device-to-device copy. On a CPU only the
-reference runs, on a small shape (the kernels need CUDA).
+%copy compares that rate with a measured device-to-device copy. On a CPU: the C++ CPU kernel
+against the reference, forward and forward + backward, at the shapes model's training shapes.
 
     python benchmarks/bench_msda.py [--dtype bf16] [--batches 1 2 4 8] [--iters 50]
 Writes benchmarks/results/bench_msda.json.
@@ -186,7 +186,8 @@ def record_dispatch(rows: list[dict], dtype: torch.dtype, device_name: str, path
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'shape':<22}{'impl':<14}{'ms':>10}{'GB/s':>9}{'%copy':>7}{'max err':>11}  {'vs classic':>10}"
+    w = max([22] + [len(r["shape"]) + 2 for r in rows])
+    head = f"{'shape':<{w}}{'impl':<14}{'ms':>10}{'GB/s':>9}{'%copy':>7}{'max err':>11}  {'vs classic':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -194,7 +195,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['speedup_vs_classic']:.2f}x" if r.get("speedup_vs_classic") else "-")
         gbs = f"{r['gbs']:.0f}" if r.get("gbs") is not None else "-"
         frac = f"{100 * r['copy_fraction']:.0f}" if r.get("copy_fraction") is not None else "-"
-        print(f"{r['shape']:<22}{r['impl']:<14}{r['ms']:>10.3f}{gbs:>9}{frac:>7}{r['max_abs_err']:>11.2e}  {speed:>10}")
+        print(f"{r['shape']:<{w}}{r['impl']:<14}{r['ms']:>10.3f}{gbs:>9}{frac:>7}{r['max_abs_err']:>11.2e}  {speed:>10}")
 
 
 def run_gpu(opts) -> dict:
@@ -216,22 +217,78 @@ def run_gpu(opts) -> dict:
     return result
 
 
-def run_cpu(opts) -> dict:
-    print("no CUDA device: the Triton and CUDA kernels need CUDA; timing the PyTorch reference on a small "
-          "shape only (CPU, fp32)")
-    shape = Shape("small-encoder-N1", SMALL_LEVELS, 1, 0)
-    args = make_inputs(shape, torch.float32, "cpu")
-    ms_deform_attn_reference(*args)
-    t0 = time.perf_counter()
-    iters = max(1, min(opts.iters, 5))
+SHAPES_LEVELS = [(28, 28), (14, 14), (7, 7), (4, 4)]  # the shapes model's decoders (224 x 224, strides 8-64)
+
+
+def cpu_shapes() -> list[Shape]:
+    """The calls of one training step of training/train_shapes.py (batch 3 POSE / 2 DET samples)."""
+    return [Shape("unipose-kpt-layer-N3", SHAPES_LEVELS, 3, 3450, m=8, d=32, p=2),
+            Shape("unipose-encoder-N3", SHAPES_LEVELS, 3, 0, m=8, d=32, p=2),
+            Shape("gdino-encoder-N2", SHAPES_LEVELS, 2, 0, m=4, d=16, p=4)]
+
+
+def _cpu_ms(fn, iters: int) -> float:
+    fn()
+    times = []
     for _ in range(iters):
-        out = ms_deform_attn_reference(*args)
-    ms = (time.perf_counter() - t0) * 1e3 / iters
-    assert out.shape == (1, shape.lq, shape.m * shape.d) and torch.isfinite(out).all()
-    row = dict(shape=shape.name, impl="reference", ms=ms, max_abs_err=0.0, correct=True, gbs=None,
-               copy_fraction=None, bytes=compulsory_bytes(args), speedup_vs_classic=None)
-    print_table([row])
-    return dict(device="cpu", dtype="fp32", copy_gbs=None, rows=[row], shapes=[asdict(shape)])
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def run_cpu(opts) -> dict:
+    """The C++ CPU kernel (`_C.msda_cpu_forward` / `_backward`, what auto takes for CPU fp32) against the
+    grid_sample reference, forward and forward + backward, fp32; outputs and gradients compared first."""
+    from unimlm_engine.ops._dispatch import backend_override
+    from unimlm_engine.ops.msda import _cpu_module, ms_deform_attn
+
+    print(f"no CUDA device: the C++ CPU kernel vs the PyTorch reference, fp32, {torch.get_num_threads()} threads")
+    if _cpu_module() is None:
+        raise SystemExit("unimlm_engine._C has no msda_cpu_forward: build the package (pip install -e .)")
+    iters = max(1, min(opts.iters, 5))
+    rows = []
+    shapes = cpu_shapes()
+    for shape in shapes:
+        value, spatial, starts, loc, attn = make_inputs(shape, torch.float32, "cpu")
+        up = torch.randn(shape.n, shape.lq, shape.m * shape.d, generator=torch.Generator().manual_seed(1))
+        leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        impls = {"reference": ms_deform_attn_reference, "cpu": ms_deform_attn}
+        got = {}
+        for name, fn in impls.items():
+            with backend_override("auto"):
+                out = fn(leaves[0], spatial, starts, leaves[1], leaves[2])
+                got[name] = (out.detach(),) + torch.autograd.grad((out * up).sum(), leaves)
+        abs_err = float((got["cpu"][0] - got["reference"][0]).abs().max())
+        err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got["cpu"], got["reference"]))
+        for name, fn in impls.items():
+            def fwd(fn=fn):
+                with torch.no_grad(), backend_override("auto"):
+                    fn(value, spatial, starts, loc, attn)
+
+            def train(fn=fn):
+                with backend_override("auto"):
+                    out = fn(leaves[0], spatial, starts, leaves[1], leaves[2])
+                    torch.autograd.grad((out * up).sum(), leaves)
+
+            for mode, f in (("forward", fwd), ("forward+backward", train)):
+                rows.append(dict(shape=f"{shape.name} {mode}", impl=name, ms=_cpu_ms(f, iters),
+                                 max_abs_err=abs_err if name == "cpu" else 0.0,
+                                 max_rel_err=err if name == "cpu" else 0.0, correct=err < TOL[torch.float32],
+                                 gbs=None, copy_fraction=None, bytes=compulsory_bytes((value, spatial, starts, loc,
+                                                                                       attn)),
+                                 speedup_vs_classic=None))
+    for r in rows:
+        if r["impl"] == "cpu":
+            ref = next(x for x in rows if x["shape"] == r["shape"] and x["impl"] == "reference")
+            r["speedup_vs_reference"] = ref["ms"] / r["ms"]
+    print_table(rows)
+    for r in rows:
+        if r["impl"] == "cpu":
+            print(f"{r['shape']}: C++ kernel {r['speedup_vs_reference']:.2f}x the reference (largest relative "
+                  f"difference of output / gradients {r['max_rel_err']:.1e})")
+    return dict(device="cpu", dtype="fp32", threads=torch.get_num_threads(), copy_gbs=None, rows=rows,
+                shapes=[asdict(s) for s in shapes])
 
 
 def main(argv=None) -> None:

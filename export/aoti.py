@@ -2,8 +2,8 @@
 
 Like the ONNX export: one package per canvas (the image size cannot be dynamic, README.md), batch and class
 count dynamic (`wrappers.dynamic_shapes`) unless a range pins them. A package runs on the device the decoder
-was on when it was compiled (`unimlm export` compiles on the CPU). It calls MSDA as a fallback op: the
-grid_sample reference on the CPU, the op's CUDA/Triton path on CUDA.
+was on when it was compiled (`unimlm export` compiles on the CPU). It calls MSDA as a fallback op: on the CPU
+the C++ CPU kernel (fp32) or the grid_sample reference, the op's CUDA/Triton path on CUDA.
 """
 from __future__ import annotations
 

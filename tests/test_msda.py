@@ -336,7 +336,7 @@ def test_benchmark_cpu_path_runs(tmp_path, monkeypatch):
     out = tmp_path / "bench_msda.json"
     bench.main(["--iters", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["reference"] and rows[0]["ms"] > 0
+    assert {r["impl"] for r in rows} == {"reference", "cpu"} and all(r["ms"] > 0 and r["correct"] for r in rows)
 
 
 def test_reference_output_is_contiguous_like_its_fake():

@@ -44,7 +44,8 @@ from unimlm_engine.shapes.world import CLASSES, Scene, make_scene  # noqa: E402
 
 IGNORE = -100
 # per step: VQA images, DET, SEG, POSE samples; the *_text ones are DET / SEG / POSE samples trained on their
-# answer text only (no decoder pass: a POSE sample's UniPose pass costs ~0.8 s on 2 cores, its text ~0.05 s)
+# answer text only (no decoder pass: a POSE sample's UniPose pass costs ~0.3 s on 2 cores, a DET / SEG sample's
+# ~0.07 s, its text ~0.05 s; benchmarks/bench_train_step.py)
 MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0, "det_text": 0, "seg_text": 0}
 TEXT_ONLY = ("det_text", "seg_text", "pose_text")
 # questions per VQA image: more than one makes a multi-turn conversation (vicuna_v1 turns), distinct types

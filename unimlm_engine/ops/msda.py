@@ -192,7 +192,7 @@ class _MsdaCpu(torch.autograd.Function):
         return None, g_value, None, None, g_loc, g_attn
 
 
-def _cpu_kernel(value, spatial_shapes, level_start_index, loc, attn, softmax_weights: bool):
+def _cpu_kernel(value, loc, attn):
     """-> the module when the C++ CPU kernel takes this call, else None (the rule: module doc)."""
     if value.is_cuda or requested_backend() != "auto":
         return None
@@ -229,8 +229,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
                    softmax_weights: bool = False) -> torch.Tensor:
     """value: [N, S, M, D], sampling_locations: [N, Lq, M, L, P, 2] -> [N, Lq, M*D] (see module doc)."""
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    cpu_mod = _cpu_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                          softmax_weights)
+    cpu_mod = _cpu_kernel(value, sampling_locations, attention_weights)
     if cpu_mod is not None:
         w = attention_weights
         if softmax_weights:
