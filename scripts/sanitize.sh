@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the C++ runtime tests (ctest executables only, not the Python module) with
+# Builds the C++ tests (runtime and CPU kernels; ctest executables only, not the Python module) with
 # AddressSanitizer + UndefinedBehaviorSanitizer in a separate build dir and runs them.
 # Usage: scripts/sanitize.sh [build_dir]   (default: build/sanitize, git-ignored)
 set -euo pipefail
