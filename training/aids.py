@@ -32,6 +32,8 @@ class CapGrad(torch.autograd.Function):
         g = g * ctx.scale
         n = float(g.norm())
         return (g * (ctx.max_norm / n) if n > ctx.max_norm else g), None, None
+
+
 class Routed:
     """Every routed group's K payload rows of hidden [B, L, H], gathered with one index: `rows[at[(b, p)]]` is
     hidden[b, p + 1:p + 1 + k] for the routing token at position p of sequence b. Slicing hidden once per group
@@ -47,7 +49,6 @@ class Routed:
                 idx.append(torch.arange(bi * length + p + 1, bi * length + p + 1 + k))
         self.rows = (hidden.reshape(b * length, h)[torch.cat(idx).to(hidden.device)].view(len(idx), k, h) if idx
                      else hidden.new_zeros(0, k, h))
-        self.device = hidden.device
 
     def __call__(self, bi: int, p: int) -> torch.Tensor:
         return self.rows[self.at[(bi, p)]]
