@@ -42,6 +42,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _softmax_samples(w: torch.Tensor) -> torch.Tensor:
+    """[N, Lq, M, L, P] logits -> weights: softmax over the L*P samples of each (n, q, m)."""
+    return torch.softmax(w.flatten(-2), dim=-1).view(w.shape)
+
+
 def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                              sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                              softmax_weights: bool = False) -> torch.Tensor:
@@ -52,8 +57,7 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, 
     grids = 2.0 * sampling_locations.float() - 1.0  # [N, Lq, M, L, P, 2] in grid_sample's [-1, 1]
     weights = attention_weights.float()
     if softmax_weights:
-        weights = torch.softmax(weights.reshape(n, lq, m, n_levels * n_points), dim=-1)
-        weights = weights.view(n, lq, m, n_levels, n_points)
+        weights = _softmax_samples(weights)
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
     sampled = []
@@ -231,10 +235,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     cpu_mod = _cpu_kernel(value, sampling_locations, attention_weights)
     if cpu_mod is not None:
-        w = attention_weights
-        if softmax_weights:
-            n, lq, m, n_levels, n_points = w.shape
-            w = torch.softmax(w.reshape(n, lq, m, n_levels * n_points), dim=-1).view(w.shape)
+        w = _softmax_samples(attention_weights) if softmax_weights else attention_weights
         return _MsdaCpu.apply(cpu_mod, value.contiguous(), spatial_shapes.contiguous(),
                               level_start_index.contiguous(), sampling_locations.contiguous(), w.contiguous())
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
