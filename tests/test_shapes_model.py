@@ -310,3 +310,24 @@ def test_accuracy_on_held_out_scenes(tiny):
     for k, floor in FLOORS.items():
         assert res[k] >= floor, (k, res[k], res)
     assert not np.isnan(res["pose_pck"])
+
+
+def test_curves_teacher_forced_exact_match_is_the_engines_greedy(tiny):
+    """training/curves.py scores VQA without generating: an answer counts when every answer token (and </s>) is
+    the argmax given the ones before it. That must be exactly the engine's greedy exact match, item by item."""
+    import curves
+
+    from unimlm_engine import Engine, EngineConfig
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.shapes.evaluate import EvalItem, run_requests
+    from unimlm_engine.shapes.tasks import vqa_sample
+
+    model, tok = tiny
+    scenes = [make_scene(curves.VAL_SEED + i) for i in range(48)]
+    items = [(vqa_sample(sc, random.Random(i)), sc) for i, sc in enumerate(scenes)]
+    hits = curves.vqa_hits(model, Processor(model.cfg.vision, tok), tok, items, chunk=16)
+    with Engine(model, tok, EngineConfig(max_num_seqs=16)) as eng:
+        outs = run_requests(eng, [EvalItem(sc, s) for s, sc in items], concurrency=16)
+    greedy = [o.text.strip() == s.answer for o, (s, _) in zip(outs, items)]
+    assert hits == greedy
+    assert 0 < sum(hits) < len(hits)  # both outcomes occur, so the comparison can fail either way
