@@ -103,6 +103,7 @@ def run_vqa(a) -> None:
         val.append((vqa_sample(sc, random.Random(VAL_SEED + i)), sc))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    weights = {n: float(w) for n, _, w in (x.partition("=") for x in a.weights.split(","))} if a.weights else None
     rng = random.Random(0)
     train_s = 0.0
     for step in range(a.steps):
@@ -112,7 +113,7 @@ def run_vqa(a) -> None:
         samples = []
         for i in range(a.batch):  # the scenes of train_shapes' VQA phase
             sc = make_scene(100_000_000 + step * 64 + i)
-            s = T.vqa_conversation(sc, rng, a.turns)
+            s = T.vqa_conversation(sc, rng, a.turns, weights)
             if a.caption:
                 s.turns = list(s.turns) + [caption(sc)]
             samples.append((s, sc))
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     v.add_argument("--steps", type=int, default=600)
     v.add_argument("--batch", type=int, default=T.VQA_PHASE_BATCH)
     v.add_argument("--turns", type=int, default=1)
+    v.add_argument("--weights", default=None, help="question types' relative frequency, e.g. exists=4 (train_shapes' "
+                   "--vqa-weights)")
     v.add_argument("--caption", action="store_true", help="add a last turn naming every object (caption())")
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--eval-every", type=int, default=200)
