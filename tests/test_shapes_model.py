@@ -331,3 +331,25 @@ def test_curves_teacher_forced_exact_match_is_the_engines_greedy(tiny):
     greedy = [o.text.strip() == s.answer for o, (s, _) in zip(outs, items)]
     assert hits == greedy
     assert 0 < sum(hits) < len(hits)  # both outcomes occur, so the comparison can fail either way
+
+
+def test_curves_phases_run_end_to_end(tmp_path, capsys):
+    """Both curves.py phases, a few steps each: the VQA phase from scratch (vision phase cached, then reused) and
+    UniPose alone from the shipped checkpoint, scored through the engine."""
+    import curves
+
+    work = str(tmp_path / "work")
+    args = ["vqa", "--work", work, "--vit-steps", "2", "--steps", "2", "--eval-every", "1", "--neval", "6",
+            "--turns", "2", "--caption", "--threads", "1"]
+    curves.main(args)
+    curves.main(args)  # the second run takes the cached vision phase
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["from_cache"] for r in recs if "vision_phase_s" in r] == [False, True]
+    assert sum("vit_step" in r for r in recs) == 2  # the first run's steps 0 and 1 only
+    assert [r["step"] for r in recs if "exact_match" in r] == [1, 2, 1, 2]
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in recs if "exact_match" in r)
+    curves.main(["pose", "--init", str(shapes_dir()), "--steps", "1", "--pose", "1", "--neval", "4",
+                 "--candidates", "2", "--threads", "1", "--out", str(tmp_path / "pose")])
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["step"] == 1 and 0.0 <= last["pck"] <= 1.0
+    assert (tmp_path / "pose" / "model.safetensors.index.json").exists()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import losses as L  # noqa: E402
 import train_shapes as T  # noqa: E402
-from aids import patch_loss, vit_phase  # noqa: E402
+from aids import VIT_PHASE_SEED, patch_loss, vit_phase  # noqa: E402
 from decoder_losses import pose_loss  # noqa: E402
 
 from unimlm_engine.inputs.processor import Processor  # noqa: E402
@@ -36,7 +36,7 @@ from unimlm_engine.inputs.tokenizer import HFTokenizer  # noqa: E402
 from unimlm_engine.model import build_model  # noqa: E402
 from unimlm_engine.shapes.config import shapes_config  # noqa: E402
 from unimlm_engine.shapes.evaluate import reaches_eval_seeds  # noqa: E402
-from unimlm_engine.shapes.tasks import Sample, pose_sample, pose_shapes, vqa_sample  # noqa: E402
+from unimlm_engine.shapes.tasks import VQA_TYPES, Sample, pose_sample, pose_shapes, vqa_sample  # noqa: E402
 from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
 from unimlm_engine.shapes.world import CLASSES, Scene, make_scene  # noqa: E402
 
@@ -88,7 +88,8 @@ def run_vqa(a) -> None:
     head = torch.nn.Linear(cfg.llm.hidden_size, 2 * (len(CLASSES) + 1))
     t0 = time.time()
     cache = Path(a.work) / f"vit{a.vit_steps}_none{a.patch_none_weight}.pt"
-    if a.vit_steps and cache.exists():
+    from_cache = bool(a.vit_steps) and cache.exists()
+    if from_cache:
         state = torch.load(cache)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
@@ -96,7 +97,7 @@ def run_vqa(a) -> None:
         vit_phase(model, proc, head, a.vit_steps, 1e-3, a.patch_none_weight,
                   log=lambda rec: print(json.dumps(rec), flush=True))
         torch.save({"model": model.state_dict(), "head": head.state_dict()}, cache)
-    print(json.dumps({"vision_phase_s": round(time.time() - t0, 1), "cached": cache.exists()}), flush=True)
+    print(json.dumps({"vision_phase_s": round(time.time() - t0, 1), "from_cache": from_cache}), flush=True)
     val = []
     for i in range(a.neval):
         sc = make_scene(VAL_SEED + i)
@@ -135,8 +136,8 @@ def run_vqa(a) -> None:
 
 
 def pose_scene(step: int, i: int, candidates: int) -> tuple[Scene, str] | None:
-    """The script's POSE scene (the first with a square or triangle, one kind drawn later), or with candidates
-    > 1 the (scene, kind) with the most objects of one kind among that many scenes."""
+    """The (scene, kind) with the most objects of one kind (square or triangle) among `candidates` scenes; None
+    when none of them has a square or triangle."""
     best = None
     for c in range(max(1, candidates)):
         sc = make_scene(POSE_TRAIN_SEED + step * 64 + i + c * 1_000_000_000)
@@ -231,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--pose", type=int, default=3, help="POSE samples per step")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=25)
-    p.add_argument("--kpt-weight", type=float, default=L.W_KPT)
+    p.add_argument("--kpt-weight", type=float, default=L.W_KPT,
+                   help="the keypoint L1 loss's weight (the Hungarian matching's keypoint cost keeps losses.W_KPT)")
     p.add_argument("--candidates", type=int, default=1,
                    help="> 1: each POSE sample from the scene with the most objects of one kind among this many")
     p.add_argument("--neval", type=int, default=120)
@@ -239,6 +241,19 @@ def main(argv=None) -> int:
     for q in (v, p):
         q.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
+    if a.cmd == "vqa":
+        if not 1 <= a.batch <= 64:
+            ap.error("--batch: 1 to 64 (the VQA phase's scene seeds are 100,000,000 + step * 64 + i)")
+        for part in a.weights.split(",") if a.weights else []:
+            name, _, w = part.partition("=")
+            if name not in VQA_TYPES:
+                ap.error(f"--weights: unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
+            try:
+                float(w)
+            except ValueError:
+                ap.error(f"--weights: {part!r} is not type=number")
+        if reaches_eval_seeds(VIT_PHASE_SEED, VIT_PHASE_SEED + a.vit_steps * 64):
+            ap.error("--vit-steps: the vision phase's scenes would reach the held-out evaluation seeds")
     if a.cmd == "pose" and reaches_eval_seeds(POSE_TRAIN_SEED, POSE_TRAIN_SEED + a.steps * 64):
         ap.error("--steps: the POSE scenes would reach the held-out evaluation seeds")
     torch.set_num_threads(a.threads)
