@@ -36,7 +36,7 @@ from unimlm_engine.inputs.tokenizer import HFTokenizer  # noqa: E402
 from unimlm_engine.model import build_model  # noqa: E402
 from unimlm_engine.shapes.config import shapes_config  # noqa: E402
 from unimlm_engine.shapes.evaluate import reaches_eval_seeds  # noqa: E402
-from unimlm_engine.shapes.tasks import VQA_TYPES, Sample, pose_sample, pose_shapes, vqa_sample  # noqa: E402
+from unimlm_engine.shapes.tasks import Sample, pose_sample, pose_shapes, vqa_sample  # noqa: E402
 from unimlm_engine.shapes.tokenizer import train_tokenizer  # noqa: E402
 from unimlm_engine.shapes.world import CLASSES, Scene, make_scene  # noqa: E402
 
@@ -46,7 +46,8 @@ POSE_TRAIN_SEED = 777_000_000
 
 def caption(sc: Scene) -> Sample:
     """A training-only turn naming every object, top row of patches first, then left to right."""
-    objs = sorted(sc.objects, key=lambda o: ((o.box[1] + o.box[3]) / 2 // 28, (o.box[0] + o.box[2]) / 2))
+    patch = shapes_config().vision.patch_size
+    objs = sorted(sc.objects, key=lambda o: ((o.box[1] + o.box[3]) / 2 // patch, (o.box[0] + o.box[2]) / 2))
     return Sample("vqa", "Describe the shapes in the image.", ", ".join(o.name for o in objs), qtype="caption")
 
 
@@ -104,20 +105,17 @@ def run_vqa(a) -> None:
         val.append((vqa_sample(sc, random.Random(VAL_SEED + i)), sc))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    weights = {n: float(w) for n, _, w in (x.partition("=") for x in a.weights.split(","))} if a.weights else None
+    weights = T.parse_vqa_weights(a.weights) or None
     rng = random.Random(0)
     train_s = 0.0
     for step in range(a.steps):
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = min(1.0, (step + 1) / 50) * a.lr
-        samples = []
-        for i in range(a.batch):  # the scenes of train_shapes' VQA phase
-            sc = make_scene(100_000_000 + step * 64 + i)
-            s = T.vqa_conversation(sc, rng, a.turns, weights)
-            if a.caption:
+        samples = T.vqa_phase_samples(step, rng, a.batch, a.turns, weights)
+        if a.caption:
+            for s, sc in samples:
                 s.turns = list(s.turns) + [caption(sc)]
-            samples.append((s, sc))
         ids, labels, pixels, groups = T.encode(samples, proc, tok, model.special_ids)
         hidden, feats = T.llm_forward(model, ids, pixels, groups, cfg.superlink.num_embs)
         logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
@@ -244,14 +242,10 @@ def main(argv=None) -> int:
     if a.cmd == "vqa":
         if not 1 <= a.batch <= 64:
             ap.error("--batch: 1 to 64 (the VQA phase's scene seeds are 100,000,000 + step * 64 + i)")
-        for part in a.weights.split(",") if a.weights else []:
-            name, _, w = part.partition("=")
-            if name not in VQA_TYPES:
-                ap.error(f"--weights: unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
-            try:
-                float(w)
-            except ValueError:
-                ap.error(f"--weights: {part!r} is not type=number")
+        try:
+            T.parse_vqa_weights(a.weights)
+        except ValueError as e:
+            ap.error(f"--weights: {e}")
         if reaches_eval_seeds(VIT_PHASE_SEED, VIT_PHASE_SEED + a.vit_steps * 64):
             ap.error("--vit-steps: the vision phase's scenes would reach the held-out evaluation seeds")
     if a.cmd == "pose" and reaches_eval_seeds(POSE_TRAIN_SEED, POSE_TRAIN_SEED + a.steps * 64):

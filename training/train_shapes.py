@@ -97,11 +97,29 @@ def vqa_conversation(sc: Scene, rng: random.Random, turns: int = VQA_TURNS,
     return first
 
 
-def vqa_phase_samples(step: int, rng: random.Random) -> list[tuple[Sample, Scene]]:
+def vqa_phase_samples(step: int, rng: random.Random, batch: int = VQA_PHASE_BATCH, turns: int = VQA_TURNS,
+                      weights: dict[str, float] | None = None) -> list[tuple[Sample, Scene]]:
+    """The VQA-only phase's images of `step` (scene seeds 100,000,000 + step * 64 + i: batch <= 64)."""
+    if not 1 <= batch <= 64:
+        raise ValueError(f"VQA phase batch {batch}: 1 to 64 (scene seeds step * 64 + i)")
     out = []
-    for i in range(VQA_PHASE_BATCH):
+    for i in range(batch):
         sc = make_scene(100_000_000 + step * 64 + i)
-        out.append((vqa_conversation(sc, rng), sc))
+        out.append((vqa_conversation(sc, rng, turns, weights), sc))
+    return out
+
+
+def parse_vqa_weights(text: str | None) -> dict[str, float]:
+    """'exists=4,count_colour=2' -> {type: relative frequency}; ValueError naming the bad part."""
+    out = {}
+    for part in text.split(",") if text else []:
+        name, _, w = part.partition("=")
+        if name not in VQA_TYPES:
+            raise ValueError(f"unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
+        try:
+            out[name] = float(w)
+        except ValueError:
+            raise ValueError(f"{part!r} is not type=number") from None
     return out
 
 
@@ -235,12 +253,10 @@ def main(argv=None) -> int:
             if name not in MIX:
                 ap.error(f"--mix: unknown task {name!r} (known: {', '.join(MIX)})")
             mix[name] = int(n)
-    vqa_weights = {}
-    for part in (args.vqa_weights.split(",") if args.vqa_weights else []):
-        name, _, w = part.partition("=")
-        if name not in VQA_TYPES:
-            ap.error(f"--vqa-weights: unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
-        vqa_weights[name] = float(w)
+    try:
+        vqa_weights = parse_vqa_weights(args.vqa_weights)
+    except ValueError as e:
+        ap.error(f"--vqa-weights: {e}")
     lo, hi = args.seed_offset, args.seed_offset + args.steps * 64
     if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
