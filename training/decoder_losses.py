@@ -104,12 +104,13 @@ def pose_loss(model, hidden, samples, groups, k: int):
     pixels = torch.stack(pix).to(dev)  # every shapes image has the same (224 x 224) canvas
     mask = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.bool, device=dev)
     ov = torch.stack(ov)
-    net.collect = []
+    # the last (keypoint) layer on the rows this loss reads: the same outputs there, ~1/14 of its rows
+    net.collect, net.loss_rows = [], True
     try:
         logits, boxes, kp = net.forward_tensors(pixels, mask, torch.stack(obj), ov, torch.stack(kq), torch.stack(kv))
         collected = net.collect
     finally:
-        net.collect = None
+        net.collect, net.loss_rows = None, False
     kxy = kp[..., :cfg.num_body_points * 2].reshape(kp.shape[0], kp.shape[1], cfg.num_body_points, 2)
     out = set_loss(logits, boxes, targets, ncls, kpts=kxy)
     # auxiliary object losses (ED-Pose / UniPose train every layer): the two-stage selection and the box layers

@@ -198,10 +198,13 @@ class DecoderLayer(nn.Module):
         self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.norm3 = nn.LayerNorm(d)
 
-    def forward(self, tgt, pos, ref, text, text_valid, memory, mem_pad, shapes, starts, self_allowed):
-        """self_allowed: None, [B, 1, Q, Q] bool or a SparseMask of one; text_valid: [B, 1, 1, T] bool."""
+    def forward(self, tgt, pos, ref, text, text_valid, memory, mem_pad, shapes, starts, self_allowed, keys=None):
+        """self_allowed: None, [B, 1, Q, Q] bool or a SparseMask of one; text_valid: [B, 1, 1, T] bool.
+        keys: None (the self-attention's keys and values are the query rows), or (tgt, pos) of other rows, with
+        self_allowed [B, 1, Q, len(keys)] (training only: UniPoseNet.loss_rows)."""
         qk = tgt + pos
-        tgt = self.norm2(tgt + _mha(self.self_attn, qk, qk, tgt, self_allowed))
+        k_in, v_in = (qk, tgt) if keys is None else (keys[0] + keys[1], keys[0])
+        tgt = self.norm2(tgt + _mha(self.self_attn, qk, k_in, v_in, self_allowed))
         tgt = self.catext_norm(tgt + _mha(self.ca_text, tgt + pos, text, text, text_valid))
         tgt = self.norm1(tgt + self.cross_attn(tgt + pos, ref, memory, shapes, starts, mem_pad))
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))

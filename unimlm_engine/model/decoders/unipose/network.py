@@ -136,6 +136,36 @@ def group_mask(kpt_mask: torch.Tensor, n_groups: int) -> SparseMask:
     return SparseMask(torch.cat([m for m, _ in rows]), spans)
 
 
+def _loss_rows(allowed: torch.Tensor, n_valid: list[int], n_groups: int, blk: int):
+    """Training only: the rows of the last keypoint layer that the set loss reads, and the rows they attend to.
+
+    allowed [B, 1, S, S] (the group mask), n_valid[b] = sample b's valid keypoints -> rows [B, G(1+K)] (each
+    group's box row, then its K = max(n_valid) keypoint rows; a sample's rows past its own valid keypoints repeat
+    the group's box row), cols [B, C] (every row any of them may attend to, padded with column 0) and the mask
+    [B, 1, G(1+K), C] (False at the padding). The kept rows' outputs equal the full layer's: a row's output
+    depends only on the rows it may attend to, and the official mask lets a valid row attend only to its group's
+    valid rows and, through its off-by-one group test, a few rows of the group before (group_self_attention).
+    On the shapes model (50 groups, 4 keypoints) that is 250 query rows and ~1,500 key rows instead of 3,450 of
+    each, and the keypoint layer's projections, cross-attentions and FFN run on 250 rows."""
+    nk = max(n_valid)
+    dev = allowed.device
+    g = torch.arange(n_groups, device=dev)
+    rows, cols = [], []
+    for bi, n in enumerate(n_valid):
+        j = torch.arange(1, nk + 1, device=dev)
+        kpt = g[:, None] * blk + torch.where(j <= n, j, 0)[None]
+        r = torch.cat([g * blk, kpt.flatten()])
+        rows.append(r)
+        cols.append(allowed[bi, 0, r].any(0).nonzero()[:, 0])
+    width = max(len(c) for c in cols)
+    keep = torch.stack([torch.arange(width, device=dev) < len(c) for c in cols])
+    cols = torch.stack([F.pad(c, (0, width - len(c))) for c in cols])
+    rows = torch.stack(rows)
+    bi = torch.arange(len(n_valid), device=dev)[:, None, None]
+    mask = allowed[:, 0][bi, rows[:, :, None], cols[:, None, :]] & keep[:, None, :]
+    return rows, cols, mask[:, None]
+
+
 class UniPoseNet(nn.Module):
     def __init__(self, c: PoseConfig):
         super().__init__()
@@ -162,6 +192,9 @@ class UniPoseNet(nn.Module):
         # training only (training/train_shapes.py): a list set here collects the two-stage selection and the box
         # layers' outputs for the auxiliary losses; None (always, at inference) collects nothing
         self.collect: list | None = None
+        # training only: True runs the last decoder layer (a keypoint layer) on the rows the set loss reads (each
+        # group's box and valid keypoints) instead of all 50 x 69; see _loss_rows. False (always, at inference).
+        self.loss_rows = False
 
     # ---------------------------------------------------------------- image side
     def _levels(self, pixels: torch.Tensor, pad: torch.Tensor):
@@ -242,8 +275,18 @@ class UniPoseNet(nn.Module):
         kpt_index = torch.tensor([x for x in range(n_grp * blk) if x % blk], device=src.device)
         kpt_mask = torch.cat([torch.ones_like(kvalid[:, :1]), kvalid], 1)
         allowed = None
+        rows = None
         for lid, layer in enumerate(dec.layers):
             ref_in = ref[:, :, None] * ratios4
+            if self.loss_rows and lid == c.dec_layers - 1 and lid >= nb:
+                rows, cols, rc_allowed = _loss_rows(allowed.allowed, kvalid.sum(1).tolist(), n_grp, blk)
+                bi = torch.arange(b, device=out.device)[:, None]
+                qpos = dec.ref_point_head(sine_embed_box(ref_in[bi, rows][:, :, 0]).to(out.dtype))
+                kpos = dec.ref_point_head(sine_embed_box(ref_in[bi, cols][:, :, 0]).to(out.dtype))
+                out = layer(out[bi, rows], qpos, ref_in[bi, rows], text, text_valid, memory, pad, shapes, starts,
+                            rc_allowed, keys=(out[bi, cols], kpos))
+                hs, ref_sig = dec.norm(out), ref[bi, rows]
+                break
             qpos = dec.ref_point_head(sine_embed_box(ref_in[:, :, 0]).to(out.dtype))
             out = layer(out, qpos, ref_in, text, text_valid, memory, pad, shapes, starts, allowed)
             hs, ref_sig = dec.norm(out), ref
@@ -275,11 +318,20 @@ class UniPoseNet(nn.Module):
 
         # heads on the last layer (normed hidden states, the reference that layer started from)
         lid = c.dec_layers - 1
-        hb = hs[:, 0::blk]
+        box_at = slice(0, n_grp) if rows is not None else slice(0, None, blk)
+        hb = hs[:, box_at]
         logits = _logits(hb, text, obj_valid).float()
-        boxes = (self.bbox_embed[lid](hb) + inverse_sigmoid(ref_sig[:, 0::blk])).sigmoid().float()
-        kxy = self.pose_embed[lid - nb](hs[:, kpt_index]) + inverse_sigmoid(ref_sig[:, kpt_index][..., :2])
-        kxy = kxy.sigmoid().view(b, n_grp, n_kpt * 2)
+        boxes = (self.bbox_embed[lid](hb) + inverse_sigmoid(ref_sig[:, box_at])).sigmoid().float()
+        if rows is None:
+            kxy = self.pose_embed[lid - nb](hs[:, kpt_index]) + inverse_sigmoid(ref_sig[:, kpt_index][..., :2])
+            kxy = kxy.sigmoid().view(b, n_grp, n_kpt * 2)
+        else:  # the valid keypoints' rows, the other keypoints NaN (no loss may read them)
+            nk = (rows.shape[1] - n_grp) // n_grp
+            kxy = self.pose_embed[lid - nb](hs[:, n_grp:]) + inverse_sigmoid(ref_sig[:, n_grp:, :2])
+            kxy = kxy.sigmoid().view(b, n_grp, nk, 2)
+            kxy = torch.where((torch.arange(nk, device=kxy.device) < kvalid.sum(1, keepdim=True))[:, None, :, None],
+                              kxy, float("nan"))
+            kxy = F.pad(kxy, (0, 0, 0, n_kpt - nk), value=float("nan")).flatten(2)
         vis = torch.full((b, n_grp, n_kpt), torch.sigmoid(torch.tensor(1.0)).item(), dtype=kxy.dtype,
                          device=kxy.device)
         return logits, boxes, torch.cat([kxy, vis], -1).float()
