@@ -77,6 +77,55 @@ def test_training_forward_is_the_engines(tiny):
         torch.testing.assert_close(b.payload.float(), a, atol=1e-4, rtol=1e-4)
 
 
+def test_packed_training_forward_equals_the_padded_one(tiny):
+    """The training forward runs the LLM packed (no padding, the shared system prompt once: PackedCausal): on a
+    batch of every kind of sample (3-turn VQA, DET, SEG, POSE, text-only), its hidden states at every real
+    position, and every parameter's gradient, equal the padded batch's (PaddedCausal); it is zero at the pads."""
+    import train_shapes as ts
+
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.model import build_model
+
+    model, tok = tiny
+    model = build_model(model.cfg, seed=0).train()  # fp32, the shipped weights
+    model.load_state_dict({n: t.float() for n, t in tiny[0].state_dict().items()})
+    model.special_ids = dict(tok.special_ids)
+    mix = {"vqa": 3, "det": 1, "seg": 1, "pose": 1, "det_text": 1, "seg_text": 0, "pose_text": 1}
+    samples = ts.make_samples(0, random.Random(0), 4, mix, vqa_turns_n=3)
+    ids, labels, pix, groups = ts.encode(samples, Processor(model.cfg.vision, tok), tok, model.special_ids)
+    lens = (ids != tok.pad_id).sum(1)
+    assert len(set(lens.tolist())) > 2  # padding to test
+    real = torch.arange(ids.shape[1]) < lens[:, None]
+    stop = {model.special_ids["<im_patch>"]} | {t for n, t in model.special_ids.items() if n.startswith("[EMB")}
+    prefix = ts.shared_prefix(ids, lens.tolist(), stop)
+    first_patch = int((ids[0] == model.special_ids["<im_patch>"]).nonzero()[0, 0])
+    assert 20 < prefix <= first_patch  # the system prompt, shared; not the image's placeholder tokens
+    assert ts.shared_prefix(ids, lens.tolist(), set()) > first_patch
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        hidden, feats = forward(model, ids, pix, groups, 4)
+        w = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+        routed = ts.Routed(hidden, groups, 4).rows  # the payload rows the decoders read
+        loss = ts.token_losses(model, hidden, labels).sum() + (hidden * w * real[..., None]).sum() * 1e-2 \
+            + routed.square().sum() * 1e-2 + feats.sum() * 1e-3
+        loss.backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    h_pad, g_pad = run(ts.llm_forward_padded)
+    h_pack, g_pack = run(ts.llm_forward)
+    torch.testing.assert_close(h_pack[real], h_pad[real], atol=1e-5, rtol=1e-5)
+    assert (h_pack[~real] == 0).all()
+    assert set(g_pack) == set(g_pad) and "llm.model.embed_tokens.weight" in g_pack
+    for n in g_pad:
+        torch.testing.assert_close(g_pack[n], g_pad[n], atol=1e-6, rtol=1e-4, msg=n)
+    # a pad token inside a sequence is refused, not silently packed wrong
+    bad = ids.clone()
+    bad[0, 3] = tok.pad_id
+    with pytest.raises(ValueError, match="right-padded"):
+        ts.llm_forward(model, bad, pix, groups, 4)
+
+
 def test_one_training_step_reaches_every_part():
     """LLM cross-entropy plus the detector and UniPose set losses through the payloads: one step on a fresh
     model gives finite losses and gradients in the vision tower, the LLM, both query tables and both decoders."""

@@ -1,14 +1,17 @@
 """Training-only aids of train_shapes.py: none of them is in the checkpoint or changes the served computation.
 
-The payload gradient's scale and cap (CapGrad), the payload probe, the per-patch head on the image tokens and
-the per-part gradient clipping groups.
+The payload gradient's scale and cap (CapGrad), the payload probe, the per-patch head on the image tokens,
+the per-part gradient clipping groups and the detection of object groups (group_det_sample).
 """
 from __future__ import annotations
+
+import random
 
 import torch
 import torch.nn.functional as F
 
-from unimlm_engine.shapes.world import CLASSES, IMAGE_SIZE, KEYPOINT_NAMES, Scene
+from unimlm_engine.shapes.tasks import DET_QUESTIONS, YES, Sample, routed_list
+from unimlm_engine.shapes.world import CLASSES, COLOURS, IMAGE_SIZE, KEYPOINT_NAMES, SHAPES, Scene, ShapeObject
 
 # the share of the decoder losses' gradient that flows back into the LLM through the payloads (the forward is
 # unchanged): the set losses are tens of times the cross-entropy, and at full strength they swamp the LLM's
@@ -55,7 +58,35 @@ class Routed:
 
 
 # the payload probe's labels: the 12 class names, then the keypoint names
-PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names})
+# object groups a training-only DET sample may ask for (group_det_sample), in the words of the VQA questions
+COLOUR_GROUPS = [f"{c} shapes" for c in COLOURS]
+SHAPE_GROUPS = [f"{s}s" for s in SHAPES]
+GROUPS = COLOUR_GROUPS + SHAPE_GROUPS + ["shapes"]
+PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names}) + GROUPS
+
+
+def in_class(o: ShapeObject, name: str) -> bool:
+    """Is object o one of the objects `name` (a class, or a group of GROUPS) names?"""
+    return name in (o.name, f"{o.colour} shapes", f"{o.shape}s", "shapes")
+
+
+def group_det_sample(scene: Scene, rng: random.Random, num_embs: int) -> Sample:
+    """Training only: a DET sample in the official format whose "classes" are object groups: the colour groups
+    ("red shapes", ...: half the samples), the shape groups ("circles", ...: 3 in 10) or all objects ("shapes").
+    The detector must box every member, so the payload after "red shapes" must gather every red object: the
+    colour-keyed lookup that "How many red shapes are there?" needs, taught with dense box targets (the small
+    LLM learns shape-keyed questions from the class-name payloads, but not colour-keyed ones). Like class_list,
+    the present groups plus a random number of absent ones, shuffled."""
+    u = rng.random()
+    groups = COLOUR_GROUPS if u < 0.5 else SHAPE_GROUPS if u < 0.8 else ["shapes"]
+    present = [g for g in groups if any(in_class(o, g) for o in scene.objects)]
+    absent = [g for g in groups if g not in present]
+    rng.shuffle(absent)
+    names = present + absent[:rng.randint(0, len(absent))]
+    rng.shuffle(names)
+    q = rng.choice(DET_QUESTIONS).replace("<class>", ", ".join(names))
+    a = rng.choice(YES).replace("<class>", routed_list(names, "[DET]", num_embs))
+    return Sample("det", q, a, classes=names)
 
 
 def probe_loss(probe: torch.nn.Linear, hidden, samples, groups, k: int) -> torch.Tensor:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import losses as L  # noqa: E402
@@ -111,15 +110,14 @@ def run_vqa(a) -> None:
     for step in range(a.steps):
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = min(1.0, (step + 1) / 50) * a.lr
+            g["lr"] = T.lr_at(step, a.steps, a.lr) if a.cosine else min(1.0, (step + 1) / 50) * a.lr
         samples = T.vqa_phase_samples(step, rng, a.batch, a.turns, weights)
         if a.caption:
             for s, sc in samples:
                 s.turns = list(s.turns) + [caption(sc)]
         ids, labels, pixels, groups = T.encode(samples, proc, tok, model.special_ids)
         hidden, feats = T.llm_forward(model, ids, pixels, groups, cfg.superlink.num_embs)
-        logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
-        lm = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=T.IGNORE)
+        lm = T.token_losses(model, hidden, labels).sum() / (labels[:, 1:] != T.IGNORE).sum().clamp(min=1)
         loss = lm + patch_loss(head, feats, samples, grid, a.patch_none_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,6 +219,8 @@ def main(argv=None) -> int:
                    "--vqa-weights)")
     v.add_argument("--caption", action="store_true", help="add a last turn naming every object (caption())")
     v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--cosine", action="store_true", help="warm-up 50 steps, then cosine to 0 over --steps "
+                   "(train_shapes' joint schedule; default: warm-up, then constant)")
     v.add_argument("--eval-every", type=int, default=200)
     v.add_argument("--neval", type=int, default=300)
     p = sub.add_parser("pose")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from aids import Routed
+from aids import Routed, in_class
 from losses import Target, set_loss
 
 from unimlm_engine.model.decoders.grounding import class_logits, inverse_sigmoid
@@ -22,8 +22,10 @@ def payloads(routed: Routed, bi: int, groups, route_names: tuple[str, ...]) -> l
 
 
 def scene_targets(sc: Scene, s: Sample, mask_hw: int | None):
-    objs = [o for o in sc.objects if o.name in s.classes]
-    labels = torch.tensor([s.classes.index(o.name) for o in objs], dtype=torch.long)
+    # (object, class) pairs: an object of a class named in the sample (or of a group, group_det_sample)
+    pairs = [(o, j) for o in sc.objects for j, name in enumerate(s.classes) if in_class(o, name)]
+    objs = [o for o, _ in pairs]
+    labels = torch.tensor([j for _, j in pairs], dtype=torch.long)
     xyxy = torch.tensor([o.box for o in objs], dtype=torch.float32).view(-1, 4) / IMAGE_SIZE
     boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
     masks = None

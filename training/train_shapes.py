@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, Routed, clip_groups_of,  # noqa: E402,F401
-                  patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED, vit_phase)
+                  group_det_sample, patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED,
+                  vit_phase)
 from decoder_losses import detector_loss, payloads, pose_loss, scene_targets  # noqa: E402,F401
 from losses import weighted  # noqa: E402
 
@@ -45,8 +46,9 @@ from unimlm_engine.shapes.world import CLASSES, Scene, make_scene  # noqa: E402
 IGNORE = -100
 # per step: VQA images, DET, SEG, POSE samples; the *_text ones are DET / SEG / POSE samples trained on their
 # answer text only (no decoder pass: a POSE sample's UniPose pass costs ~0.3 s on 2 cores, a DET / SEG sample's
-# ~0.07 s, its text ~0.05 s; benchmarks/bench_train_step.py)
-MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0, "det_text": 0, "seg_text": 0}
+# ~0.07 s, its text ~0.05 s; benchmarks/bench_train_step.py); det_group: DET samples of object groups
+# (aids.group_det_sample)
+MIX = {"vqa": 12, "det": 6, "seg": 4, "pose": 2, "pose_text": 0, "det_text": 0, "seg_text": 0, "det_group": 0}
 TEXT_ONLY = ("det_text", "seg_text", "pose_text")
 # questions per VQA image: more than one makes a multi-turn conversation (vicuna_v1 turns), distinct types
 VQA_TURNS = 1
@@ -123,6 +125,21 @@ def parse_vqa_weights(text: str | None) -> dict[str, float]:
     return out
 
 
+def parse_mix(text: str) -> dict[str, int]:
+    """'vqa=16,pose=4' -> samples per step of every task in MIX (0 where not named); ValueError naming the bad
+    part."""
+    mix = {t: 0 for t in MIX}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if name not in MIX:
+            raise ValueError(f"unknown task {name!r} (known: {', '.join(MIX)})")
+        try:
+            mix[name] = int(n)
+        except ValueError:
+            raise ValueError(f"{part!r} is not task=integer") from None
+    return mix
+
+
 def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, int] = MIX,
                  offset: int = 0, vqa_turns_n: int = VQA_TURNS,
                  vqa_weights: dict[str, float] | None = None) -> list[tuple[Sample, Scene]]:
@@ -147,6 +164,8 @@ def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, in
             sc = make_scene(seed)
             if task == "vqa":
                 out.append((vqa_conversation(sc, rng, vqa_turns_n, vqa_weights), sc))
+            elif task == "det_group":
+                out.append((group_det_sample(sc, rng, num_embs), sc))
             else:
                 sample = det_sample(sc, rng, num_embs, route="[DET]" if task.startswith("det") else "[SEG]")
                 if task in TEXT_ONLY:
@@ -186,8 +205,125 @@ def encode(samples, proc: Processor, tok, special: dict[str, int]):
     return ids, labels, torch.cat(pix), groups
 
 
-def llm_forward(model, ids, pixels, groups, k: int):
-    """-> final-norm hidden [B, L, H] (queries fed as the engine feeds them), image features [B * P, H]."""
+class _Pad(torch.autograd.Function):
+    """Packed rows -> right-padded [B, L, ...] (PackedCausal.pad). The backward is two gathers (each sequence's
+    own rows; the prefix summed over the sequences): the autograd of an indexed gather would be a serial
+    accumulating scatter on the CPU (~15% of the LLM's step)."""
+
+    @staticmethod
+    def forward(ctx, x, attn):
+        ctx.attn = attn
+        out = x.index_select(0, attn.gather).view(attn.b, attn.length, *x.shape[1:])
+        return out.masked_fill(~attn.valid.view(attn.b, attn.length, *[1] * (x.dim() - 1)), 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        a = ctx.attn
+        gx = g.flatten(0, 1).index_select(0, a.scatter)
+        if a.b > 1 and a.prefix:
+            gx[:a.prefix] += g[1:, :a.prefix].sum(0)
+        return gx, None
+
+
+class _Unpad(torch.autograd.Function):
+    """Right-padded [B, L, ...] -> packed rows, the prefix read from sequence 0 (PackedCausal.unpad)."""
+
+    @staticmethod
+    def forward(ctx, y, attn):
+        ctx.attn = attn
+        return y.flatten(0, 1).index_select(0, attn.scatter)
+
+    @staticmethod
+    def backward(ctx, g):
+        a = ctx.attn
+        gy = g.index_select(0, a.gather).view(a.b, a.length, *g.shape[1:])
+        read = a.valid.clone()
+        read[1:, :a.prefix] = False  # the prefix rows of sequences 1.. are not read
+        return gy.masked_fill(~read.view(a.b, a.length, *[1] * (g.dim() - 1)), 0), None
+
+
+class PackedCausal:
+    """The LLM's attention interface over B causal sequences packed without padding: the rows are the first
+    `prefix` tokens, which every sequence shares (the system prompt up to the image), once, then each sequence's
+    tokens after them. The linear layers run on these rows only (a joint step's padded batch is ~22% padding
+    and the shared prompt another ~20%); attention builds the right-padded [B, L] batch from the rows (the
+    prefix in every sequence; causal, so no real query sees a pad key) and returns the real rows. The same
+    function as PaddedCausal on the padded batch: the prefix's hidden states are the same in every sequence
+    (causal attention, same tokens and positions), and the gradients through its K / V sum over the sequences
+    that read them (tests/test_shapes_model.py compares both)."""
+
+    def __init__(self, lens: list[int], prefix: int, device):
+        self.b, self.length, self.prefix = len(lens), max(lens), prefix
+        gather = torch.zeros(self.b, self.length, dtype=torch.long)  # padded (b, j) -> packed row (pads: 0)
+        scatter = list(range(prefix))  # packed row -> flat padded index (the prefix: sequence 0's rows)
+        row = prefix
+        for b, n in enumerate(lens):
+            gather[b, :prefix] = torch.arange(prefix)
+            gather[b, prefix:n] = torch.arange(row, row + n - prefix)
+            scatter += range(b * self.length + prefix, b * self.length + n)
+            row += n - prefix
+        self.rows = row
+        self.gather = gather.flatten().to(device)
+        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        self.valid = (torch.arange(self.length) < torch.tensor(lens)[:, None]).to(device)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed rows [rows, ...] -> right-padded [B, L, ...] (pads: 0)."""
+        return _Pad.apply(x, self)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """Right-padded [B, L, ...] -> packed rows (the prefix from sequence 0)."""
+        return _Unpad.apply(x, self)
+
+    def forward(self, layer_idx, q, k, v, scale):
+        q, k, v = (self.pad(x).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return self.unpad(out.transpose(1, 2))
+
+
+def shared_prefix(ids, lens: list[int], stop: set[int]) -> int:
+    """The length of the token prefix every sequence shares, ended before the first token whose embedding is
+    replaced (an image patch, a query token), and before the last token of the shortest sequence."""
+    first = ids[0, :min(lens) - 1]
+    same = (ids[:, :first.numel()] == first).all(0)
+    for t in stop:
+        same &= first != t
+    bad = (~same).nonzero()
+    return int(bad[0, 0]) if bad.numel() else first.numel()
+
+
+def llm_forward(model, ids, pixels, groups, k: int, pad_id: int | None = None):
+    """-> final-norm hidden [B, L, H] (queries fed as the engine feeds them; zero at the padding), image features
+    [B * P, H]. The sequences are right-padded with pad_id (default: model.special_ids["[PAD]"], encode's); the
+    LLM runs on them packed (PackedCausal)."""
+    b, length = ids.shape
+    dev = ids.device
+    patch_id = model.special_ids["<im_patch>"]
+    emb_ids = {t for n, t in model.special_ids.items() if n.startswith("[EMB")}
+    real = ids != (model.special_ids["[PAD]"] if pad_id is None else pad_id)
+    lens = real.sum(1)
+    if not bool((real == (torch.arange(length, device=dev) < lens[:, None])).all()):
+        raise ValueError("llm_forward: the sequences must be right-padded, with no pad token inside them")
+    lens = lens.tolist()
+    prefix = shared_prefix(ids, lens, emb_ids | {patch_id})
+    attn = PackedCausal(lens, prefix, dev)
+    flat = ids.flatten()[attn.scatter]
+    positions = torch.arange(length, device=dev).repeat(b)[attn.scatter]
+    emb = model.llm.embed(flat)
+    feats = model.encode_images(pixels)
+    emb = emb.index_put(((flat == patch_id).nonzero()[:, 0],), feats)
+    rows, pos = [], []
+    for bi, gs in enumerate(groups):
+        for route, p in gs:
+            rows.append(model.query_embeddings(route)[:k])
+            pos.append(attn.gather[bi * length + p + 1:bi * length + p + 1 + k])
+    if rows:
+        emb = emb.index_put((torch.cat(pos),), torch.cat(rows))
+    return attn.pad(model.llm(emb, positions, attn)), feats
+
+
+def llm_forward_padded(model, ids, pixels, groups, k: int):
+    """llm_forward on the padded batch (PaddedCausal): the reference the packed forward is tested against."""
     b, length = ids.shape
     emb = model.llm.embed(ids.flatten())
     feats = model.encode_images(pixels)
@@ -205,6 +341,16 @@ def llm_forward(model, ids, pixels, groups, k: int):
     return hidden.view(b, length, -1), feats
 
 
+def token_losses(model, hidden, labels) -> torch.Tensor:
+    """Next-token cross-entropy [B, L - 1], 0 where the label is IGNORE; the logits are computed at the labelled
+    positions only (about one position in ten)."""
+    lab = labels[:, 1:]
+    sel = lab != IGNORE
+    out = hidden.new_zeros(lab.shape)
+    out[sel] = F.cross_entropy(model.llm.logits(hidden[:, :-1][sel]), lab[sel], reduction="none")
+    return out
+
+
 def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -216,6 +362,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--vqa-steps", type=int, default=800, help="the VQA-only first phase")
     ap.add_argument("--vqa-lr", type=float, default=1e-3)
+    ap.add_argument("--vqa-batch", type=int, default=VQA_PHASE_BATCH, help="images per VQA-phase step (<= 64)")
+    ap.add_argument("--vqa-phase-turns", type=int, default=1, help="questions per image in the VQA phase")
+    ap.add_argument("--vqa-phase-weights", default=None, help="question weights in the VQA phase (default: 1 each)")
+    ap.add_argument("--vqa-cosine", action="store_true",
+                    help="the VQA phase's learning rate: warm-up 50 steps, then cosine to 0 (default: constant)")
     ap.add_argument("--steps", type=int, default=900, help="the joint phase")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -240,24 +391,33 @@ def main(argv=None) -> int:
                     help="with --init: weight of the loss that keeps the routed payloads at the --init model's "
                          "(payload_keep_loss); the payload probe is then off")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the joint phase's scene seeds")
+    ap.add_argument("--tail-steps", type=int, default=0,
+                    help="a last phase after the joint one, with its own mix, question weights and learning-rate "
+                         "schedule (warm-up 25 steps, cosine to 0): e.g. VQA-heavy with 'exists' drawn often")
+    ap.add_argument("--tail-mix", default=None, help="the tail's samples per step (default: --mix)")
+    ap.add_argument("--tail-vqa-weights", default=None, help="the tail's question weights (default: --vqa-weights)")
+    ap.add_argument("--tail-lr", type=float, default=3e-4)
     args = ap.parse_args(argv)
     if (args.keep_payloads or args.fresh_llm) and not args.init:
         ap.error("--keep-payloads and --fresh-llm need --init (the model whose payloads are kept / parts reused)")
     if reaches_eval_seeds(VIT_PHASE_SEED, VIT_PHASE_SEED + args.vit_steps * 64):
         ap.error(f"--vit-steps {args.vit_steps}: its scenes would reach the held-out evaluation seeds")
-    mix = dict(MIX)
-    if args.mix:
-        mix = {t: 0 for t in MIX}
-        for part in args.mix.split(","):
-            name, _, n = part.partition("=")
-            if name not in MIX:
-                ap.error(f"--mix: unknown task {name!r} (known: {', '.join(MIX)})")
-            mix[name] = int(n)
+    try:
+        mix = parse_mix(args.mix) if args.mix else dict(MIX)
+        tail_mix = parse_mix(args.tail_mix) if args.tail_mix else mix
+    except ValueError as e:
+        ap.error(f"--mix / --tail-mix: {e}")
     try:
         vqa_weights = parse_vqa_weights(args.vqa_weights)
+        tail_weights = parse_vqa_weights(args.tail_vqa_weights) if args.tail_vqa_weights else vqa_weights
+        phase_weights = parse_vqa_weights(args.vqa_phase_weights)
     except ValueError as e:
-        ap.error(f"--vqa-weights: {e}")
-    lo, hi = args.seed_offset, args.seed_offset + args.steps * 64
+        ap.error(f"--vqa-weights / --tail-vqa-weights / --vqa-phase-weights: {e}")
+    if not 1 <= args.vqa_batch <= 64:
+        ap.error(f"--vqa-batch {args.vqa_batch}: 1 to 64 (the VQA phase's scene seeds are step * 64 + i)")
+    if args.tail_steps < 0:
+        ap.error("--tail-steps: 0 or more")
+    lo, hi = args.seed_offset, args.seed_offset + (args.steps + args.tail_steps) * 64
     if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
                  f"evaluation seeds [{EVAL_SEED_BASE}, {EVAL_SEED_LIMIT}) (mod 10^9)")
@@ -310,17 +470,28 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(args.seed)
     log = []
-    for step in range(args.vqa_steps + args.steps):
-        joint = step - args.vqa_steps  # < 0 in the VQA phase
+    last = args.vqa_steps + args.steps + args.tail_steps - 1
+    for step in range(last + 1):
+        joint = step - args.vqa_steps  # < 0 in the VQA phase; the tail's steps go on counting (scene seeds)
+        tail = joint - args.steps  # >= 0 in the tail
+        if joint < 0:
+            lr = (lr_at(step, args.vqa_steps, args.vqa_lr) if args.vqa_cosine
+                  else min(1.0, (step + 1) / 50) * args.vqa_lr)
+        elif tail < 0:
+            lr = lr_at(joint, args.steps, args.lr)
+        else:
+            lr = lr_at(tail, args.tail_steps, args.tail_lr, warmup=25)
         for g in opt.param_groups:
-            g["lr"] = lr_at(joint, args.steps, args.lr) if joint >= 0 else min(1.0, (step + 1) / 50) * args.vqa_lr
-        samples = (make_samples(joint, rng, k, mix, args.seed_offset, args.vqa_turns, vqa_weights) if joint >= 0
-                   else vqa_phase_samples(step, rng))
+            g["lr"] = lr
+        if joint < 0:
+            samples = vqa_phase_samples(step, rng, args.vqa_batch, args.vqa_phase_turns, phase_weights or None)
+        else:
+            samples = make_samples(joint, rng, k, tail_mix if tail >= 0 else mix, args.seed_offset, args.vqa_turns,
+                                   tail_weights if tail >= 0 else vqa_weights)
         ids, labels, pixels, groups = (x.to(dev) if torch.is_tensor(x) else x
                                        for x in encode(samples, proc, tok, model.special_ids))
         hidden, feats = llm_forward(model, ids, pixels, groups, k)
-        logits = model.llm.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
-        tok_loss = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none")
+        tok_loss = token_losses(model, hidden, labels)
         n_lab = (labels[:, 1:] != IGNORE).sum(1)
         is_vqa = torch.tensor([s.task == "vqa" for s, _ in samples], device=dev)
         losses = {"lm": tok_loss.sum() / n_lab.sum().clamp(min=1),
@@ -347,8 +518,9 @@ def main(argv=None) -> int:
         total.backward()
         norms = {f"gn_{n}": torch.nn.utils.clip_grad_norm_(g, 1.0) for n, g in clip_groups.items()}
         opt.step()
-        if step % args.log_every == 0 or step == args.vqa_steps + args.steps - 1:
-            rec = {"step": step, "s": round(time.time() - t0, 1), "total": round(float(total.detach()), 4),
+        if step % args.log_every == 0 or step == last:
+            rec = {"step": step, "s": round(time.time() - t0, 1), "lr": float(f"{lr:.3g}"),
+                   "total": round(float(total.detach()), 4),
                    **{n: round(float(v.detach()), 4) for n, v in {**losses, **norms}.items()}}
             log.append(rec)
             print(json.dumps(rec), flush=True)
