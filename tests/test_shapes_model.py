@@ -279,6 +279,65 @@ def test_training_aids_for_a_vqa_continuation():
     assert changed == {"vis_encoder", "vl_bridge"} and [r["vit_step"] for r in logs] == [0, 1]
 
 
+def test_training_group_detection_and_the_tail_phase(tmp_path):
+    """Training-only DET samples of object groups ("red shapes", "circles", "shapes"): official-format text, each
+    named group's targets exactly its members, a plain class list's targets as before, the probe knows every
+    name; and the phases of a whole run (vision, VQA, joint, tail) with their learning rates, end to end."""
+    import train_shapes as ts
+    from aids import GROUPS, PROBE_NAMES, group_det_sample
+    from decoder_losses import scene_targets
+
+    from unimlm_engine.shapes.tasks import det_sample, strip_queries
+
+    rng = random.Random(0)
+    kinds = set()
+    for i in range(40):
+        sc = make_scene(80 + i)
+        s = group_det_sample(sc, rng, 4)
+        assert s.task == "det" and s.classes and set(s.classes) <= set(GROUPS)
+        assert len(set(s.classes)) == len(s.classes) and all(n in PROBE_NAMES for n in s.classes)
+        assert strip_queries(s.answer).count("[DET]") == s.answer.count("[EMB4]") == len(s.classes)
+        kinds.add("colour" if s.classes[0].split()[0] in ("red", "green", "blue", "yellow") else s.classes[0])
+        t = scene_targets(sc, s, None)
+        want = sorted((j, ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2, o.box[2] - o.box[0],
+                           o.box[3] - o.box[1]))  # cxcywh in pixels
+                      for j, n in enumerate(s.classes) for o in sc.objects
+                      if n == "shapes" or n == f"{o.colour} shapes" or n == f"{o.shape}s")
+        got = sorted((int(j), tuple(round(float(v) * 224, 3) for v in b)) for j, b in zip(t.labels, t.boxes))
+        assert [j for j, _ in got] == [j for j, _ in want]
+        for (_, b), (_, box) in zip(got, want):
+            assert b == pytest.approx(box, abs=1e-3)
+        plain = det_sample(sc, rng, 4)  # a class list: the objects of those classes, in scene order, as before
+        t = scene_targets(sc, plain, None)
+        objs = [o for o in sc.objects if o.name in plain.classes]
+        assert t.labels.tolist() == [plain.classes.index(o.name) for o in objs]
+    assert {"colour", "shapes"} <= kinds and kinds & {"circles", "squares", "triangles"}
+    # a red circle under "red shapes" and "circles" at once: two targets
+    sc = next(make_scene(i) for i in range(1000) if any(o.name == "red circle" for o in make_scene(i).objects))
+    both = ts.Sample("det", "q", "a", classes=["red shapes", "circles"])
+    labels = scene_targets(sc, both, None).labels.tolist()
+    assert labels.count(0) == sc.count(colour="red") and labels.count(1) == sc.count(shape="circle")
+
+    with pytest.raises(ValueError, match="unknown task"):
+        ts.parse_mix("vqa=2,dett=1")
+    for bad in (["--tail-steps", "-1"], ["--tail-mix", "vqa=x"], ["--vqa-batch", "65"],
+                ["--seed-offset", "499990000", "--steps", "10", "--tail-steps", "1000"]):
+        with pytest.raises(SystemExit):
+            ts.main(["--out", "unused", *bad])
+
+    out = tmp_path / "run"
+    assert ts.main(["--out", str(out), "--vit-steps", "1", "--vqa-steps", "2", "--vqa-batch", "2", "--vqa-cosine",
+                    "--steps", "2", "--mix", "vqa=1,det_group=1", "--tail-steps", "2", "--tail-mix", "vqa=2",
+                    "--tail-lr", "3e-4", "--log-every", "1"]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]
+    want = [ts.lr_at(0, 2, 1e-3), ts.lr_at(1, 2, 1e-3), ts.lr_at(0, 2, 5e-4), ts.lr_at(1, 2, 5e-4),
+            ts.lr_at(0, 2, 3e-4, warmup=25), ts.lr_at(1, 2, 3e-4, warmup=25)]
+    assert [r["lr"] for r in log] == pytest.approx(want, rel=1e-2)
+    assert "cls" in log[2] and "cls" not in log[4]  # the joint mix's group DET sample; the tail's VQA only
+    assert (out / "model.safetensors.index.json").exists()
+
+
 def test_matching_and_giou_against_references():
     from losses import Target, generalized_iou, match
 
