@@ -57,11 +57,11 @@ class Routed:
         return self.rows[self.at[(bi, p)]]
 
 
-# the payload probe's labels: the 12 class names, then the keypoint names
 # object groups a training-only DET sample may ask for (group_det_sample), in the words of the VQA questions
 COLOUR_GROUPS = [f"{c} shapes" for c in COLOURS]
 SHAPE_GROUPS = [f"{s}s" for s in SHAPES]
 GROUPS = COLOUR_GROUPS + SHAPE_GROUPS + ["shapes"]
+# the payload probe's labels: the 12 class names, then the keypoint names, then the object groups
 PROBE_NAMES = list(CLASSES) + sorted({k for names in KEYPOINT_NAMES.values() for k in names}) + GROUPS
 
 
@@ -76,7 +76,8 @@ def group_det_sample(scene: Scene, rng: random.Random, num_embs: int) -> Sample:
     The detector must box every member, so the payload after "red shapes" must gather every red object: the
     colour-keyed lookup that "How many red shapes are there?" needs, taught with dense box targets (the small
     LLM learns shape-keyed questions from the class-name payloads, but not colour-keyed ones). Like class_list,
-    the present groups plus a random number of absent ones, shuffled."""
+    the present groups plus a random number of absent ones, shuffled. Not yet shown to help: the one run with
+    it changed five things at once and came out worse (benchmarks/RESULTS.md, fourth attempt)."""
     u = rng.random()
     groups = COLOUR_GROUPS if u < 0.5 else SHAPE_GROUPS if u < 0.8 else ["shapes"]
     present = [g for g in groups if any(in_class(o, g) for o in scene.objects)]
