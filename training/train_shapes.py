@@ -111,33 +111,29 @@ def vqa_phase_samples(step: int, rng: random.Random, batch: int = VQA_PHASE_BATC
     return out
 
 
-def parse_vqa_weights(text: str | None) -> dict[str, float]:
-    """'exists=4,count_colour=2' -> {type: relative frequency}; ValueError naming the bad part."""
+def _parse_pairs(text: str | None, known, what: str, cast, form: str) -> dict:
+    """'a=1,b=2' -> {name: cast(value)} for names in `known`; ValueError naming the bad part."""
     out = {}
     for part in text.split(",") if text else []:
-        name, _, w = part.partition("=")
-        if name not in VQA_TYPES:
-            raise ValueError(f"unknown question type {name!r} (known: {', '.join(VQA_TYPES)})")
+        name, _, v = part.partition("=")
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r} (known: {', '.join(known)})")
         try:
-            out[name] = float(w)
+            out[name] = cast(v)
         except ValueError:
-            raise ValueError(f"{part!r} is not type=number") from None
+            raise ValueError(f"{part!r} is not {form}") from None
     return out
+
+
+def parse_vqa_weights(text: str | None) -> dict[str, float]:
+    """'exists=4,count_colour=2' -> {type: relative frequency}; ValueError naming the bad part."""
+    return _parse_pairs(text, VQA_TYPES, "question type", float, "type=number")
 
 
 def parse_mix(text: str) -> dict[str, int]:
     """'vqa=16,pose=4' -> samples per step of every task in MIX (0 where not named); ValueError naming the bad
     part."""
-    mix = {t: 0 for t in MIX}
-    for part in text.split(","):
-        name, _, n = part.partition("=")
-        if name not in MIX:
-            raise ValueError(f"unknown task {name!r} (known: {', '.join(MIX)})")
-        try:
-            mix[name] = int(n)
-        except ValueError:
-            raise ValueError(f"{part!r} is not task=integer") from None
-    return mix
+    return {t: 0 for t in MIX} | _parse_pairs(text, MIX, "task", int, "task=integer")
 
 
 def make_samples(step: int, rng: random.Random, num_embs: int, mix: dict[str, int] = MIX,
@@ -237,9 +233,7 @@ class _Unpad(torch.autograd.Function):
     def backward(ctx, g):
         a = ctx.attn
         gy = g.index_select(0, a.gather).view(a.b, a.length, *g.shape[1:])
-        read = a.valid.clone()
-        read[1:, :a.prefix] = False  # the prefix rows of sequences 1.. are not read
-        return gy.masked_fill(~read.view(a.b, a.length, *[1] * (g.dim() - 1)), 0), None
+        return gy.masked_fill(~a.read.view(a.b, a.length, *[1] * (g.dim() - 1)), 0), None
 
 
 class PackedCausal:
@@ -262,10 +256,11 @@ class PackedCausal:
             gather[b, prefix:n] = torch.arange(row, row + n - prefix)
             scatter += range(b * self.length + prefix, b * self.length + n)
             row += n - prefix
-        self.rows = row
         self.gather = gather.flatten().to(device)
         self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
         self.valid = (torch.arange(self.length) < torch.tensor(lens)[:, None]).to(device)
+        self.read = self.valid.clone()  # the padded rows unpad reads: the prefix rows of sequences 1.. are not
+        self.read[1:, :prefix] = False
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed rows [rows, ...] -> right-padded [B, L, ...] (pads: 0)."""
