@@ -126,6 +126,95 @@ def test_packed_training_forward_equals_the_padded_one(tiny):
         ts.llm_forward(model, bad, pix, groups, 4)
 
 
+def test_attention_targets_against_an_explicit_softmax(tiny):
+    """aids.AttentionTargets (--attn-sup): its targets are the first token and the centre patch token of each
+    object a question is about (as many as a count question's answer), at every position that predicts an
+    answer token but the </s>; its loss on the packed forward equals the cross-entropy of those targets against
+    the padded forward's attention probabilities, computed here as an explicit softmax of q.k (GQA head map and
+    causal mask included), for every layer and head watched."""
+    import train_shapes as ts
+    from aids import AttentionTargets, keyword_ids, question_words, vqa_objects
+
+    from unimlm_engine.inputs.processor import Processor
+    from unimlm_engine.model import build_model
+
+    model, tok = tiny
+    model = build_model(model.cfg, seed=0).eval()
+    model.load_state_dict({n: t.float() for n, t in tiny[0].state_dict().items()})
+    model.special_ids = dict(tok.special_ids)
+    mix = {"vqa": 4, "det": 1, "seg": 0, "pose": 0, "det_text": 1, "seg_text": 0, "pose_text": 0}
+    samples = ts.make_samples(3, random.Random(1), 4, mix, vqa_turns_n=3)
+    ids, labels, pix, groups = ts.encode(samples, Processor(model.cfg.vision, tok), tok, model.special_ids)
+    patch_id, grid = model.special_ids["<im_patch>"], 8
+    w = AttentionTargets(samples, ids, labels, patch_id, grid, 1, 3)
+    turns = [t for s, _ in samples if s.task == "vqa" for t in [s] + s.turns]
+    assert len(turns) == 12 and {int(b) for b in w.qb} == {i for i, (s, _) in enumerate(samples) if s.task == "vqa"}
+    for i in range(len(w)):
+        b, p = int(w.qb[i]), int(w.qp[i])
+        assert labels[b, p + 1] != ts.IGNORE and labels[b, p + 2] != ts.IGNORE  # not the </s>'s position
+        tg = w.target[i].nonzero()[:, 0]
+        assert tg[0] == 0 and (ids[b, tg[1:]] == patch_id).all()
+        torch.testing.assert_close(w.target[i].sum(), torch.tensor(1.0))
+    sc = samples[0][1]
+    for t in [samples[0][0]] + samples[0][0].turns:
+        objs = vqa_objects(t, sc)
+        if t.qtype.startswith("count"):
+            assert len(objs) == int(t.answer)
+        if t.qtype == "exists":
+            assert bool(objs) == (t.answer == "yes")
+
+    seen = {}
+
+    class Recording(ts.PaddedCausal):
+        def forward(self, layer_idx, q, k, v, scale):
+            seen[layer_idx] = (q.view(self.b, self.length, *q.shape[1:]), k.view(self.b, self.length, *k.shape[1:]),
+                               scale)
+            return super().forward(layer_idx, q, k, v, scale)
+
+    b, length = ids.shape
+    with torch.no_grad():
+        emb = model.llm.embed(ids.flatten())
+        emb = emb.index_put(((ids.flatten() == patch_id).nonzero()[:, 0],), model.encode_images(pix))
+        rows, pos = [], []
+        for bi, gs in enumerate(groups):
+            for route, p in gs:
+                rows.append(model.query_embeddings(route)[:4])
+                pos.append(torch.arange(bi * length + p + 1, bi * length + p + 5))
+        emb = emb.index_put((torch.cat(pos),), torch.cat(rows))
+        model.llm(emb, torch.arange(length).repeat(b), Recording(b, length))
+        def probs(layer, head):
+            q, k, scale = seen[layer]
+            kh = head // (q.shape[2] // k.shape[2])
+            att = torch.einsum("bqd,bkd->bqk", q[:, :, head].double(), k[:, :, kh].double()) * scale
+            return att.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+
+        def ce(w, layer, head):
+            return -(w.targets[layer].double() * probs(layer, head)[w.qb, w.qp].clamp(min=1e-300).log()).sum(-1).mean()
+
+        for layer, head in ((1, 3), (2, 0), (3, 1)):
+            w = AttentionTargets(samples, ids, labels, patch_id, grid, layer, head)
+            ts.llm_forward(model, ids, pix, groups, 4, watch=w)
+            torch.testing.assert_close(w.loss.double(), ce(w, layer, head), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(w.mass.double(), (probs(layer, head)[w.qb, w.qp] * (w.target > 0)).sum(-1),
+                                       atol=1e-5, rtol=1e-5)
+        # with the question's words watched too (key_layer): each position's key targets are its own turn's words
+        kw = keyword_ids(tok)
+        w = AttentionTargets(samples, ids, labels, patch_id, grid, 3, 2, keywords=kw, key_layer=1, key_head=1)
+        rows = [(b, t) for b, (s, _) in enumerate(samples) if s.task == "vqa" for t in [s] + s.turns
+                for _ in range(len(tok.encode(" " + t.answer + "</s>")) - 1)]  # the answer's tokens but </s>
+        assert len(rows) == len(w)
+        for i, (b, t) in enumerate(rows):
+            words = question_words(t)
+            assert words and all(f" {x}" in t.question for x in words) and int(w.qb[i]) == b
+            at = w.targets[1][i].nonzero()[:, 0]
+            assert sorted(tok.decode([int(ids[b, j])]).strip() for j in at) == sorted(words)
+            assert all(int(w.qp[i]) - 25 < j < int(w.qp[i]) for j in at.tolist())  # this turn's question
+        ts.llm_forward(model, ids, pix, groups, 4, watch=w)
+        torch.testing.assert_close(w.loss.double(), ce(w, 3, 2) + ce(w, 1, 1), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="key_layer"):
+            AttentionTargets(samples, ids, labels, patch_id, grid, 1, 0, keywords=kw, key_layer=2)
+
+
 def test_one_training_step_reaches_every_part():
     """LLM cross-entropy plus the detector and UniPose set losses through the payloads: one step on a fresh
     model gives finite losses and gradients in the vision tower, the LLM, both query tables and both decoders."""

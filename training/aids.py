@@ -192,3 +192,153 @@ def vit_phase(model, proc, head: torch.nn.Linear, steps: int, lr: float, none_we
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             log({"vit_step": step, "patch": round(float(loss.detach()), 4)})
+
+
+def vqa_objects(s: Sample, sc: Scene) -> list[ShapeObject]:
+    """The objects a VQA question (tasks.vqa_sample's templates) is about: the ones it counts, names, or asks
+    for (none when the answer is 0 or "no")."""
+    q = s.question
+    if s.qtype == "count_all":
+        return list(sc.objects)
+    if s.qtype in ("count_colour", "shape_of"):
+        c = next(c for c in COLOURS if f" {c} " in q)
+        return [o for o in sc.objects if o.colour == c]
+    if s.qtype in ("count_shape", "colour_of"):
+        sh = next(x for x in SHAPES if f" {x}s " in q or f" {x}?" in q)
+        return [o for o in sc.objects if o.shape == sh]
+    if s.qtype == "exists":
+        return [o for o in sc.objects if f" {o.name}?" in q]
+    raise ValueError(f"vqa_objects: no objects for question type {s.qtype!r}")
+
+
+def centre_patch(o: ShapeObject, grid: int) -> int:
+    """The row-major index of the patch holding o's box centre (patch_targets' 'centre')."""
+    cell = IMAGE_SIZE // grid
+    x0, y0, x1, y1 = o.box
+    return min(int((y0 + y1) / 2) // cell, grid - 1) * grid + min(int((x0 + x1) / 2) // cell, grid - 1)
+
+
+def question_words(s: Sample) -> list[str]:
+    """The words of a VQA question (tasks.vqa_sample's templates) that say which objects it is about."""
+    q = s.question
+    colour = [c for c in COLOURS if f" {c} " in q]
+    if s.qtype == "count_all":
+        return ["shapes"]
+    if s.qtype in ("count_colour", "shape_of"):
+        return colour
+    if s.qtype == "count_shape":
+        return [f"{x}s" for x in SHAPES if f" {x}s " in q]
+    if s.qtype == "colour_of":
+        return [x for x in SHAPES if f" {x}?" in q]
+    if s.qtype == "exists":
+        return colour + [x for x in SHAPES if f" {x}?" in q]
+    raise ValueError(f"question_words: question type {s.qtype!r}")
+
+
+def keyword_ids(tok) -> dict[str, int]:
+    """The token id of each word question_words can return (each is one token after a space)."""
+    out = {}
+    for w in [*COLOURS, *SHAPES, *(f"{x}s" for x in SHAPES), "shapes"]:
+        ids = tok.encode(" " + w)
+        if len(ids) != 1:
+            raise ValueError(f"keyword_ids: {w!r} is {len(ids)} tokens")
+        out[w] = ids[0]
+    return out
+
+
+ASKED = ("count_all", "count_colour", "count_shape", "colour_of", "shape_of", "exists")
+
+
+class AttentionTargets:
+    """Training only (--attn-sup): attention heads of the LLM are taught where to look when it answers a VQA
+    question, at each position that predicts one of the answer's tokens (the </s> aside).
+
+    - The lookup: one head of `layer` is pulled towards the uniform distribution over the first token of the
+      sequence (a fixed 'sink') and the centre patch token of each object the question is about (vqa_objects).
+      Its mass on the sink is then 1 / (n + 1) for n such objects, which a later layer can read as a count, and
+      the patches carry the objects' colour and shape.
+    - The question (with key_layer): one head of `key_layer` (before `layer`) is pulled towards the question's
+      words that name those objects (question_words), so that the lookup's query knows what to look for.
+
+    Each loss is the cross-entropy of the head's attention (over every key before the position) against its
+    target distribution, the two summed. A fresh LLM otherwise has to discover these lookups from the one-token
+    answers alone, which it does slowly (the colour-keyed ones not at all in an hour: benchmarks/RESULTS.md).
+    The served model is unchanged: nothing of this is in the checkpoint, and the heads are free to do anything
+    else elsewhere in the sequence."""
+
+    def __init__(self, samples, ids, labels, patch_id: int, grid: int, layer: int, head: int,
+                 keywords: dict[str, int] | None = None, key_layer: int | None = None, key_head: int = 0,
+                 ignore: int = -100):
+        if key_layer is not None and (keywords is None or not 0 <= key_layer < layer):
+            raise ValueError("AttentionTargets: key_layer needs keywords and must come before layer")
+        self.watch = {layer: head} | ({} if key_layer is None else {key_layer: key_head})
+        self.loss = None
+        self.losses: dict[int, torch.Tensor] = {}
+        self.masses: dict[int, torch.Tensor] = {}
+        self.layer = layer
+        qb, qp, looks, keys = [], [], [], []
+        for b, (s, sc) in enumerate(samples):
+            if s.task != "vqa":
+                continue
+            lab = (labels[b] != ignore).int()
+            edge = lab[1:] - lab[:-1]
+            starts = (edge == 1).nonzero()[:, 0] + 1  # each answer's labelled tokens: [start, end]
+            ends = (edge == -1).nonzero()[:, 0]
+            if lab[-1]:
+                ends = torch.cat([ends, ends.new_tensor([len(lab) - 1])])
+            turns = [s] + list(s.turns)
+            if len(starts) != len(turns) or len(ends) != len(turns):
+                raise ValueError(f"AttentionTargets: {len(turns)} turns but {len(starts)} answers in sequence {b}")
+            patches = (ids[b] == patch_id).nonzero()[:, 0]
+            if len(patches) != grid * grid:
+                raise ValueError(f"AttentionTargets: {len(patches)} image tokens, expected {grid * grid}")
+            asked_from = int(patches[-1]) + 1  # the turn's question: after the image, then after the last answer
+            for t, j0, j1 in zip(turns, starts.tolist(), ends.tolist()):
+                if t.qtype in ASKED:
+                    look = [0] + [int(patches[centre_patch(o, grid)]) for o in vqa_objects(t, sc)]
+                    key = []
+                    if key_layer is not None:
+                        want = torch.tensor([keywords[w] for w in question_words(t)])
+                        key = (asked_from + torch.isin(ids[b, asked_from:j0], want).nonzero()[:, 0]).tolist()
+                        if len(key) != len(want):
+                            raise ValueError(f"AttentionTargets: the words of {t.question!r} not found once each")
+                    for p in range(j0 - 1, j1 - 1):  # the positions predicting the answer's tokens before </s>
+                        qb.append(b)
+                        qp.append(p)
+                        looks.append(look)
+                        keys.append(key)
+                asked_from = j1 + 1
+        self.qb = torch.tensor(qb, dtype=torch.long, device=ids.device)
+        self.qp = torch.tensor(qp, dtype=torch.long, device=ids.device)
+        self.targets = {}
+        for at, rows in ((layer, looks), (key_layer, keys)):
+            if at is None:
+                continue
+            tg = torch.zeros(len(qb), ids.shape[1], device=ids.device)
+            for i, ts in enumerate(rows):
+                tg[i, ts] = 1.0 / len(ts)
+            self.targets[at] = tg
+        self.target = self.targets[layer]
+
+    def __len__(self) -> int:
+        return len(self.qb)
+
+    def observe(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        """q [B, H, L, D], k [B, Hkv, L, D] (after RoPE, right-padded): at a watched layer, its loss; once every
+        watched layer is seen, self.loss is their sum. self.mass: the lookup's attention mass on its targets,
+        self.sink the part of it on the sink (diagnostics)."""
+        if layer_idx not in self.watch or not len(self):
+            return
+        head = self.watch[layer_idx]
+        hk = head // (q.shape[1] // k.shape[1])
+        logits = torch.einsum("md,mld->ml", q[self.qb, head, self.qp], k[self.qb, hk]) * scale
+        future = torch.arange(k.shape[2], device=k.device)[None] > self.qp[:, None]
+        logp = logits.masked_fill(future, float("-inf")).log_softmax(-1)
+        tg = self.targets[layer_idx]
+        self.losses[layer_idx] = -(logp.masked_fill(future, 0) * tg).sum(-1).mean()
+        self.masses[layer_idx] = (logp.exp() * (tg > 0)).sum(-1).detach()  # diagnostics
+        if layer_idx == self.layer:
+            self.sink = logp[:, 0].exp().detach()  # the part of the mass on the sink
+        if len(self.losses) == len(self.watch):
+            self.loss = sum(self.losses.values())
+            self.mass = self.masses[self.layer]

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import losses as L  # noqa: E402
 import train_shapes as T  # noqa: E402
-from aids import VIT_PHASE_SEED, patch_loss, vit_phase  # noqa: E402
+from aids import VIT_PHASE_SEED, AttentionTargets, keyword_ids, patch_loss, vit_phase  # noqa: E402
 from decoder_losses import pose_loss  # noqa: E402
 
 from unimlm_engine.inputs.processor import Processor  # noqa: E402
@@ -77,6 +77,27 @@ def vqa_exact_match(model, proc, tok, items) -> tuple[float, dict[str, float]]:
     return sum(sum(v) for v in per.values()) / n, {k: sum(v) / len(v) for k, v in sorted(per.items())}
 
 
+def attention_mass(model, proc, tok, items, layer: int, head: int) -> dict[str, list[float]]:
+    """Per question type: the mean attention mass that `head` of `layer` puts on aids.AttentionTargets' targets
+    (the sink and the centre patches of the objects asked about) at the answer positions, and the part of it on
+    the sink; 1 is all of it."""
+    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    was_training = model.training
+    model.eval()
+    per: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for j in range(0, len(items), 50):
+            part = items[j:j + 50]
+            ids, labels, pixels, groups = T.encode(part, proc, tok, model.special_ids)
+            w = AttentionTargets(part, ids, labels, model.special_ids["<im_patch>"], grid, layer, head)
+            T.llm_forward(model, ids, pixels, groups, model.cfg.superlink.num_embs, watch=w)
+            for b, m, sk in zip(w.qb.tolist(), w.mass.tolist(), w.sink.tolist()):
+                per.setdefault(part[b][0].qtype, []).append((m, sk))
+    model.train(was_training)
+    return {k: [round(sum(x[0] for x in v) / len(v), 2), round(sum(x[1] for x in v) / len(v), 2)]
+            for k, v in sorted(per.items())}
+
+
 def run_vqa(a) -> None:
     tok_dir = Path(a.work) / "tokenizer"
     tok = HFTokenizer(tok_dir if (tok_dir / "tokenizer.json").exists() else train_tokenizer(tok_dir))
@@ -116,9 +137,14 @@ def run_vqa(a) -> None:
             for s, sc in samples:
                 s.turns = list(s.turns) + [caption(sc)]
         ids, labels, pixels, groups = T.encode(samples, proc, tok, model.special_ids)
-        hidden, feats = T.llm_forward(model, ids, pixels, groups, cfg.superlink.num_embs)
+        watch = (AttentionTargets(samples, ids, labels, model.special_ids["<im_patch>"], grid, a.attn_layer,
+                                  a.attn_head, keyword_ids(tok), None if a.attn_key_layer < 0 else a.attn_key_layer,
+                                  a.attn_key_head) if a.attn_sup else None)
+        hidden, feats = T.llm_forward(model, ids, pixels, groups, cfg.superlink.num_embs, watch=watch)
         lm = T.token_losses(model, hidden, labels).sum() / (labels[:, 1:] != T.IGNORE).sum().clamp(min=1)
         loss = lm + patch_loss(head, feats, samples, grid, a.patch_none_weight)
+        if watch is not None:
+            loss = loss + a.attn_sup * watch.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -126,8 +152,11 @@ def run_vqa(a) -> None:
         train_s += time.time() - t0  # the evaluations' time is left out
         if (step + 1) % a.eval_every == 0 or step == a.steps - 1:
             acc, per = vqa_exact_match(model, proc, tok, val)
+            mass = attention_mass(model, proc, tok, val, a.attn_layer, a.attn_head)
             print(json.dumps({"step": step + 1, "train_s": round(train_s, 1), "lm": round(float(lm.detach()), 3),
-                              "exact_match": round(acc, 3), **{k: round(v, 3) for k, v in per.items()}}),
+                              **({"attn": round(float(watch.loss.detach()), 3)} if watch is not None else {}),
+                              "exact_match": round(acc, 3), **{k: round(v, 3) for k, v in per.items()},
+                              "mass_sink": mass}),
                   flush=True)
 
 
@@ -219,6 +248,12 @@ def main(argv=None) -> int:
                    "--vqa-weights)")
     v.add_argument("--caption", action="store_true", help="add a last turn naming every object (caption())")
     v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--attn-sup", type=float, default=0.0,
+                   help="weight of the attention targets' loss (aids.AttentionTargets; 0: off)")
+    v.add_argument("--attn-layer", type=int, default=2)
+    v.add_argument("--attn-head", type=int, default=0)
+    v.add_argument("--attn-key-layer", type=int, default=-1, help="also teach the question's words (-1: no)")
+    v.add_argument("--attn-key-head", type=int, default=1)
     v.add_argument("--cosine", action="store_true", help="warm-up 50 steps, then cosine to 0 over --steps "
                    "(train_shapes' joint schedule; default: warm-up, then constant)")
     v.add_argument("--eval-every", type=int, default=200)

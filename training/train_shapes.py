@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, CapGrad, Routed, clip_groups_of,  # noqa: E402,F401
-                  group_det_sample, patch_loss, patch_targets, payload_keep_loss, probe_loss, VIT_PHASE_SEED,
-                  vit_phase)
+from aids import (PAYLOAD_GRAD, PAYLOAD_GRAD_MAX, PROBE_NAMES, AttentionTargets, CapGrad,  # noqa: E402,F401
+                  Routed, clip_groups_of, group_det_sample, keyword_ids, patch_loss, patch_targets, payload_keep_loss,
+                  probe_loss, VIT_PHASE_SEED, vit_phase)
 from decoder_losses import detector_loss, payloads, pose_loss, scene_targets  # noqa: E402,F401
 from losses import weighted  # noqa: E402
 
@@ -261,6 +261,7 @@ class PackedCausal:
         self.valid = (torch.arange(self.length) < torch.tensor(lens)[:, None]).to(device)
         self.read = self.valid.clone()  # the padded rows unpad reads: the prefix rows of sequences 1.. are not
         self.read[1:, :prefix] = False
+        self.watch = None  # training only: aids.AttentionTargets, shown each layer's q and k
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed rows [rows, ...] -> right-padded [B, L, ...] (pads: 0)."""
@@ -272,6 +273,8 @@ class PackedCausal:
 
     def forward(self, layer_idx, q, k, v, scale):
         q, k, v = (self.pad(x).transpose(1, 2) for x in (q, k, v))
+        if self.watch is not None:
+            self.watch.observe(layer_idx, q, k, scale)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return self.unpad(out.transpose(1, 2))
 
@@ -287,10 +290,10 @@ def shared_prefix(ids, lens: list[int], stop: set[int]) -> int:
     return int(bad[0, 0]) if bad.numel() else first.numel()
 
 
-def llm_forward(model, ids, pixels, groups, k: int, pad_id: int | None = None):
+def llm_forward(model, ids, pixels, groups, k: int, pad_id: int | None = None, watch=None):
     """-> final-norm hidden [B, L, H] (queries fed as the engine feeds them; zero at the padding), image features
     [B * P, H]. The sequences are right-padded with pad_id (default: model.special_ids["[PAD]"], encode's); the
-    LLM runs on them packed (PackedCausal)."""
+    LLM runs on them packed (PackedCausal). watch: shown every layer's attention inputs (aids.AttentionTargets)."""
     b, length = ids.shape
     dev = ids.device
     patch_id = model.special_ids["<im_patch>"]
@@ -302,6 +305,7 @@ def llm_forward(model, ids, pixels, groups, k: int, pad_id: int | None = None):
     lens = lens.tolist()
     prefix = shared_prefix(ids, lens, emb_ids | {patch_id})
     attn = PackedCausal(lens, prefix, dev)
+    attn.watch = watch
     flat = ids.flatten()[attn.scatter]
     positions = torch.arange(length, device=dev).repeat(b)[attn.scatter]
     emb = model.llm.embed(flat)
@@ -392,6 +396,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tail-mix", default=None, help="the tail's samples per step (default: --mix)")
     ap.add_argument("--tail-vqa-weights", default=None, help="the tail's question weights (default: --vqa-weights)")
     ap.add_argument("--tail-lr", type=float, default=3e-4)
+    ap.add_argument("--attn-sup", type=float, default=0.0,
+                    help="weight of the VQA attention targets' loss (aids.AttentionTargets), in every phase; 0: off")
+    ap.add_argument("--attn-layer", type=int, default=2, help="the LLM layer whose head --attn-sup teaches")
+    ap.add_argument("--attn-head", type=int, default=0, help="the attention head --attn-sup teaches")
+    ap.add_argument("--attn-key-layer", type=int, default=-1,
+                    help="with --attn-sup: also teach a head of this layer (before --attn-layer) to read the "
+                         "question's words (-1: no)")
+    ap.add_argument("--attn-key-head", type=int, default=1)
     args = ap.parse_args(argv)
     if (args.keep_payloads or args.fresh_llm) and not args.init:
         ap.error("--keep-payloads and --fresh-llm need --init (the model whose payloads are kept / parts reused)")
@@ -412,6 +424,12 @@ def main(argv=None) -> int:
         ap.error(f"--vqa-batch {args.vqa_batch}: 1 to 64 (the VQA phase's scene seeds are step * 64 + i)")
     if args.tail_steps < 0:
         ap.error("--tail-steps: 0 or more")
+    llm_cfg = shapes_config().llm
+    if not (0 <= args.attn_layer < llm_cfg.num_hidden_layers and 0 <= args.attn_head < llm_cfg.num_attention_heads
+            and -1 <= args.attn_key_layer < args.attn_layer and 0 <= args.attn_key_head < llm_cfg.num_attention_heads):
+        ap.error(f"--attn-layer / --attn-head / --attn-key-layer / --attn-key-head: layers 0..."
+                 f"{llm_cfg.num_hidden_layers - 1} (the key layer before the other, or -1), heads 0..."
+                 f"{llm_cfg.num_attention_heads - 1}")
     lo, hi = args.seed_offset, args.seed_offset + (args.steps + args.tail_steps) * 64
     if reaches_eval_seeds(lo, hi):
         ap.error(f"--seed-offset {args.seed_offset}: the joint phase's scene seeds [{lo}, {hi}) reach the held-out "
@@ -451,6 +469,7 @@ def main(argv=None) -> int:
     if teacher is not None:
         teacher.to(dev)
     proc = Processor(cfg.vision, tok)
+    keywords = keyword_ids(tok) if args.attn_sup else None
     k = cfg.superlink.num_embs
     for r in ("[DET]", "[POSE]"):
         assert get_route(r).num_queries_in(cfg.superlink) == k
@@ -485,7 +504,10 @@ def main(argv=None) -> int:
                                    tail_weights if tail >= 0 else vqa_weights)
         ids, labels, pixels, groups = (x.to(dev) if torch.is_tensor(x) else x
                                        for x in encode(samples, proc, tok, model.special_ids))
-        hidden, feats = llm_forward(model, ids, pixels, groups, k)
+        watch = (AttentionTargets(samples, ids, labels, model.special_ids["<im_patch>"], grid, args.attn_layer,
+                                  args.attn_head, keywords, None if args.attn_key_layer < 0 else args.attn_key_layer,
+                                  args.attn_key_head) if args.attn_sup else None)
+        hidden, feats = llm_forward(model, ids, pixels, groups, k, watch=watch)
         tok_loss = token_losses(model, hidden, labels)
         n_lab = (labels[:, 1:] != IGNORE).sum(1)
         is_vqa = torch.tensor([s.task == "vqa" for s, _ in samples], device=dev)
@@ -493,6 +515,8 @@ def main(argv=None) -> int:
                   "probe": (hidden.new_zeros(()) if teacher is not None
                             else probe_loss(probe, hidden, samples, groups, k)),
                   "patch": patch_loss(head, feats, samples, grid, args.patch_none_weight)}
+        if watch is not None and watch.loss is not None:
+            losses["attn"] = args.attn_sup * watch.loss
         routed = [i for i, g in enumerate(groups) if g]
         if teacher is not None and routed:
             sub = [groups[i] for i in routed]
@@ -504,7 +528,7 @@ def main(argv=None) -> int:
         dec_hidden = CapGrad.apply(hidden, PAYLOAD_GRAD, PAYLOAD_GRAD_MAX)
         losses.update(detector_loss(model, dec_hidden, samples, groups, k))
         pose = pose_loss(model, dec_hidden, samples, groups, k)
-        plain = ("lm", "vqa", "probe", "patch", "keep")
+        plain = ("lm", "vqa", "probe", "patch", "keep", "attn")
         total = sum(losses[n] for n in plain if n in losses) + weighted(
             {n: v for n, v in losses.items() if n not in plain}) + 0.5 * weighted(
             {n[5:]: v for n, v in pose.items()})
