@@ -1,7 +1,8 @@
 """Training-only aids of train_shapes.py: none of them is in the checkpoint or changes the served computation.
 
 The payload gradient's scale and cap (CapGrad), the payload probe, the per-patch head on the image tokens,
-the per-part gradient clipping groups and the detection of object groups (group_det_sample).
+the per-part gradient clipping groups, the detection of object groups (group_det_sample) and the attention
+targets of the VQA lookups (AttentionTargets).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Train the shapes model (issue 18) end to end, as VisionLLM v2 trains: the LLM's next-token cross-entropy on
 the answers (query-token labels ignored, as the official `labels[emb_select] = IGNORE_INDEX`) plus the
 Grounding-DINO (DET / SEG) and UniPose (POSE) set losses through the super-link payloads, every part trained
-together, after a VQA-only first phase (see VQA_PHASE_BATCH). Seeded (data, initialisation, sample order; a
+together, after a vision-only (--vit-steps) and a VQA-only first phase (see VQA_PHASE_BATCH), with training-only
+aids (aids.py). Seeded (data, initialisation, sample order; a
 rerun was not compared bit for bit); writes an official-layout checkpoint.
 
-    python training/train_shapes.py --out runs/a   # phases 1-2; the shipped model's six phases: README
+    python training/train_shapes.py --out runs/a   # the defaults; the shipped model's one-hour command: README
 
 The input path is the engine's own: `Processor` builds the prompt (vicuna_v1, the <image> expanded to patch
 tokens), the answer follows "ASSISTANT:" as " " + answer + "</s>", the K query rows of a routing token's table
