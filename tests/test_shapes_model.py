@@ -372,7 +372,8 @@ def test_training_aids_for_a_vqa_continuation():
 def test_training_group_detection_and_the_tail_phase(tmp_path):
     """Training-only DET samples of object groups ("red shapes", "circles", "shapes"): official-format text, each
     named group's targets exactly its members, a plain class list's targets as before, the probe knows every
-    name; and the phases of a whole run (vision, VQA, joint, tail) with their learning rates, end to end."""
+    name; and the phases of a whole run (vision, VQA, joint, tail) with their learning rates and the VQA
+    attention targets (--attn-sup) in each, end to end."""
     import train_shapes as ts
     from aids import GROUPS, PROBE_NAMES, group_det_sample
     from decoder_losses import scene_targets
@@ -411,15 +412,17 @@ def test_training_group_detection_and_the_tail_phase(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         ts.parse_mix("vqa=2,dett=1")
     for bad in (["--tail-steps", "-1"], ["--tail-mix", "vqa=x"], ["--vqa-batch", "65"],
-                ["--seed-offset", "499990000", "--steps", "10", "--tail-steps", "1000"]):
+                ["--seed-offset", "499990000", "--steps", "10", "--tail-steps", "1000"], ["--attn-layer", "4"],
+                ["--attn-head", "4"], ["--attn-layer", "1", "--attn-key-layer", "1"]):
         with pytest.raises(SystemExit):
             ts.main(["--out", "unused", *bad])
 
     out = tmp_path / "run"
     assert ts.main(["--out", str(out), "--vit-steps", "1", "--vqa-steps", "2", "--vqa-batch", "2", "--vqa-cosine",
                     "--steps", "2", "--mix", "vqa=1,det_group=1", "--tail-steps", "2", "--tail-mix", "vqa=2",
-                    "--tail-lr", "3e-4", "--log-every", "1"]) == 0
+                    "--tail-lr", "3e-4", "--log-every", "1", "--attn-sup", "2", "--attn-key-layer", "0"]) == 0
     log = json.loads((out / "training_log.json").read_text())
+    assert all(r["attn"] > 0 for r in log)  # every phase had VQA questions, so the targets' loss
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]
     want = [ts.lr_at(0, 2, 1e-3), ts.lr_at(1, 2, 1e-3), ts.lr_at(0, 2, 5e-4), ts.lr_at(1, 2, 5e-4),
             ts.lr_at(0, 2, 3e-4, warmup=25), ts.lr_at(1, 2, 3e-4, warmup=25)]
