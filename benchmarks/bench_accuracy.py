@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--preempt-blocks", type=int, default=96,
                     help="KV blocks (16 tokens each) of the preemption run")
-    ap.add_argument("--tol", type=float, default=0.0, help="largest allowed difference between the runs")
+    ap.add_argument("--tol", type=float, default=1e-5,
+                    help="largest allowed difference between the runs: ONNX Runtime and a recomputed (preempted) "
+                         "prefill round the detector's floats differently (measured: up to 2.7e-6; RESULTS.md)")
     ap.add_argument("--runs", default="eager,onnxruntime,preemption")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
            "concurrency": args.concurrency, "targets": TARGETS, "targets_met": met, "max_run_difference": diff,
            "runs": results}
     write_json("bench_accuracy", out)
-    print(f"max difference between runs: {diff:.6f}; targets met: {met}")
+    print(f"max difference between runs: {diff:.2g} (--tol {args.tol:g}); targets met: {met}")
     return 0 if diff <= args.tol and all(met.values()) and all(r["errors"] == 0 for r in results) else 1
 
 
