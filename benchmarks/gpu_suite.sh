@@ -30,8 +30,9 @@
 #                      dry: the launches run plain)
 #   e2e           150  bench_e2e.py --device cuda, text workload, 16 requests (dry: tiny, CPU)
 #   train         120  training/train_shapes.py --device cuda: 20 vision-only, 20 VQA-only and 20 joint steps
-#                      of the shapes model from scratch (issue 18: "minutes on a GPU"; its `s` per logged step
-#                      in suite.log); skipped without scipy (dry: 2 + 2 + 2 small steps on the CPU)
+#                      of the shapes model from scratch with the shipped recipe's mix and attention targets
+#                      (issue 18: "minutes on a GPU"; its `s` per logged step in suite.log); skipped without
+#                      scipy (dry: 2 + 2 + 2 small steps on the CPU)
 # The Python side is benchmarks/gpu_suite.py (one mode per step). The summary table is printed last.
 #
 # Files in $OUT (default out/gpu_suite[_dry], git-ignored; the device tool brings back only $OUT),
@@ -226,11 +227,12 @@ run_step e2e 150 60 -- "$PY" "$DRIVER" --mode e2e
 
 # 9. the shapes model's training on the GPU: seconds a step (the checkpoint goes to $RT, not $OUT)
 TRAIN_DEV=cuda
-TRAIN_ARGS=(--vit-steps 20 --vqa-steps 20 --steps 20 --log-every 5 --vqa-turns 3
-  --mix vqa=24,det=6,seg=4,pose=2,pose_text=4)
+TRAIN_ARGS=(--vit-steps 20 --vqa-steps 20 --vqa-phase-turns 3 --steps 20 --log-every 5 --vqa-turns 3
+  --mix vqa=16,det=2,seg=2,pose=5,det_text=3,seg_text=2,pose_text=3 --attn-sup 5 --attn-key-layer 0)
 if [ "$DRY" = 1 ]; then
   TRAIN_DEV=cpu
-  TRAIN_ARGS=(--vit-steps 2 --vqa-steps 2 --steps 2 --log-every 1 --mix vqa=2,det=1,seg=1,pose=1)
+  TRAIN_ARGS=(--vit-steps 2 --vqa-steps 2 --steps 2 --log-every 1 --mix vqa=2,det=1,seg=1,pose=1 --attn-sup 5
+    --attn-key-layer 0)
 fi
 if ! "$PY" -c "import scipy" 2> /dev/null; then
   skip_step train "scipy not installed (training/train_shapes.py's Hungarian matching)"

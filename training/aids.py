@@ -299,7 +299,7 @@ class AttentionTargets:
                     look = [0] + [int(patches[centre_patch(o, grid)]) for o in vqa_objects(t, sc)]
                     key = []
                     if key_layer is not None:
-                        want = torch.tensor([keywords[w] for w in question_words(t)])
+                        want = torch.tensor([keywords[w] for w in question_words(t)], device=ids.device)
                         key = (asked_from + torch.isin(ids[b, asked_from:j0], want).nonzero()[:, 0]).tolist()
                         if len(key) != len(want):
                             raise ValueError(f"AttentionTargets: the words of {t.question!r} not found once each")

@@ -2,8 +2,8 @@
 the answers (query-token labels ignored, as the official `labels[emb_select] = IGNORE_INDEX`) plus the
 Grounding-DINO (DET / SEG) and UniPose (POSE) set losses through the super-link payloads, every part trained
 together, after a vision-only (--vit-steps) and a VQA-only first phase (see VQA_PHASE_BATCH), with training-only
-aids (aids.py). Seeded (data, initialisation, sample order; a
-rerun was not compared bit for bit); writes an official-layout checkpoint.
+aids (aids.py). Seeded (data, initialisation, sample order: two short runs of the shipped command wrote
+byte-identical checkpoints on one machine); writes an official-layout checkpoint.
 
     python training/train_shapes.py --out runs/a   # the defaults; the shipped model's one-hour command: README
 
