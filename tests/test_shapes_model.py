@@ -127,7 +127,7 @@ def test_packed_training_forward_equals_the_padded_one(tiny):
         ts.llm_forward(model, bad, pix, groups, 4)
 
 
-def test_attention_targets_against_an_explicit_softmax(tiny):
+def test_attention_targets_against_an_explicit_softmax(tiny, monkeypatch):
     """aids.AttentionTargets (--attn-sup): its targets are the first token and the centre patch token of each
     object a question is about (as many as a count question's answer), at every position that predicts an
     answer token but the </s>; its loss on the packed forward equals the cross-entropy of those targets against
@@ -172,17 +172,11 @@ def test_attention_targets_against_an_explicit_softmax(tiny):
                                scale)
             return super().forward(layer_idx, q, k, v, scale)
 
-    b, length = ids.shape
+    length = ids.shape[1]
+    monkeypatch.setattr(ts, "PaddedCausal", Recording)  # the padded reference forward, its q and k recorded
     with torch.no_grad():
-        emb = model.llm.embed(ids.flatten())
-        emb = emb.index_put(((ids.flatten() == patch_id).nonzero()[:, 0],), model.encode_images(pix))
-        rows, pos = [], []
-        for bi, gs in enumerate(groups):
-            for route, p in gs:
-                rows.append(model.query_embeddings(route)[:4])
-                pos.append(torch.arange(bi * length + p + 1, bi * length + p + 5))
-        emb = emb.index_put((torch.cat(pos),), torch.cat(rows))
-        model.llm(emb, torch.arange(length).repeat(b), Recording(b, length))
+        ts.llm_forward_padded(model, ids, pix, groups, 4)
+
         def probs(layer, head):
             q, k, scale = seen[layer]
             kh = head // (q.shape[2] // k.shape[2])

@@ -11,7 +11,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from unimlm_engine.shapes.tasks import DET_QUESTIONS, YES, Sample, routed_list
+from unimlm_engine.shapes.tasks import DET_QUESTIONS, VQA_TYPES, YES, Sample, routed_list
 from unimlm_engine.shapes.world import CLASSES, COLOURS, IMAGE_SIZE, KEYPOINT_NAMES, SHAPES, Scene, ShapeObject
 
 # the share of the decoder losses' gradient that flows back into the LLM through the payloads (the forward is
@@ -195,23 +195,6 @@ def vit_phase(model, proc, head: torch.nn.Linear, steps: int, lr: float, none_we
             log({"vit_step": step, "patch": round(float(loss.detach()), 4)})
 
 
-def vqa_objects(s: Sample, sc: Scene) -> list[ShapeObject]:
-    """The objects a VQA question (tasks.vqa_sample's templates) is about: the ones it counts, names, or asks
-    for (none when the answer is 0 or "no")."""
-    q = s.question
-    if s.qtype == "count_all":
-        return list(sc.objects)
-    if s.qtype in ("count_colour", "shape_of"):
-        c = next(c for c in COLOURS if f" {c} " in q)
-        return [o for o in sc.objects if o.colour == c]
-    if s.qtype in ("count_shape", "colour_of"):
-        sh = next(x for x in SHAPES if f" {x}s " in q or f" {x}?" in q)
-        return [o for o in sc.objects if o.shape == sh]
-    if s.qtype == "exists":
-        return [o for o in sc.objects if f" {o.name}?" in q]
-    raise ValueError(f"vqa_objects: no objects for question type {s.qtype!r}")
-
-
 def centre_patch(o: ShapeObject, grid: int) -> int:
     """The row-major index of the patch holding o's box centre (patch_targets' 'centre')."""
     cell = IMAGE_SIZE // grid
@@ -236,6 +219,13 @@ def question_words(s: Sample) -> list[str]:
     raise ValueError(f"question_words: question type {s.qtype!r}")
 
 
+def vqa_objects(s: Sample, sc: Scene) -> list[ShapeObject]:
+    """The objects a VQA question is about, the ones its question_words name: the ones it counts, names, or asks
+    for (none when the answer is 0 or "no")."""
+    words = question_words(s)
+    return [o for o in sc.objects if all(w in (o.colour, o.shape, f"{o.shape}s", "shapes") for w in words)]
+
+
 def keyword_ids(tok) -> dict[str, int]:
     """The token id of each word question_words can return (each is one token after a space)."""
     out = {}
@@ -245,9 +235,6 @@ def keyword_ids(tok) -> dict[str, int]:
             raise ValueError(f"keyword_ids: {w!r} is {len(ids)} tokens")
         out[w] = ids[0]
     return out
-
-
-ASKED = ("count_all", "count_colour", "count_shape", "colour_of", "shape_of", "exists")
 
 
 class AttentionTargets:
@@ -295,7 +282,7 @@ class AttentionTargets:
                 raise ValueError(f"AttentionTargets: {len(patches)} image tokens, expected {grid * grid}")
             asked_from = int(patches[-1]) + 1  # the turn's question: after the image, then after the last answer
             for t, j0, j1 in zip(turns, starts.tolist(), ends.tolist()):
-                if t.qtype in ASKED:
+                if t.qtype in VQA_TYPES:
                     look = [0] + [int(patches[centre_patch(o, grid)]) for o in vqa_objects(t, sc)]
                     key = []
                     if key_layer is not None:
